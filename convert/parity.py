@@ -1,0 +1,98 @@
+"""Run the Flax and the PyTorch model on the same weights and inputs and compare every
+intermediate. Imports each framework only when its side is run.
+
+Used by the test suite and by the parity report; a failure names the first block whose
+output diverges, not just the logits.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from convert.spec import MixerConfig, intermediate_names
+
+DTYPES = ("float32", "bfloat16")
+
+
+def torch_device(device: str | None = None) -> str:
+    """'cuda' when a GPU is visible to PyTorch, else 'cpu' (or what the caller asks for)."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device == "gpu" else device
+
+
+def flax_forward(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: np.ndarray,
+                 dtype: str = "float32") -> dict[str, np.ndarray]:
+    """All intermediates of the Flax model, as float32 numpy. fp32 matmuls run at full
+    precision (no TF32/bf16 passes on GPU/TPU) so the comparison measures the models."""
+    import jax
+    import jax.numpy as jnp
+
+    from mixer_jax.model import MlpMixer, params_from_flat
+
+    model = MlpMixer(cfg, dtype=jnp.dtype(dtype))
+    params = params_from_flat(flat, cfg)
+    precision = jax.default_matmul_precision("highest") if dtype == "float32" else contextlib.nullcontext()
+    with precision:
+        _, inter = jax.jit(lambda p, x: model.apply({"params": p}, x, return_intermediates=True))(
+            params, jnp.asarray(images_nhwc))
+    return {k: np.asarray(v, dtype=np.float32) for k, v in inter.items()}
+
+
+def torch_forward(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: np.ndarray,
+                  dtype: str = "float32", device: str | None = None) -> dict[str, np.ndarray]:
+    """All intermediates of the PyTorch model (eval mode), as float32 numpy."""
+    import torch
+
+    from mixer_torch.model import MlpMixer, load_flat
+
+    dev = torch_device(device)
+    tdtype = getattr(torch, dtype)
+    model = load_flat(MlpMixer(cfg), flat).eval().to(device=dev, dtype=tdtype)
+    x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(device=dev, dtype=tdtype)
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            _, inter = model(x, return_intermediates=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+    return {k: v.float().cpu().numpy() for k, v in inter.items()}
+
+
+@dataclasses.dataclass
+class Diff:
+    name: str
+    max_abs: float
+    scale: float  # max |reference|
+
+    @property
+    def rel(self) -> float:
+        """max-abs error relative to the reference's largest magnitude."""
+        return self.max_abs / max(self.scale, 1e-12)
+
+
+def compare(ref: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], cfg: MixerConfig) -> list[Diff]:
+    rows = []
+    for name in intermediate_names(cfg):
+        a, b = ref[name], other[name]
+        if a.shape != b.shape:
+            raise ValueError(f"{name}: shapes differ, {a.shape} vs {b.shape}")
+        rows.append(Diff(name, float(np.max(np.abs(a - b))), float(np.max(np.abs(a)))))
+    return rows
+
+
+def first_divergence(rows: list[Diff], rel_tol: float) -> Diff | None:
+    """The first intermediate (in model order) whose relative error exceeds ``rel_tol``."""
+    return next((r for r in rows if r.rel > rel_tol), None)
+
+
+def format_table(rows: list[Diff]) -> str:
+    lines = [f"{'output':<22}{'max-abs':>12}{'rel':>12}{'max|ref|':>12}"]
+    lines += [f"{r.name:<22}{r.max_abs:>12.3e}{r.rel:>12.3e}{r.scale:>12.3e}" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""MLP-Mixer in Flax linen, parameter tree identical to Google's official checkpoints.
+
+Sections: blocks, model, variant factory, load helpers (same order as mixer_torch/model.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from convert.params import check_params
+from convert.spec import LAYERNORM_EPS, MixerConfig, block_drop_rates, check_image_shape, config_for
+
+Array = jax.Array
+
+# --------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        y = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
+        y = nn.gelu(y, approximate=True)  # the official checkpoints were trained with tanh GELU
+        y = nn.Dropout(self.dropout_rate)(y, deterministic)
+        y = nn.Dense(x.shape[-1], dtype=self.dtype)(y)
+        return nn.Dropout(self.dropout_rate)(y, deterministic)
+
+
+class MixerBlock(nn.Module):
+    tokens_mlp_dim: int
+    channels_mlp_dim: int
+    drop_p: float = 0.0
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    def _keep(self, x: Array, deterministic: bool) -> Array | float:
+        # big_vision stochastic depth: a per-sample mask on each residual branch, no 1/(1-p) rescale.
+        if deterministic or not self.drop_p:
+            return 1.0
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return 1.0 - jax.random.bernoulli(self.make_rng("dropout"), self.drop_p, shape).astype(x.dtype)
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        y = nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype)(x)
+        y = jnp.swapaxes(y, 1, 2)
+        y = MlpBlock(self.tokens_mlp_dim, self.dropout_rate, self.dtype, name="token_mixing")(y, deterministic)
+        y = jnp.swapaxes(y, 1, 2)
+        x = x + y * self._keep(x, deterministic)
+        y = nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype)(x)
+        y = MlpBlock(self.channels_mlp_dim, self.dropout_rate, self.dtype, name="channel_mixing")(y, deterministic)
+        return x + y * self._keep(x, deterministic)
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+
+
+class MlpMixer(nn.Module):
+    """Input NHWC images of ``config.image_size``; output logits (or pre-logits when
+    ``num_classes`` is None). ``dtype`` is the compute dtype; parameters stay float32.
+
+    With ``return_intermediates=True`` returns ``(out, {name: array})`` where the names are
+    ``convert.spec.intermediate_names(config)`` (stem tokens, every block's output,
+    pre-logits, logits), the same as the PyTorch model returns.
+    """
+
+    config: MixerConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False, return_intermediates: bool = False):
+        cfg = self.config
+        check_image_shape(x.shape, cfg, "NHWC")
+        inter: dict[str, Array] = {}
+        x = nn.Conv(cfg.hidden_dim, cfg.patch_size, strides=cfg.patch_size, padding="VALID",
+                    dtype=self.dtype, name="stem")(x.astype(self.dtype))
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # raster (h, w) token order, as official
+        inter["stem"] = x
+        for i, drop_p in enumerate(block_drop_rates(cfg)):
+            x = MixerBlock(cfg.tokens_mlp_dim, cfg.channels_mlp_dim, drop_p, cfg.dropout_rate, self.dtype,
+                           name=f"MixerBlock_{i}")(x, deterministic=not train)
+            inter[f"MixerBlock_{i}"] = x
+        x = nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype, name="pre_head_layer_norm")(x)
+        x = jnp.mean(x, axis=1)
+        inter["pre_logits"] = x
+        if cfg.num_classes is not None:
+            x = nn.Dense(cfg.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)
+            inter["logits"] = x
+        return (x, inter) if return_intermediates else x
+
+
+# --------------------------------------------------------------------------------------
+# Variant factory
+# --------------------------------------------------------------------------------------
+
+
+def create_model(variant: str | MixerConfig = "B/16", dtype: Any = jnp.float32, **overrides) -> MlpMixer:
+    """``create_model('B/16', num_classes=10)``; overrides are MixerConfig fields."""
+    cfg = variant.replace(**overrides) if isinstance(variant, MixerConfig) else config_for(variant, **overrides)
+    return MlpMixer(cfg, dtype=dtype)
+
+
+def init_params(model: MlpMixer, rng: Array | int = 0) -> dict:
+    """Fresh parameters (official initialisers: lecun_normal kernels, zero biases and head)."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    cfg = model.config
+    dummy = jnp.zeros((1, *cfg.image_size, cfg.in_chans), jnp.float32)
+    return jax.jit(model.init)(rng, dummy)["params"]
+
+
+# --------------------------------------------------------------------------------------
+# Load helpers
+# --------------------------------------------------------------------------------------
+
+
+def params_from_flat(flat: Mapping[str, Any], cfg: MixerConfig, dtype: Any = jnp.float32) -> dict:
+    """Canonical flat dict ('/'-joined keys) -> nested Flax params, strictly checked."""
+    check_params(flat, cfg)
+    return unflatten_dict({tuple(k.split("/")): jnp.asarray(np.asarray(v), dtype) for k, v in flat.items()})
+
+
+def params_to_flat(params: Mapping) -> dict[str, np.ndarray]:
+    """Nested Flax params -> canonical flat numpy dict (accepts a ``{'params': ...}`` wrapper)."""
+    if set(params) == {"params"}:
+        params = params["params"]
+    return {"/".join(k): np.asarray(v) for k, v in flatten_dict(dict(params)).items()}

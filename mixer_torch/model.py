@@ -1,0 +1,175 @@
+"""MLP-Mixer in PyTorch, computing the same function as the official Flax model.
+
+Sections: blocks, model, variant factory, load helpers (same order as mixer_jax/model.py).
+
+State-dict naming, the one rule (``convert.layouts.torch_key``): take the official
+'/'-joined Flax path, replace '/' by '.', and rename the leaf ``kernel`` or ``scale`` to
+``weight``. Module attributes are named after the Flax modules (``MixerBlock_3``,
+``token_mixing``, ``Dense_0``) so the rule holds by construction. Values: Dense kernels
+(in, out) are transposed to Linear weights (out, in); the stem kernel HWIO becomes OIHW.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convert.spec import LAYERNORM_EPS, MixerConfig, block_drop_rates, check_image_shape, config_for
+
+# --------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------
+
+
+class MlpBlock(nn.Module):
+    def __init__(self, dim: int, mlp_dim: int, dropout_rate: float = 0.0) -> None:
+        super().__init__()
+        self.Dense_0 = nn.Linear(dim, mlp_dim)
+        self.Dense_1 = nn.Linear(mlp_dim, dim)
+        self.dropout_rate = dropout_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.Dense_0(x), approximate="tanh")  # official uses tanh GELU (timm: exact)
+        y = F.dropout(y, self.dropout_rate, self.training)
+        return F.dropout(self.Dense_1(y), self.dropout_rate, self.training)
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, num_tokens: int, dim: int, tokens_mlp_dim: int, channels_mlp_dim: int,
+                 drop_p: float = 0.0, dropout_rate: float = 0.0) -> None:
+        super().__init__()
+        self.LayerNorm_0 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        self.token_mixing = MlpBlock(num_tokens, tokens_mlp_dim, dropout_rate)
+        self.LayerNorm_1 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        self.channel_mixing = MlpBlock(dim, channels_mlp_dim, dropout_rate)
+        self.drop_p = drop_p
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor | float:
+        # big_vision stochastic depth: a per-sample mask on each residual branch, no 1/(1-p) rescale.
+        if not self.training or not self.drop_p:
+            return 1.0
+        return torch.empty((x.shape[0], 1, 1), dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.drop_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.token_mixing(self.LayerNorm_0(x).transpose(1, 2)).transpose(1, 2)
+        x = x + y * self._keep(x)
+        return x + self.channel_mixing(self.LayerNorm_1(x)) * self._keep(x)
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+
+
+class MlpMixer(nn.Module):
+    """Input NCHW images of ``config.image_size`` (the PyTorch convention; the Flax model
+    takes NHWC); output logits, or pre-logits when ``num_classes`` is None."""
+
+    def __init__(self, config: MixerConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.stem = nn.Conv2d(cfg.in_chans, cfg.hidden_dim, cfg.patch_size, stride=cfg.patch_size)
+        for i, drop_p in enumerate(block_drop_rates(cfg)):
+            self.add_module(f"MixerBlock_{i}", MixerBlock(cfg.num_tokens, cfg.hidden_dim, cfg.tokens_mlp_dim,
+                                                          cfg.channels_mlp_dim, drop_p, cfg.dropout_rate))
+        self.pre_head_layer_norm = nn.LayerNorm(cfg.hidden_dim, eps=LAYERNORM_EPS)
+        self.head = nn.Linear(cfg.hidden_dim, cfg.num_classes) if cfg.num_classes is not None else None
+        self.reset_parameters()
+
+    @property
+    def blocks(self) -> list[MixerBlock]:
+        return [getattr(self, f"MixerBlock_{i}") for i in range(self.config.num_blocks)]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official initialisers: lecun_normal (truncated) kernels, zero biases, zero head."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                _lecun_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+
+    def forward_features(self, x: torch.Tensor, return_intermediates: bool = False):
+        """Images -> normalised tokens (B, S, C) before pooling."""
+        check_image_shape(tuple(x.shape), self.config, "NCHW")
+        inter = {}
+        x = self.stem(x).flatten(2).transpose(1, 2)  # raster (h, w) token order, as official
+        inter["stem"] = x
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            inter[f"MixerBlock_{i}"] = x
+        x = self.pre_head_layer_norm(x)
+        return (x, inter) if return_intermediates else x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=1)
+        return x if pre_logits or self.head is None else self.head(x)
+
+    def forward(self, x: torch.Tensor, return_intermediates: bool = False):
+        """With ``return_intermediates=True`` returns ``(out, {name: tensor})`` with the names
+        of ``convert.spec.intermediate_names`` (the same as the Flax model returns)."""
+        x, inter = self.forward_features(x, return_intermediates=True)
+        inter["pre_logits"] = x = self.forward_head(x, pre_logits=True)
+        if self.head is not None:
+            inter["logits"] = x = self.head(x)
+        return (x, inter) if return_intermediates else x
+
+    def reset_classifier(self, num_classes: int | None) -> None:
+        """Replace the head with a fresh zero-initialised one (None or 0 removes it)."""
+        num_classes = num_classes or None
+        self.config = self.config.replace(num_classes=num_classes)
+        ref = self.pre_head_layer_norm.weight
+        self.head = None if num_classes is None else nn.Linear(self.config.hidden_dim, num_classes).to(ref)
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+
+def _lecun_normal_(w: torch.Tensor) -> None:
+    # flax lecun_normal: truncated normal (+-2 sd) with variance 1/fan_in after truncation.
+    fan_in = w[0].numel()
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+
+# --------------------------------------------------------------------------------------
+# Variant factory
+# --------------------------------------------------------------------------------------
+
+
+def create_model(variant: str | MixerConfig = "B/16", **overrides) -> MlpMixer:
+    """``create_model('B/16', num_classes=10)``; overrides are MixerConfig fields."""
+    cfg = variant.replace(**overrides) if isinstance(variant, MixerConfig) else config_for(variant, **overrides)
+    return MlpMixer(cfg)
+
+
+# --------------------------------------------------------------------------------------
+# Load helpers
+# --------------------------------------------------------------------------------------
+
+
+def load_flat(model: MlpMixer, flat: Mapping[str, np.ndarray]) -> MlpMixer:
+    """Load canonical (official-layout) numpy weights; strict: any missing, unexpected or
+    mis-shaped key raises ``ParamMismatchError`` listing all of them, and nothing is loaded."""
+    from convert.layouts import canonical_to_torch
+
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in canonical_to_torch(flat, model.config).items()}
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def to_flat(model: MlpMixer) -> dict[str, np.ndarray]:
+    """State dict -> canonical numpy dict (official names and layouts)."""
+    from convert.layouts import torch_to_canonical
+
+    sd = {k: v.detach().cpu().float().numpy() if v.dtype == torch.bfloat16 else v.detach().cpu().numpy()
+          for k, v in model.state_dict().items()}
+    return torch_to_canonical(sd, model.config)
