@@ -195,6 +195,4 @@ def intermediate_names(cfg: MixerConfig) -> list[str]:
 
 def block_drop_rates(cfg: MixerConfig) -> list[float]:
     """big_vision's linear stochastic-depth ramp: 0 for the first block, ``stoch_depth`` for the last."""
-    if cfg.num_blocks == 1:
-        return [cfg.stoch_depth]
-    return [i / (cfg.num_blocks - 1) * cfg.stoch_depth for i in range(cfg.num_blocks)]
+    return [i / max(cfg.num_blocks - 1, 1) * cfg.stoch_depth for i in range(cfg.num_blocks)]

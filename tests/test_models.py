@@ -1,0 +1,154 @@
+"""Both models are built from the one spec: same tree, official initialisers, clear input errors."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, images, requires_jax, requires_torch
+from convert import config_for, param_shapes
+from convert.layouts import LAYOUTS
+
+SMALL = dict(variant="S/32", image_size=(64, 96), num_classes=7)
+
+
+def small_cfg(**kw):
+    args = dict(SMALL, **kw)
+    return config_for(args.pop("variant"), **args)
+
+
+# ---- Flax ------------------------------------------------------------------------------------
+
+
+@requires_jax
+def test_flax_param_tree_equals_the_spec_exactly():
+    from mixer_jax import create_model, init_params, params_to_flat
+
+    for cfg in (config_for("B/16"), small_cfg(), small_cfg(num_classes=None)):
+        flat = params_to_flat(init_params(create_model(cfg), 0))
+        assert {k: v.shape for k, v in flat.items()} == param_shapes(cfg)
+
+
+@requires_jax
+def test_flax_head_is_zero_initialised_and_kernels_are_lecun_normal():
+    from mixer_jax import create_model, init_params, params_to_flat
+
+    flat = params_to_flat(init_params(create_model("S/32", num_classes=10), 0))
+    assert not flat["head/kernel"].any() and not flat["head/bias"].any()
+    w = flat["MixerBlock_0/channel_mixing/Dense_0/kernel"]
+    assert abs(w.std() * np.sqrt(512) - 1) < 0.05
+
+
+@requires_jax
+def test_flax_without_head_returns_pre_logits():
+    import jax
+    from mixer_jax import create_model, init_params
+
+    model = create_model(small_cfg(num_classes=None))
+    out = model.apply({"params": init_params(model, 0)}, images(2, 64, 96))
+    assert out.shape == (2, 512)
+    assert jax.numpy.isfinite(out).all()
+
+
+@requires_jax
+@pytest.mark.parametrize("shape, match", [
+    ((2, 64, 90, 3), "not divisible by the patch size"),
+    ((2, 96, 64, 3), "does not match the model's 64x96"),
+    ((2, 64, 96, 1), "expected 3 input channels"),
+    ((64, 96, 3), "4 dims"),
+])
+def test_flax_bad_image_shapes_raise_naming_the_problem(shape, match):
+    from mixer_jax import create_model, init_params
+
+    model = create_model(small_cfg())
+    params = init_params(model, 0)
+    with pytest.raises(ValueError, match=match):
+        model.apply({"params": params}, np.zeros(shape, np.float32))
+
+
+# ---- PyTorch ----------------------------------------------------------------------------------
+
+
+@requires_torch
+def test_torch_state_dict_follows_the_spec_by_the_one_rule():
+    from mixer_torch import create_model
+
+    lay = LAYOUTS["torch"]
+    for cfg in (config_for("B/16"), small_cfg(), small_cfg(num_classes=None)):
+        sd = create_model(cfg).state_dict()
+        want = {lay.key_to(k): lay.shape_to(k, s) for k, s in param_shapes(cfg).items()}
+        assert {k: tuple(v.shape) for k, v in sd.items()} == want
+
+
+@requires_torch
+def test_torch_init_matches_the_official_initialisers():
+    from mixer_torch import create_model
+
+    m = create_model("S/32", num_classes=10)
+    assert not m.head.weight.any() and not m.head.bias.any()
+    w = m.MixerBlock_0.channel_mixing.Dense_0.weight
+    assert abs(w.std().item() * np.sqrt(512) - 1) < 0.05
+    assert w.abs().max().item() <= 2 / np.sqrt(512) / 0.8796 + 1e-6  # truncated at 2 sd
+    assert not m.MixerBlock_0.token_mixing.Dense_0.bias.any()
+    assert (m.pre_head_layer_norm.weight == 1).all()
+
+
+@requires_torch
+def test_torch_features_head_and_reset_classifier():
+    import torch
+    from mixer_torch import create_model
+
+    m = create_model(small_cfg()).eval()
+    x = torch.from_numpy(images(2, 64, 96).transpose(0, 3, 1, 2).copy())
+    feats = m.forward_features(x)
+    assert feats.shape == (2, 6, 512)
+    assert torch.equal(m.forward_head(feats, pre_logits=True), feats.mean(1))
+    m.reset_classifier(5)
+    assert m(x).shape == (2, 5) and not m(x).any() and m.config.num_classes == 5
+    m.reset_classifier(None)
+    assert m(x).shape == (2, 512) and "head.weight" not in m.state_dict()
+
+
+@requires_torch
+@pytest.mark.parametrize("shape, match", [
+    ((2, 3, 64, 90), "not divisible by the patch size"),
+    ((2, 3, 96, 64), "does not match the model's 64x96"),
+    ((2, 4, 64, 96), "expected 3 input channels"),
+    ((2, 64, 96, 3), "expected 3 input channels"),  # NHWC handed to the NCHW model
+])
+def test_torch_bad_image_shapes_raise_naming_the_problem(shape, match):
+    import torch
+    from mixer_torch import create_model
+
+    with pytest.raises(ValueError, match=match):
+        create_model(small_cfg())(torch.zeros(shape))
+
+
+@requires_torch
+def test_compat_constructor_keeps_the_original_ports_argument_meanings():
+    import torch
+    from mixer_torch import MLP_Mixer
+
+    m = MLP_Mixer()  # original defaults: 224x224x3, patch 16, 10 classes, 8 mixers, 512 features
+    c = m.config
+    assert (c.image_size, c.in_chans, c.patch_size, c.num_classes) == ((224, 224), 3, (16, 16), 10)
+    assert (c.num_blocks, c.hidden_dim) == (8, 512)
+    assert c.tokens_mlp_dim == int(4 * 196) and c.channels_mlp_dim == int(0.5 * 512)
+    assert c.dropout_rate == 0.5
+    m2 = MLP_Mixer(image_shape=(64, 32, 1), patch_size=8, num_classes=3, num_mixers=2, num_features=16,
+                   expansion_token=0.5, expansion_channel=2, dropout=0.0)
+    assert (m2.config.tokens_mlp_dim, m2.config.channels_mlp_dim, m2.config.in_chans) == (16, 32, 1)
+    x = torch.randn(4, 1, 64, 32)
+    torch.nn.init.normal_(m2.head.weight)
+    assert m2.eval()(x).shape == (4, 3)
+    with pytest.raises(ValueError, match="not divisible"):
+        MLP_Mixer(image_shape=(30, 30, 3), patch_size=16)
+
+
+@requires_torch
+def test_module_entry_point_prints_logits_for_a_random_image_like_the_original_script():
+    r = subprocess.run([sys.executable, "-m", "mixer_torch.mlp_mixer"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "logits (1, 10)" in r.stdout and "tensor([[" in r.stdout
+    assert "RuntimeWarning" not in r.stderr

@@ -1,0 +1,82 @@
+"""Stochastic depth (big_vision's rule) and dropout behave the same way in both models.
+
+big_vision: block i drops each residual branch per sample with p_i = i/(n-1) * stoch_depth
+and does NOT rescale the kept branch. So in training a sample whose branches are both
+kept gives exactly the eval-mode output, and one whose branches are both dropped passes
+the block's input through unchanged.
+"""
+import numpy as np
+import pytest
+
+from conftest import images, requires_jax, requires_torch
+from convert import config_for, random_params
+from convert.spec import block_drop_rates
+
+CFG = config_for("S/32", image_size=64, num_blocks=2, stoch_depth=0.5, num_classes=3)
+N = 256
+
+
+def test_drop_rates_ramp_linearly_from_zero_to_the_configured_rate():
+    assert block_drop_rates(config_for("S/32", stoch_depth=0.1)) == pytest.approx([i / 7 * 0.1 for i in range(8)])
+    assert block_drop_rates(config_for("S/32", num_blocks=1, stoch_depth=0.1)) == [0.0]
+
+
+def _check_train_outputs(eval_inter, train_inter):
+    b0_eval, b1_eval = eval_inter["MixerBlock_0"], eval_inter["MixerBlock_1"]
+    # block 0 has p=0: never dropped.
+    np.testing.assert_allclose(train_inter["MixerBlock_0"], b0_eval, atol=1e-5)
+    b1 = train_inter["MixerBlock_1"]
+    kept = np.all(np.isclose(b1, b1_eval, atol=1e-5), axis=(1, 2))
+    dropped = np.all(np.isclose(b1, b0_eval, atol=1e-5), axis=(1, 2))
+    # P(both kept) = P(both dropped) = 1/4 at p=0.5; binomial(256, .25) sd is about 7.
+    assert 30 < kept.sum() < 100 and 30 < dropped.sum() < 100, (kept.sum(), dropped.sum())
+
+
+@requires_jax
+def test_flax_stochastic_depth_is_per_sample_and_not_rescaled():
+    import jax
+    from mixer_jax import MlpMixer, params_from_flat
+
+    model = MlpMixer(CFG)
+    params = params_from_flat(random_params(CFG, 0), CFG)
+    x = np.repeat(images(1, 64, 64), N, axis=0)
+    _, ev = model.apply({"params": params}, x, return_intermediates=True)
+    _, tr = model.apply({"params": params}, x, train=True, return_intermediates=True,
+                        rngs={"dropout": jax.random.PRNGKey(0)})
+    _check_train_outputs({k: np.asarray(v) for k, v in ev.items()}, {k: np.asarray(v) for k, v in tr.items()})
+
+
+@requires_torch
+def test_torch_stochastic_depth_is_per_sample_and_not_rescaled():
+    import torch
+    from mixer_torch import MlpMixer, load_flat
+
+    torch.manual_seed(0)
+    model = load_flat(MlpMixer(CFG), random_params(CFG, 0))
+    x = torch.from_numpy(np.repeat(images(1, 64, 64), N, axis=0).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        _, ev = model.eval()(x, return_intermediates=True)
+        _, tr = model.train()(x, return_intermediates=True)
+    _check_train_outputs({k: v.numpy() for k, v in ev.items()}, {k: v.numpy() for k, v in tr.items()})
+
+
+@requires_jax
+@requires_torch
+def test_dropout_acts_only_in_training_in_both_models():
+    import jax
+    import torch
+    from mixer_jax import MlpMixer as JM, params_from_flat
+    from mixer_torch import MlpMixer as TM, load_flat
+
+    cfg = CFG.replace(stoch_depth=0.0, dropout_rate=0.3)
+    flat = random_params(cfg, 0)
+    x = images(4, 64, 64)
+    jm, jp = JM(cfg), params_from_flat(flat, cfg)
+    tm = load_flat(TM(cfg), flat)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        t_eval, t_train = tm.eval()(xt).numpy(), tm.train()(xt).numpy()
+    j_eval = np.asarray(jm.apply({"params": jp}, x))
+    j_train = np.asarray(jm.apply({"params": jp}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
+    np.testing.assert_allclose(j_eval, t_eval, atol=1e-4)
+    assert np.abs(j_train - j_eval).max() > 1e-2 and np.abs(t_train - t_eval).max() > 1e-2

@@ -1,0 +1,102 @@
+import pytest
+
+from convert import (VARIANTS, MixerConfig, ParamMismatchError, check_params, check_variant, config_for, infer_config,
+                     num_params, param_shapes, parse_variant, random_params)
+
+
+@pytest.mark.parametrize("variant, expected", [("B/16", 59_880_472), ("B/32", 60_293_428), ("L/16", 208_196_168)])
+def test_exact_parameter_counts_match_vit_jax(variant, expected):
+    assert num_params(config_for(variant)) == expected
+
+
+# Paper Table 1, "Params (M)", without the head.
+@pytest.mark.parametrize("variant, millions", [("S/32", 19), ("S/16", 18), ("B/32", 60), ("B/16", 59),
+                                               ("L/32", 206), ("L/16", 207), ("H/14", 431)])
+def test_parameter_counts_without_head_match_the_paper(variant, millions):
+    assert round(num_params(config_for(variant, num_classes=None)) / 1e6) == millions
+
+
+def test_every_published_variant_builds():
+    assert len(VARIANTS) == 8
+    for v in VARIANTS:
+        cfg = config_for(v)
+        size, patch = parse_variant(v)
+        assert cfg.patch_size == (patch, patch) and cfg.num_tokens == (224 // patch) ** 2
+
+
+@pytest.mark.parametrize("name", ["B/16", "Mixer-B_16", "mixer_b16", "b-16", " B/16 "])
+def test_variant_names_parse_in_all_common_spellings(name):
+    assert parse_variant(name) == ("B", 16)
+
+
+@pytest.mark.parametrize("name", ["B/15", "X/16", "B16x", "", "ViT-B/16"])
+def test_unknown_variant_names_raise_listing_the_known_ones(name):
+    with pytest.raises(ValueError, match="unknown Mixer variant.*S/32"):
+        config_for(name)
+
+
+def test_image_size_not_divisible_by_patch_is_a_clear_error():
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        config_for("B/16", image_size=(225, 224))
+
+
+@pytest.mark.parametrize("field, value", [("hidden_dim", 0), ("num_classes", -3), ("stoch_depth", 1.0),
+                                          ("patch_size", (16,)), ("dropout_rate", -0.1)])
+def test_bad_config_values_are_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        config_for("S/32", **{field: value})
+
+
+def test_param_tree_is_the_official_one():
+    shapes = param_shapes(config_for("B/16"))
+    assert list(shapes)[:4] == ["stem/kernel", "stem/bias", "MixerBlock_0/LayerNorm_0/scale",
+                                "MixerBlock_0/LayerNorm_0/bias"]
+    assert shapes["stem/kernel"] == (16, 16, 3, 768)
+    assert shapes["MixerBlock_11/token_mixing/Dense_0/kernel"] == (196, 384)
+    assert shapes["MixerBlock_11/token_mixing/Dense_1/kernel"] == (384, 196)
+    assert shapes["MixerBlock_0/channel_mixing/Dense_1/kernel"] == (3072, 768)
+    assert shapes["head/kernel"] == (768, 1000)
+    assert "MixerBlock_12/LayerNorm_0/scale" not in shapes
+    assert "head/kernel" not in param_shapes(config_for("B/16", num_classes=None))
+
+
+def test_non_square_images_change_only_token_mixing_shapes():
+    cfg = config_for("S/32", image_size=(224, 160))
+    assert cfg.grid == (7, 5)
+    assert param_shapes(cfg)["MixerBlock_0/token_mixing/Dense_1/bias"] == (35,)
+
+
+def test_check_params_lists_every_missing_unexpected_and_misshaped_key():
+    cfg = config_for("S/32", num_classes=10)
+    flat = random_params(cfg)
+    del flat["MixerBlock_3/LayerNorm_1/bias"]
+    flat["extra/thing"] = flat["stem/bias"]
+    flat["head/kernel"] = flat["head/kernel"][:, :5]
+    with pytest.raises(ParamMismatchError) as e:
+        check_params(flat, cfg)
+    msg = str(e.value)
+    assert "MixerBlock_3/LayerNorm_1/bias" in msg and "extra/thing" in msg
+    assert "head/kernel has (512, 5), model needs (512, 10)" in msg
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_is_inferred_from_shapes_alone(variant):
+    cfg = config_for(variant, num_classes=21843)
+    assert infer_config(param_shapes(cfg)) == cfg
+
+
+def test_a_user_named_variant_that_disagrees_with_the_weights_is_an_error():
+    inferred = infer_config(param_shapes(config_for("B/32")))
+    check_variant(inferred, "B/32")
+    with pytest.raises(ValueError, match="checkpoint is B/32, not B/16: patch_size"):
+        check_variant(inferred, "B/16")
+    with pytest.raises(ValueError, match="not an MLP-Mixer checkpoint"):
+        infer_config({"conv1/kernel": (7, 7, 3, 64)})
+
+
+def test_config_is_immutable_and_replace_revalidates():
+    cfg = MixerConfig()
+    with pytest.raises(Exception):
+        cfg.hidden_dim = 5
+    with pytest.raises(ValueError):
+        cfg.replace(image_size=(100, 100))
