@@ -137,3 +137,15 @@ def params_to_flat(params: Mapping) -> dict[str, np.ndarray]:
     if set(params) == {"params"}:
         params = params["params"]
     return {"/".join(k): np.asarray(v) for k, v in flatten_dict(dict(params)).items()}
+
+
+def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
+                    dtype: Any = jnp.float32, **overrides) -> tuple[MlpMixer, dict]:
+    """(model, params) from any checkpoint the bridge reads (official .npz, Flax, PyTorch,
+    timm, safetensors): optionally a fresh head for ``num_classes`` and token-mixing resized
+    for ``scale`` x larger images. ``overrides`` (e.g. stoch_depth) change non-shape fields."""
+    from convert.resize import load_for_finetune
+
+    flat, cfg = load_for_finetune(path, num_classes, scale, variant)
+    cfg = cfg.replace(**overrides)
+    return MlpMixer(cfg, dtype=dtype), params_from_flat(flat, cfg)

@@ -161,9 +161,20 @@ def load_flat(model: MlpMixer, flat: Mapping[str, np.ndarray]) -> MlpMixer:
     mis-shaped key raises ``ParamMismatchError`` listing all of them, and nothing is loaded."""
     from convert.layouts import canonical_to_torch
 
-    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in canonical_to_torch(flat, model.config).items()}
+    sd = {k: torch.from_numpy(np.array(v, order="C")) for k, v in canonical_to_torch(flat, model.config).items()}
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
+                    **overrides) -> MlpMixer:
+    """A model from any checkpoint the bridge reads (official .npz, Flax, PyTorch, timm,
+    safetensors): optionally a fresh head for ``num_classes`` and token-mixing resized for
+    ``scale`` x larger images. ``overrides`` (e.g. stoch_depth) change non-shape fields."""
+    from convert.resize import load_for_finetune
+
+    flat, cfg = load_for_finetune(path, num_classes, scale, variant)
+    return load_flat(MlpMixer(cfg.replace(**overrides)), flat)
 
 
 def to_flat(model: MlpMixer) -> dict[str, np.ndarray]:

@@ -1,0 +1,172 @@
+"""Checkpoint conversion: any supported format -> any other, streamed, checked, atomic.
+
+``convert_checkpoint`` is the library entry point; ``mixer-convert`` (convert.cli) is a thin
+CLI over it. Converting to PyTorch/timm imports torch only; to Flax formats, flax only; npz
+and safetensors need neither.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from convert.io import (CheckpointError, LazyParams, _np_dtype, cast, format_for_output, nonfinite, read_params,
+                        shape_view, write_params)
+from convert.params import check_params, check_variant, infer_config
+from convert.spec import MixerConfig, param_shapes
+
+
+class NonFiniteWeightsError(CheckpointError):
+    pass
+
+
+class _Checked(Mapping):
+    """Source params in canonical order, each cast and checked for NaN/Inf as it is read."""
+
+    def __init__(self, src: LazyParams, cfg: MixerConfig, dtype: str, allow_nonfinite: bool) -> None:
+        self.src, self.order, self.dtype, self.allow_nonfinite = src, list(param_shapes(cfg)), dtype, allow_nonfinite
+        self.shapes = {k: src.shapes[k] for k in self.order}
+        self.dtypes = {k: src.dtypes[k] if dtype == "keep" else _np_dtype(dtype) for k in self.order}
+        self.warnings: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        arr = cast(key, self.src[key], self.dtype)
+        bad = nonfinite(arr)
+        if bad:
+            msg = f"{key}: {bad} of {arr.size} values are NaN or Inf"
+            if not self.allow_nonfinite:
+                raise NonFiniteWeightsError(msg + " (pass --allow-nonfinite to convert anyway)")
+            self.warnings.append(msg)
+            warnings.warn(msg)
+        return arr
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    src: str
+    dst: str
+    fmt: str
+    layout: str
+    config: MixerConfig
+    num_params: int
+    nbytes: int
+    readback_exact: bool | None = None
+    logits_max_abs: float | None = None
+    verified_with: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"{self.src} -> {self.dst} ({self.fmt}, {self.layout} naming)",
+                 f"  model: {self.config}", f"  {self.num_params:,} parameters, {self.nbytes / 2**20:.1f} MiB"]
+        if self.readback_exact is not None:
+            lines.append(f"  read back: {'bit-identical' if self.readback_exact else 'DIFFERENT'}")
+        if self.logits_max_abs is not None:
+            lines.append(f"  probe logits max-abs difference ({self.verified_with}): {self.logits_max_abs:.3e}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def load_config(src: LazyParams, variant: str | None = None, image_size=None) -> MixerConfig:
+    """Config from shapes, checked against a user-named variant, every key checked."""
+    shapes = shape_view(src)
+    cfg = infer_config(shapes, image_size=image_size)
+    if variant:
+        check_variant(cfg, variant)
+    check_params(shapes, cfg, what=f"{src.source}")
+    return cfg
+
+
+def _progress(total_bytes: int, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+               disable=enabled is False or (enabled is None and total_bytes < 64 * 2**20), file=sys.stderr)
+
+    def step(key: str, arr: np.ndarray) -> None:
+        bar.update(arr.nbytes)
+    return bar, step
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None, *,
+                       variant: str | None = None, dtype: str = "keep", force: bool = False, verify: bool = False,
+                       allow_nonfinite: bool = False, image_size=None, progress: bool | None = None
+                       ) -> ConversionReport:
+    """Convert ``src`` to ``dst``. ``to``: torch | timm | flax | npz | msgpack | orbax (default:
+    from dst's suffix). The source is only read; dst is written atomically and never
+    overwritten without ``force``; on any error no dst is left behind."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    if dst.resolve() == src.resolve():
+        raise ValueError("source and destination are the same file; the source is never modified")
+    fmt, layout = format_for_output(dst, to)
+    params = read_params(src)
+    try:
+        cfg = load_config(params, variant, image_size)
+        checked = _Checked(params, cfg, dtype, allow_nonfinite)
+        nbytes = sum(int(np.prod(s)) * checked.dtypes[k].itemsize for k, s in checked.shapes.items())
+        report = ConversionReport(str(src), str(dst), fmt, layout, cfg,
+                                  sum(int(np.prod(s)) for s in checked.shapes.values()), nbytes,
+                                  warnings=checked.warnings)
+        bar, step = _progress(nbytes, progress)
+        with bar:
+            # Verification runs on the temporary file, so a failed check leaves no dst behind.
+            write_params(checked, dst, fmt=fmt, layout=layout, force=force, progress=step,
+                         before_commit=(lambda tmp: verify_conversion(checked, tmp, cfg, layout, report))
+                         if verify else None)
+    finally:
+        params.close()
+    return report
+
+
+def verify_conversion(source: Mapping[str, np.ndarray], dst: Path, cfg: MixerConfig, layout: str,
+                      report: ConversionReport, batch: int = 2) -> None:
+    """Read dst back (tensors must be bit-identical to what was written) and run the model
+    of the destination's framework from dst against the float64 numpy reference on the
+    source weights, on a random probe batch."""
+    from convert import reference
+
+    back = read_params(dst)
+    try:
+        report.readback_exact = set(back) == set(source) and all(
+            back.dtypes[k] == source.dtypes[k] and _same_bits(back[k], source[k]) for k in source)
+        if not report.readback_exact:
+            raise CheckpointError(f"verification failed: {dst.name} does not read back bit-identical to the source")
+        probe = np.random.default_rng(0).uniform(-1, 1, (batch, *cfg.image_size, cfg.in_chans)).astype(np.float32)
+        ref = reference.forward(source, cfg, probe)
+        got, report.verified_with = _framework_forward(back, cfg, layout, probe)
+        report.logits_max_abs = float(np.max(np.abs(got - ref)))
+    finally:
+        back.close()
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _framework_forward(flat, cfg, layout, probe) -> tuple[np.ndarray, str]:
+    import importlib.util
+
+    flat32 = {k: np.asarray(flat[k], np.float32) for k in flat}
+    if layout in ("torch", "timm") and importlib.util.find_spec("torch"):
+        from convert.parity import torch_forward
+        return torch_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
+            "our PyTorch model vs numpy float64 reference"
+    if layout == "flax" and importlib.util.find_spec("flax"):
+        from convert.parity import flax_forward
+        return flax_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
+            "our Flax model vs numpy float64 reference"
+    from convert import reference
+    return reference.forward(flat32, cfg, probe), "numpy reference on the written file vs on the source"

@@ -1,0 +1,49 @@
+"""mixer-convert SRC DST [--to torch|timm|flax|npz|msgpack|orbax] [--verify] ..."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from convert.io import DTYPES, CheckpointError
+from convert.params import ParamMismatchError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixer-convert", description=(
+        "Convert MLP-Mixer checkpoints between Google's official .npz, Flax (msgpack, orbax), PyTorch "
+        "(.pt/.pth/.bin) and safetensors, in our naming or timm's. The architecture is read from the "
+        "tensor shapes; the source is never modified."))
+    p.add_argument("src", help="checkpoint to read (.npz, .msgpack, orbax dir, .pt/.pth/.bin, .safetensors)")
+    p.add_argument("dst", help="file to write (its suffix picks the format unless --to is given)")
+    p.add_argument("--to", choices=["torch", "timm", "flax", "npz", "msgpack", "orbax"],
+                   help="timm: keys for timm's mlp_mixer (.pth or .safetensors); flax: .npz/.msgpack/orbax dir")
+    p.add_argument("--variant", help="expected variant, e.g. B/16; an error if the weights say otherwise")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="only for checkpoints whose patch grid is not square")
+    p.add_argument("--dtype", choices=DTYPES, default="keep", help="cast floating weights (default: keep)")
+    p.add_argument("--verify", action="store_true",
+                   help="read the output back and compare probe-batch logits against a float64 reference")
+    p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert weights with NaN/Inf (with a warning)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from convert.bridge import convert_checkpoint
+
+    try:
+        report = convert_checkpoint(args.src, args.dst, args.to, variant=args.variant, dtype=args.dtype,
+                                    force=args.force, verify=args.verify, allow_nonfinite=args.allow_nonfinite,
+                                    image_size=tuple(args.image_size) if args.image_size else None,
+                                    progress=False if args.quiet else None)
+    except (CheckpointError, ParamMismatchError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"mixer-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""Flax training and fine-tuning: one code path from a laptop CPU to multi-host GPU/TPU.
+
+Thin ``main`` (mixer_jax.cli) over testable pieces: ``make_optimizer``,
+``create_train_state``, ``train_step``, ``eval_step``, ``train_and_evaluate``.
+Data parallelism uses ``jax.sharding``: a 1-D ``Mesh`` over every device of every process,
+batches sharded along it, parameters replicated; XLA inserts the gradient all-reduce.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from convert.spec import MixerConfig, config_for
+from mixer_jax.data import Batches, DataConfig, eval_batches, make_source
+from mixer_jax.model import MlpMixer, params_from_flat
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Defaults: vit_jax's fine-tuning recipe (SGD momentum 0.9, lr 0.03, cosine, 500 warmup, clip 1)."""
+
+    name: str = "sgd"  # 'sgd' | 'adam'
+    lr: float = 0.03
+    momentum: float = 0.9
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.0  # decoupled (multiplied by the lr schedule), kernels only
+    schedule: str = "cosine"  # 'cosine' | 'linear' (decay to 0 after warmup)
+    warmup_steps: int = 500
+    grad_clip: float = 1.0  # global norm; 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: MixerConfig = dataclasses.field(default_factory=lambda: config_for("B/16"))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    batch_size: int = 512  # global, per optimizer step
+    accum_steps: int = 1  # micro-batches per step (batch_size / accum_steps each)
+    steps: int = 10_000
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # 0 disables; mixes each batch with its reverse (big_vision)
+    compute_dtype: str = "float32"  # or 'bfloat16' (params and optimizer stay float32)
+    seed: int = 0
+    eval_every: int = 1000  # 0: only at the end
+    log_every: int = 50
+    checkpoint_every: int = 1000  # 0: only at the end
+    keep_checkpoints: int = 2
+    init_from: str | None = None  # any checkpoint the bridge reads (.npz, .msgpack, ...); head replaced
+    resize_scale: int = 1  # fine-tune at K x the checkpoint's resolution (paper appendix C)
+    export_torch: bool = False  # write model.pt (our PyTorch naming) at the end; needs torch
+    eval_batch_size: int = 0  # 0: batch_size / accum_steps
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+
+def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None:
+    """Every config error we can find, before any data is read or anything is compiled."""
+    errors = []
+    if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.steps < 1:
+        errors.append("batch_size, accum_steps and steps must be positive")
+    elif cfg.batch_size % cfg.accum_steps:
+        errors.append(f"batch_size {cfg.batch_size} is not divisible by accum_steps {cfg.accum_steps}")
+    elif (cfg.batch_size // cfg.accum_steps) % num_devices:
+        errors.append(f"micro-batch {cfg.batch_size // cfg.accum_steps} (batch_size/accum_steps) is not divisible "
+                      f"by the {num_devices} devices")
+    if cfg.optim.name not in ("sgd", "adam"):
+        errors.append(f"optim.name must be 'sgd' or 'adam', got {cfg.optim.name!r}")
+    if cfg.optim.schedule not in ("cosine", "linear"):
+        errors.append(f"optim.schedule must be 'cosine' or 'linear', got {cfg.optim.schedule!r}")
+    if cfg.optim.lr <= 0:
+        errors.append(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if cfg.compute_dtype not in ("float32", "bfloat16"):
+        errors.append(f"compute_dtype must be 'float32' or 'bfloat16', got {cfg.compute_dtype!r}")
+    if not 0 <= cfg.label_smoothing < 1 or cfg.mixup_alpha < 0:
+        errors.append("label_smoothing must be in [0, 1) and mixup_alpha >= 0")
+    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
+        errors.append(f"init_from {cfg.init_from!r} does not exist")
+    if cfg.resize_scale < 1:
+        errors.append("resize_scale must be a positive integer")
+    eb = cfg.eval_batch_size or cfg.batch_size // max(cfg.accum_steps, 1)
+    if eb % num_devices or eb % process_count:
+        errors.append(f"eval batch {eb} is not divisible by the {num_devices} devices")
+    if errors:
+        raise ValueError("bad training config:\n  " + "\n  ".join(errors))
+
+
+# ---- optimizer ----------------------------------------------------------------------------------
+
+
+def make_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+    if o.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(total_steps, warmup + 1), 0.0)
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup),
+                                 optax.linear_schedule(o.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+
+
+def _kernel_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def make_optimizer(o: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    sched = make_schedule(o, total_steps)
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    if o.name == "adam":
+        parts.append(optax.scale_by_adam(o.b1, o.b2))
+    elif o.momentum:
+        parts.append(optax.trace(decay=o.momentum))
+    if o.weight_decay:
+        # Decoupled: added after the adaptive scaling, so it is multiplied by the schedule below.
+        parts.append(optax.add_decayed_weights(o.weight_decay, mask=_kernel_mask))
+    parts.append(optax.scale_by_learning_rate(sched))
+    return optax.chain(*parts), sched
+
+
+# ---- state and steps ---------------------------------------------------------------------------
+
+
+class TrainState(train_state.TrainState):
+    pass
+
+
+def create_train_state(model: MlpMixer, tx: optax.GradientTransformation, rng: jax.Array,
+                       params: Any | None = None) -> TrainState:
+    if params is None:
+        cfg = model.config
+        params = model.init(rng, jnp.zeros((1, *cfg.image_size, cfg.in_chans), jnp.float32))["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def _loss(params, model, images, labels, rng, num_classes, label_smoothing, mixup_alpha):
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    mix_rng, drop_rng = jax.random.split(rng)
+    if mixup_alpha:
+        lam = jax.random.beta(mix_rng, mixup_alpha, mixup_alpha)
+        images = lam * images + (1 - lam) * images[::-1]
+        targets = lam * targets + (1 - lam) * targets[::-1]
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": drop_rng})
+    loss = cross_entropy(logits, targets).mean()
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+    return loss, correct
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array, *, model: MlpMixer,
+               num_classes: int, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
+               schedule: Callable | None = None) -> tuple[TrainState, dict]:
+    """One optimizer step over ``images`` of shape (accum, micro_batch, H, W, C): gradients
+    of the micro-batches are averaged (lax.scan, so memory is one micro-batch's)."""
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+    rng = jax.random.fold_in(rng, state.step)
+
+    def micro(carry, xs):
+        grads, loss, correct = carry
+        i, x, y = xs
+        (l, c), g = grad_fn(state.params, model, x, y, jax.random.fold_in(rng, i), num_classes,
+                            label_smoothing, mixup_alpha)
+        return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, correct + c), None
+
+    accum = images.shape[0]
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    (grads, loss, correct), _ = jax.lax.scan(micro, (zeros, 0.0, 0), (jnp.arange(accum), images, labels))
+    grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+    metrics = {"loss": loss / accum, "accuracy": correct / labels.size, "grad_norm": optax.global_norm(grads)}
+    if schedule is not None:
+        metrics["lr"] = schedule(state.step)
+    return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
+              model: MlpMixer) -> dict:
+    logits = model.apply({"params": state.params}, images)
+    loss = cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
+    return {"correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "loss_sum": jnp.sum(loss * mask), "count": jnp.sum(mask)}
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def load_init_params(cfg: TrainConfig, model_cfg: MixerConfig) -> dict:
+    """Weights from any checkpoint the bridge reads: fresh zero head for the new classes,
+    token-mixing resized when fine-tuning at a higher resolution."""
+    from convert.resize import load_for_finetune
+
+    flat, src_cfg = load_for_finetune(cfg.init_from, model_cfg.num_classes, cfg.resize_scale)
+    if src_cfg.image_size != model_cfg.image_size:
+        raise ValueError(f"checkpoint {cfg.init_from} is for {src_cfg.image_size} images (after resize_scale "
+                         f"{cfg.resize_scale}); data.image_size is {model_cfg.image_size}")
+    return params_from_flat(flat, model_cfg)
+
+
+def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True,
+                       stop_after: int | None = None) -> dict:
+    """Train, evaluate, checkpoint and (optionally) export. Resumes from the newest checkpoint
+    in ``workdir``. ``stop_after`` ends the run early at that step (as a kill would)."""
+    import orbax.checkpoint as ocp
+
+    workdir = Path(workdir).absolute()
+    devices = jax.devices()
+    validate(cfg, len(devices), jax.process_count())
+    train_src = make_source(cfg.data, cfg.data.train_split)
+    eval_src = make_source(cfg.data, cfg.data.eval_split)
+    model_cfg = cfg.model.replace(num_classes=train_src.num_classes, image_size=cfg.data.image_size)
+    model = MlpMixer(model_cfg, dtype=jnp.dtype(cfg.compute_dtype))
+    is_main = jax.process_index() == 0
+
+    mesh = Mesh(np.asarray(devices), ("data",))
+    repl = NamedSharding(mesh, P())
+    batch_sh = NamedSharding(mesh, P(None, "data"))  # (accum, micro, ...) split on micro
+    eval_sh = NamedSharding(mesh, P("data"))
+
+    tx, sched = make_optimizer(cfg.optim, cfg.steps)
+    rng = jax.random.PRNGKey(cfg.seed)
+    init_params = load_init_params(cfg, model_cfg) if cfg.init_from else None
+    state = jax.jit(partial(create_train_state, model, tx), out_shardings=repl)(rng, init_params)
+
+    ckpt_dir = workdir / "checkpoints"
+    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_checkpoints, create=True, enable_async_checkpointing=False))
+    start = 0
+    if mngr.latest_step() is not None:
+        start = mngr.latest_step()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+        restored = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                               meta=ocp.args.JsonRestore()))
+        state = restored["state"]
+        if is_main:
+            print(f"resumed from step {start} ({ckpt_dir}); data position {restored['meta']['data_position']}")
+
+    batches = Batches(train_src, cfg.data, cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
+    step_fn = jax.jit(partial(train_step, model=model, num_classes=model_cfg.num_classes,
+                              label_smoothing=cfg.label_smoothing, mixup_alpha=cfg.mixup_alpha, schedule=sched),
+                      in_shardings=(repl, batch_sh, batch_sh, repl), out_shardings=(repl, repl),
+                      donate_argnums=(0,))
+    eval_fn = jax.jit(partial(eval_step, model=model), in_shardings=(repl, eval_sh, eval_sh, eval_sh),
+                      out_shardings=repl)
+    micro = cfg.batch_size // cfg.accum_steps // jax.process_count()
+    eval_bs = cfg.eval_batch_size or cfg.batch_size // cfg.accum_steps
+
+    def evaluate() -> dict:
+        tot = {"correct": 0, "loss_sum": 0.0, "count": 0}
+        lo = jax.process_index() * (eval_bs // jax.process_count())
+        hi = lo + eval_bs // jax.process_count()
+        for x, y, m in eval_batches(eval_src, cfg.data, eval_bs):
+            out = eval_fn(state, *(_global_array(a[lo:hi], eval_sh) for a in (x, y, m)))
+            for k in tot:
+                tot[k] += float(out[k])
+        return {"eval_accuracy": tot["correct"] / tot["count"], "eval_loss": tot["loss_sum"] / tot["count"]}
+
+    metrics_path = workdir / "metrics.jsonl"
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(metrics_path, "a") if is_main else None
+    pending: list[tuple[int, dict, float]] = []
+    last_good = start
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = None
+    if progress and is_main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    t_last, n_last = time.perf_counter(), 0
+    history: list[dict] = []
+
+    def flush() -> None:
+        # Pull the pending per-step metrics; a non-finite loss stops before anything is saved.
+        nonlocal t_last, n_last
+        if not pending:
+            return
+        host = jax.device_get([m for _, m, _ in pending])
+        now = time.perf_counter()
+        ips = n_last * cfg.batch_size / max(now - t_last, 1e-9)
+        for (step, _, _), m in zip(pending, host):
+            rec = {"step": step, **{k: float(v) for k, v in m.items()}, "img_per_s": ips}
+            if not math.isfinite(rec["loss"]):
+                raise NonFiniteLossError(
+                    f"loss is {rec['loss']} at step {step}; stopping. The last good checkpoint is step {last_good} "
+                    f"in {ckpt_dir} (lower optim.lr, raise warmup, or check the data)")
+            history.append(rec)
+            if log:
+                log.write(json.dumps(rec) + "\n")
+        if log:
+            log.flush()
+        last = history[-1]
+        if bar is not None:
+            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}", lr=f"{last['lr']:.2e}",
+                            img_s=f"{ips:.0f}")
+        pending.clear()
+        t_last, n_last = now, 0
+
+    def save(step: int) -> None:
+        nonlocal last_good
+        epoch, pos = batches.position(step)
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({"step": step, "data_position": {"epoch": epoch, "index": pos},
+                                    "config": _jsonable(cfg)})))
+        mngr.wait_until_finished()
+        last_good = step
+
+    result: dict = {}
+    try:
+        for step in range(start, end):
+            x, y = batches(step)
+            x = x.reshape(cfg.accum_steps, micro, *x.shape[1:])
+            y = y.reshape(cfg.accum_steps, micro)
+            state, m = step_fn(state, _global_array(x, batch_sh), _global_array(y, batch_sh), rng)
+            pending.append((step + 1, m, 0.0))
+            n_last += 1
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+            boundary = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
+            if done % cfg.log_every == 0 or boundary or done == end:
+                flush()
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                ev = evaluate()
+                if log:
+                    log.write(json.dumps({"step": done, **ev}) + "\n")
+                if bar is not None:
+                    bar.write(f"step {done}: eval accuracy {ev['eval_accuracy']:.4f} loss {ev['eval_loss']:.4f}")
+            if boundary:
+                save(done)
+        flush()
+        if end == cfg.steps:
+            result = evaluate()
+            if log:
+                log.write(json.dumps({"step": cfg.steps, **result}) + "\n")
+            if mngr.latest_step() != cfg.steps:
+                save(cfg.steps)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log:
+            log.close()
+        mngr.close()
+
+    result["step"] = int(jax.device_get(state.step))
+    result["history"] = history
+    if is_main and end == cfg.steps:
+        write_outputs(state.params, model_cfg, workdir, cfg.export_torch)
+        plot_metrics(metrics_path, workdir / "metrics.png")
+    result["params"] = state.params
+    result["model_config"] = model_cfg
+    return result
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def write_outputs(params, model_cfg: MixerConfig, workdir: Path, export_torch: bool) -> None:
+    """Final weights as an official-layout .npz (loads anywhere the official files do) and,
+    on request, as a PyTorch state dict."""
+    from convert.io import write_params
+    from mixer_jax.model import params_to_flat
+
+    flat = params_to_flat(jax.device_get(params))
+    write_params(flat, workdir / "model.npz", fmt="npz", force=True)
+    (workdir / "model_config.json").write_text(json.dumps(_jsonable(model_cfg), indent=1))
+    if export_torch:
+        write_params(flat, workdir / "model.pt", fmt="torch", force=True)
+
+
+def plot_metrics(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in open(metrics_path)]
+    train = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "eval_accuracy" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    axes[0].set_title("loss")
+    axes[1].plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train (batch)")
+    axes[1].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="eval")
+    axes[1].set_title("accuracy")
+    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,399 @@
+"""The weight bridge: formats, exact round trips, config inference, safety, bad input."""
+import hashlib
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, images, requires_jax, requires_torch
+from convert import ParamMismatchError, config_for, param_shapes, random_params
+from convert.bridge import NonFiniteWeightsError, convert_checkpoint
+from convert.io import CheckpointError, detect_format, read_params, write_params
+from convert.reference import forward
+
+TINY = config_for("S/16", image_size=48, hidden_dim=24, num_blocks=3, tokens_mlp_dim=8, channels_mlp_dim=40,
+                  num_classes=5)
+
+
+@pytest.fixture
+def official(tmp_path):
+    """An official-layout .npz as vit_jax writes it (np.savez of '/'-joined names)."""
+    flat = random_params(TINY, 0)
+    path = tmp_path / "Mixer-T_16.npz"
+    np.savez(path, **flat)
+    return path, flat
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_np(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_same(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+# ---- round trips ------------------------------------------------------------------------------
+
+
+ROUND_TRIPS = [("model.pt", "torch", requires_torch), ("model.bin", "torch", requires_torch),
+               ("model.pth", "timm", requires_torch), ("model.safetensors", "torch", None),
+               ("timm.safetensors", "timm", None), ("model.msgpack", "flax", requires_jax),
+               ("model_orbax", "orbax", requires_jax)]
+
+
+@pytest.mark.parametrize("name, to", [pytest.param(n, t, marks=m or []) for n, t, m in ROUND_TRIPS])
+def test_round_trip_through_each_format_is_bit_identical(official, tmp_path, name, to):
+    src, flat = official
+    before = sha(src)
+    mid = tmp_path / name
+    convert_checkpoint(src, mid, to, progress=False)
+    back = tmp_path / "back.npz"
+    convert_checkpoint(mid, back, progress=False)
+    assert_same(load_np(back), flat)
+    # and the output file itself is byte-for-byte what converting the source directly gives
+    direct = tmp_path / "direct.npz"
+    convert_checkpoint(src, direct, "npz", progress=False)
+    assert sha(back) == sha(direct)
+    assert sha(src) == before  # the source is never modified
+
+
+@requires_torch
+def test_torch_output_holds_our_naming_and_layouts(official, tmp_path):
+    import torch
+
+    src, flat = official
+    convert_checkpoint(src, tmp_path / "m.pt", progress=False)
+    sd = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert torch.equal(sd["MixerBlock_2.token_mixing.Dense_0.weight"],
+                       torch.from_numpy(flat["MixerBlock_2/token_mixing/Dense_0/kernel"].T.copy()))
+    assert torch.equal(sd["stem.weight"], torch.from_numpy(flat["stem/kernel"].transpose(3, 2, 0, 1).copy()))
+    assert torch.equal(sd["pre_head_layer_norm.weight"], torch.from_numpy(flat["pre_head_layer_norm/scale"]))
+
+
+@pytest.mark.parametrize("prefix", ["params/", "opt/target/"])
+def test_prefixed_official_files_are_understood(tmp_path, prefix):
+    flat = random_params(TINY, 1)
+    extra = {"opt/state/momentum/stem/kernel": np.zeros(3, np.float32)} if prefix == "opt/target/" else {}
+    np.savez(tmp_path / "p.npz", **{prefix + k: v for k, v in flat.items()}, **extra)
+    convert_checkpoint(tmp_path / "p.npz", tmp_path / "out.npz", progress=False)
+    assert_same(load_np(tmp_path / "out.npz"), flat)
+
+
+def test_big_vision_legacy_layout_is_understood(tmp_path):
+    flat = random_params(TINY, 2)
+    legacy = {}
+    for k, v in flat.items():
+        k2 = k.replace("stem/", "embedding/").replace("pre_head_layer_norm/", "Mixer/encoder_norm/")
+        k2 = k2.replace("MixerBlock_", "Mixer/encoderblock_").replace("LayerNorm_1", "LayerNorm_2")  # pre-Linen count
+        for phase in ("token_mixing", "channel_mixing"):
+            for dense, (kn, bn) in (("Dense_0", ("kernel1", "bias1")), ("Dense_1", ("kernel2", "bias2"))):
+                if f"/{phase}/{dense}/" in k2:
+                    leaf = kn if k2.endswith("kernel") else bn
+                    k2 = k2.split(f"/{phase}/")[0] + f"/{phase}_phase_0/{leaf}"
+                    v = v[None]  # the legacy layout carried a unit dim
+        legacy[k2] = v
+    np.savez(tmp_path / "legacy.npz", **legacy)
+    convert_checkpoint(tmp_path / "legacy.npz", tmp_path / "out.npz", progress=False)
+    assert_same(load_np(tmp_path / "out.npz"), flat)
+
+
+# ---- config inference ----------------------------------------------------------------------------
+
+
+def test_official_files_need_no_flags_and_a_wrong_variant_is_an_error(tmp_path):
+    cfg = config_for("B/32", image_size=64, num_classes=7)  # real B/32 widths on a 2x2 grid
+    np.savez(tmp_path / "b32.npz", **random_params(cfg, 0))
+    rep = convert_checkpoint(tmp_path / "b32.npz", tmp_path / "b.safetensors", variant="Mixer-B_32", progress=False)
+    assert rep.config == cfg
+    with pytest.raises(ValueError, match="checkpoint is B/32, not L/32"):
+        convert_checkpoint(tmp_path / "b32.npz", tmp_path / "l.safetensors", variant="L/32", progress=False)
+    assert not (tmp_path / "l.safetensors").exists()
+
+
+def test_non_square_grid_needs_and_takes_image_size(tmp_path):
+    cfg = TINY.replace(image_size=(32, 48))  # a 2x3 grid: 6 tokens fit no square
+    np.savez(tmp_path / "ns.npz", **random_params(cfg, 0))
+    with pytest.raises(ValueError, match="6 tokens, not a square grid; pass image_size"):
+        convert_checkpoint(tmp_path / "ns.npz", tmp_path / "o.npz", progress=False)
+    rep = convert_checkpoint(tmp_path / "ns.npz", tmp_path / "o.npz", image_size=(32, 48), progress=False)
+    assert rep.config == cfg
+
+
+# ---- verification -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("to", [pytest.param("torch", marks=requires_torch), pytest.param("flax", marks=requires_jax),
+                                "safetensors"])
+def test_verify_reports_bit_identical_readback_and_tiny_logit_error(official, tmp_path, to):
+    src, _ = official
+    suffix = {"torch": ".pt", "flax": ".msgpack", "safetensors": ".safetensors"}[to]
+    rep = convert_checkpoint(src, tmp_path / f"out{suffix}", None if to == "safetensors" else to,
+                             verify=True, progress=False)
+    assert rep.readback_exact is True
+    assert rep.logits_max_abs is not None and rep.logits_max_abs < 1e-4
+    assert "max-abs" in rep.summary()
+
+
+# ---- safety and bad input -----------------------------------------------------------------------
+
+
+def test_existing_output_is_not_overwritten_without_force(official, tmp_path):
+    src, _ = official
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="--force"):
+        convert_checkpoint(src, dst, progress=False)
+    assert dst.read_bytes() == b"precious"
+    convert_checkpoint(src, dst, force=True, progress=False)
+    assert dst.read_bytes() != b"precious"
+
+
+def test_truncated_and_corrupt_files_give_an_error_and_no_output(official, tmp_path):
+    src, _ = official
+    data = src.read_bytes()
+    cases = {"trunc.npz": data[: len(data) // 2], "garbage.npz": b"\x00" * 100,
+             "trunc.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(CheckpointError):
+            convert_checkpoint(tmp_path / name, tmp_path / f"{name}.out.npz", progress=False)
+        assert not (tmp_path / f"{name}.out.npz").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_a_truncated_tensor_mid_file_leaves_no_output(tmp_path):
+    write_params(random_params(TINY, 0), tmp_path / "m.safetensors", fmt="safetensors")
+    blob = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(blob[:-100])
+    with pytest.raises(CheckpointError, match="past the end"):
+        convert_checkpoint(tmp_path / "cut.safetensors", tmp_path / "o.npz", progress=False)
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_non_mixer_checkpoints_are_rejected(tmp_path):
+    np.savez(tmp_path / "resnet.npz", **{"conv1/kernel": np.zeros((7, 7, 3, 8), np.float32),
+                                         "bn1/scale": np.ones(8, np.float32)})
+    with pytest.raises(ValueError, match="not an MLP-Mixer checkpoint"):
+        convert_checkpoint(tmp_path / "resnet.npz", tmp_path / "o.npz", progress=False)
+
+
+def test_missing_unexpected_and_misshaped_keys_are_all_listed(tmp_path):
+    flat = random_params(TINY, 0)
+    del flat["MixerBlock_1/LayerNorm_0/bias"]
+    flat["MixerBlock_1/extra/kernel"] = np.zeros((2, 2), np.float32)
+    flat["MixerBlock_2/channel_mixing/Dense_0/bias"] = np.zeros(41, np.float32)
+    np.savez(tmp_path / "bad.npz", **flat)
+    with pytest.raises(ParamMismatchError) as e:
+        convert_checkpoint(tmp_path / "bad.npz", tmp_path / "o.npz", progress=False)
+    msg = str(e.value)
+    assert "missing (1): MixerBlock_1/LayerNorm_0/bias" in msg
+    assert "unexpected (1): MixerBlock_1/extra/kernel" in msg
+    assert "MixerBlock_2/channel_mixing/Dense_0/bias has (41,), model needs (40,)" in msg
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_nan_weights_are_refused_unless_allowed(tmp_path):
+    flat = random_params(TINY, 0)
+    flat["MixerBlock_2/channel_mixing/Dense_1/kernel"][3, 4] = np.nan
+    np.savez(tmp_path / "nan.npz", **flat)
+    with pytest.raises(NonFiniteWeightsError, match="MixerBlock_2/channel_mixing/Dense_1/kernel: 1 of"):
+        convert_checkpoint(tmp_path / "nan.npz", tmp_path / "o.safetensors", progress=False)
+    assert not (tmp_path / "o.safetensors").exists()
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        rep = convert_checkpoint(tmp_path / "nan.npz", tmp_path / "o.safetensors",
+                                 allow_nonfinite=True, progress=False)
+    assert len(rep.warnings) == 1 and (tmp_path / "o.safetensors").exists()
+
+
+def test_integer_weights_are_an_unsupported_dtype(tmp_path):
+    flat = random_params(TINY, 0)
+    flat["stem/bias"] = np.zeros(24, np.int32)
+    np.savez(tmp_path / "int.npz", **flat)
+    with pytest.raises(CheckpointError, match="stem/bias.*unsupported dtype int32"):
+        convert_checkpoint(tmp_path / "int.npz", tmp_path / "o.npz", progress=False)
+
+
+def test_object_arrays_are_never_unpickled(tmp_path):
+    flat = random_params(TINY, 0)
+    np.savez(tmp_path / "obj.npz", **flat, evil=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        read_params(tmp_path / "obj.npz")
+
+
+@requires_torch
+def test_pickled_code_in_a_torch_file_is_refused(tmp_path):
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"stem.weight": torch.zeros(1), "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        read_params(tmp_path / "evil.pt")
+
+
+def test_bf16_converts_with_a_dtype_choice(official, tmp_path):
+    import ml_dtypes
+
+    src, flat = official
+    convert_checkpoint(src, tmp_path / "bf.safetensors", dtype="bfloat16", progress=False)
+    back = read_params(tmp_path / "bf.safetensors")
+    assert back.dtypes["stem/kernel"] == np.dtype(ml_dtypes.bfloat16)
+    with pytest.raises(CheckpointError, match="npz cannot hold bfloat16"):
+        convert_checkpoint(tmp_path / "bf.safetensors", tmp_path / "bf.npz", progress=False)
+    assert not (tmp_path / "bf.npz").exists()
+    convert_checkpoint(tmp_path / "bf.safetensors", tmp_path / "f32.npz", dtype="float32",
+                       progress=False)
+    got = load_np(tmp_path / "f32.npz")["stem/kernel"]
+    np.testing.assert_array_equal(got, flat["stem/kernel"].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+@requires_torch
+def test_bf16_torch_checkpoints_round_trip(official, tmp_path):
+    import torch
+
+    src, _ = official
+    convert_checkpoint(src, tmp_path / "bf.pt", dtype="bfloat16", progress=False)
+    sd = torch.load(tmp_path / "bf.pt", weights_only=True)
+    assert sd["stem.weight"].dtype == torch.bfloat16
+    convert_checkpoint(tmp_path / "bf.pt", tmp_path / "bf.safetensors", progress=False)
+    a, b = read_params(tmp_path / "bf.pt"), read_params(tmp_path / "bf.safetensors")
+    assert all(np.array_equal(a[k].view(np.uint16), b[k].view(np.uint16)) for k in a)
+
+
+def test_detect_format_by_content_not_suffix(official, tmp_path):
+    src, _ = official
+    (tmp_path / "weights.bin").write_bytes(src.read_bytes())
+    assert detect_format(tmp_path / "weights.bin") == "npz"
+    with zipfile.ZipFile(tmp_path / "x.zip", "w") as z:
+        z.writestr("readme.txt", "hi")
+    with pytest.raises(CheckpointError, match="neither"):
+        detect_format(tmp_path / "x.zip")
+
+
+def test_cli_reports_errors_with_exit_code_2(official, tmp_path):
+    src, _ = official
+    from convert.cli import main
+    assert main([str(src), str(tmp_path / "o.npz"), "--quiet"]) == 0
+    assert main([str(src), str(tmp_path / "o.npz"), "--quiet"]) == 2  # exists
+    assert main([str(tmp_path / "nope.npz"), str(tmp_path / "p.npz")]) == 2
+
+
+# ---- framework independence ---------------------------------------------------------------------
+
+_BLOCKER = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError('blocked for this test: ' + name)
+sys.meta_path.insert(0, _Block())
+sys.path.insert(0, {root!r})
+"""
+
+
+def _run_blocked(blocked, code, tmp_path):
+    script = _BLOCKER.format(blocked=set(blocked), root=str(ROOT)) + code
+    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@requires_torch
+def test_npz_to_pytorch_and_timm_works_without_jax(official, tmp_path):
+    src, flat = official
+    code = f"""
+from convert.cli import main
+assert main([{str(src)!r}, 'm.pt', '--verify', '--quiet']) == 0
+assert main([{str(src)!r}, 'timm.safetensors', '--to', 'timm', '--quiet']) == 0
+from mixer_torch import from_checkpoint
+m = from_checkpoint('timm.safetensors', num_classes=3, scale=2)
+assert m.config.num_classes == 3 and m.config.image_size == (96, 96)
+assert not any(k.split('.')[0] in ('jax', 'flax', 'jaxlib') for k in sys.modules)
+print('ok')
+"""
+    r = _run_blocked({"jax", "jaxlib", "flax", "optax", "orbax"}, code, tmp_path)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    assert "our PyTorch model" in r.stdout
+
+
+@requires_jax
+def test_flax_side_works_without_torch(official, tmp_path):
+    src, _ = official
+    code = f"""
+from convert.cli import main
+assert main([{str(src)!r}, 'm.msgpack', '--verify', '--quiet']) == 0
+assert main(['m.msgpack', 'orbax_dir', '--to', 'orbax', '--quiet']) == 0
+import mixer_jax, mixer_jax.train, mixer_jax.data
+assert 'torch' not in sys.modules
+print('ok')
+"""
+    r = _run_blocked({"torch"}, code, tmp_path)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    assert "our Flax model" in r.stdout
+
+
+# ---- fine-tuning helpers ------------------------------------------------------------------------
+
+
+def test_new_head_is_fresh_and_zero(official):
+    from convert.resize import load_for_finetune
+
+    src, flat = official
+    new, cfg = load_for_finetune(src, num_classes=11)
+    assert cfg.num_classes == 11 and new["head/kernel"].shape == (24, 11) and not new["head/kernel"].any()
+    assert np.array_equal(new["stem/kernel"], flat["stem/kernel"])
+    kept, _ = load_for_finetune(src)
+    assert np.array_equal(kept["head/kernel"], flat["head/kernel"])
+    none, cfg0 = load_for_finetune(src, num_classes=None)
+    assert "head/kernel" not in none and cfg0.num_classes is None
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_resized_model_on_tiled_images_equals_the_base_model_per_tile(scale):
+    from convert.resize import resize_token_mixing, tile_images
+
+    flat = random_params(TINY, 3)
+    big, big_cfg = resize_token_mixing(flat, TINY, scale)
+    assert big_cfg.image_size == (48 * scale, 48 * scale) and big_cfg.tokens_mlp_dim == 8 * scale ** 2
+    x = images(2 * scale ** 2, 48, 48)  # different images in every tile
+    base = forward(flat, TINY, x).reshape(2, scale ** 2, -1).mean(1)  # head is linear: mean of logits
+    np.testing.assert_allclose(forward(big, big_cfg, tile_images(x, scale)), base, atol=1e-10)
+
+
+@requires_torch
+def test_resize_is_exact_in_pytorch(official):
+    import torch
+    from convert.resize import tile_images
+    from mixer_torch import from_checkpoint
+
+    src, _ = official
+    base, big = from_checkpoint(src).eval(), from_checkpoint(src, scale=2).eval()
+    assert big.config.image_size == (96, 96)
+    x = images(8, 48, 48)
+    with torch.no_grad():
+        want = base(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).reshape(2, 4, -1).mean(1)
+        got = big(torch.from_numpy(tile_images(x, 2).transpose(0, 3, 1, 2).copy()))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+@requires_jax
+def test_resize_is_exact_in_flax(official):
+    from convert.resize import tile_images
+    from mixer_jax import from_checkpoint
+
+    src, _ = official
+    base_m, base_p = from_checkpoint(src)
+    big_m, big_p = from_checkpoint(src, scale=2)
+    assert big_m.config.image_size == (96, 96)
+    x = images(8, 48, 48)
+    want = np.asarray(base_m.apply({"params": base_p}, x)).reshape(2, 4, -1).mean(1)
+    got = np.asarray(big_m.apply({"params": big_p}, tile_images(x, 2)))
+    np.testing.assert_allclose(got, want, atol=2e-5)
