@@ -499,9 +499,11 @@ def _write_safetensors(keys_shapes: list[tuple[str, tuple, np.dtype]], items: It
 def _to_torch(v: np.ndarray):
     import torch
 
+    if not (v.flags.c_contiguous and v.flags.writeable):  # torch wants its own writable buffer
+        v = np.array(v, order="C")
     if v.dtype == _bf16():
-        return torch.from_numpy(np.ascontiguousarray(v).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(v))
+        return torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(v)
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:

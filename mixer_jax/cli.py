@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     if args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPU/TPU ignore it
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from mixer_jax.train import NonFiniteLossError, train_and_evaluate
 

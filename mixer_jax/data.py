@@ -73,17 +73,22 @@ def digits_source(split: str) -> ArraySource:
 
 
 class TfdsSource:
+    """A tfds dataset prepared in array_record format (``tfds build --file_format=array_record``),
+    read by random access without TensorFlow."""
+
     def __init__(self, name: str, split: str, data_dir: str | None) -> None:
         import tensorflow_datasets as tfds
 
         try:
             builder = tfds.builder(name, data_dir=data_dir)
-        except Exception as e:  # tfds raises DatasetNotFoundError and friends
-            raise ValueError(f"unknown dataset {name!r}: {e}") from None
-        if not builder.is_prepared():
-            raise ValueError(f"dataset {name!r} is not prepared in {builder.data_dir!r}; prepare it first "
-                             "(tfds build) or pass --data-dir pointing at a prepared copy")
-        self._src = builder.as_data_source(split=split)
+        except Exception as e:  # DatasetNotFoundError lists every registered name; keep the first line
+            raise ValueError(f"unknown dataset {name!r}: {str(e).splitlines()[0]}") from None
+        try:
+            self._src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:
+            raise ValueError(f"dataset {name!r} split {split!r} cannot be read from {builder.data_dir!r}: "
+                             f"{str(e).splitlines()[0]} (prepare it with `tfds build {name} "
+                             "--file_format=array_record`, or set data.data_dir)") from None
         self.num_classes = builder.info.features["label"].num_classes
 
     def __len__(self) -> int:

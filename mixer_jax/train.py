@@ -183,7 +183,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     (grads, loss, correct), _ = jax.lax.scan(micro, (zeros, 0.0, 0), (jnp.arange(accum), images, labels))
     grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
-    metrics = {"loss": loss / accum, "accuracy": correct / labels.size, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss / accum, "accuracy": correct / labels.size, "grad_norm": optax.tree.norm(grads)}
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
     return state.apply_gradients(grads=grads), metrics
@@ -208,22 +208,35 @@ def _global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local)
 
 
-def load_init_params(cfg: TrainConfig, model_cfg: MixerConfig) -> dict:
-    """Weights from any checkpoint the bridge reads: fresh zero head for the new classes,
-    token-mixing resized when fine-tuning at a higher resolution."""
+def to_host(tree):
+    """Replicated device arrays -> numpy; works when other processes hold other devices."""
+    def get(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(a)
+    return jax.tree_util.tree_map(get, tree)
+
+
+def load_init_params(cfg: TrainConfig, num_classes: int) -> tuple[dict, MixerConfig]:
+    """Weights and architecture from any checkpoint the bridge reads, with a fresh zero head
+    for ``num_classes`` and token-mixing resized by ``resize_scale``. The checkpoint fixes the
+    architecture; ``cfg.model`` contributes only its regularisation (stoch_depth, dropout_rate)."""
     from convert.resize import load_for_finetune
 
-    flat, src_cfg = load_for_finetune(cfg.init_from, model_cfg.num_classes, cfg.resize_scale)
-    if src_cfg.image_size != model_cfg.image_size:
-        raise ValueError(f"checkpoint {cfg.init_from} is for {src_cfg.image_size} images (after resize_scale "
-                         f"{cfg.resize_scale}); data.image_size is {model_cfg.image_size}")
-    return params_from_flat(flat, model_cfg)
+    flat, ck = load_for_finetune(cfg.init_from, num_classes, cfg.resize_scale)
+    image_size = MixerConfig(patch_size=ck.patch_size, image_size=cfg.data.image_size).image_size
+    if ck.image_size != image_size:
+        raise ValueError(f"checkpoint {cfg.init_from} is for {ck.image_size} images (after resize_scale "
+                         f"{cfg.resize_scale}); data.image_size is {image_size}")
+    model_cfg = ck.replace(stoch_depth=cfg.model.stoch_depth, dropout_rate=cfg.model.dropout_rate)
+    return params_from_flat(flat, model_cfg), model_cfg
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True,
-                       stop_after: int | None = None) -> dict:
+                       on_step: Callable[[int], None] | None = None) -> dict:
     """Train, evaluate, checkpoint and (optionally) export. Resumes from the newest checkpoint
-    in ``workdir``. ``stop_after`` ends the run early at that step (as a kill would)."""
+    in ``workdir``. ``on_step(step)`` is called after every optimizer step (after any
+    checkpoint of that step is written)."""
     import orbax.checkpoint as ocp
 
     workdir = Path(workdir).absolute()
@@ -231,7 +244,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
     validate(cfg, len(devices), jax.process_count())
     train_src = make_source(cfg.data, cfg.data.train_split)
     eval_src = make_source(cfg.data, cfg.data.eval_split)
-    model_cfg = cfg.model.replace(num_classes=train_src.num_classes, image_size=cfg.data.image_size)
+    init_params = None
+    if cfg.init_from:
+        init_params, model_cfg = load_init_params(cfg, train_src.num_classes)
+    else:
+        model_cfg = cfg.model.replace(num_classes=train_src.num_classes, image_size=cfg.data.image_size)
     model = MlpMixer(model_cfg, dtype=jnp.dtype(cfg.compute_dtype))
     is_main = jax.process_index() == 0
 
@@ -242,7 +259,6 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
 
     tx, sched = make_optimizer(cfg.optim, cfg.steps)
     rng = jax.random.PRNGKey(cfg.seed)
-    init_params = load_init_params(cfg, model_cfg) if cfg.init_from else None
     state = jax.jit(partial(create_train_state, model, tx), out_shardings=repl)(rng, init_params)
 
     ckpt_dir = workdir / "checkpoints"
@@ -266,6 +282,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
     eval_fn = jax.jit(partial(eval_step, model=model), in_shardings=(repl, eval_sh, eval_sh, eval_sh),
                       out_shardings=repl)
     micro = cfg.batch_size // cfg.accum_steps // jax.process_count()
+    param_norm = jax.jit(optax.tree.norm, out_shardings=repl)
     eval_bs = cfg.eval_batch_size or cfg.batch_size // cfg.accum_steps
 
     def evaluate() -> dict:
@@ -281,9 +298,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
     metrics_path = workdir / "metrics.jsonl"
     workdir.mkdir(parents=True, exist_ok=True)
     log = open(metrics_path, "a") if is_main else None
-    pending: list[tuple[int, dict, float]] = []
+    pending: list[tuple[int, dict]] = []
     last_good = start
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = None
     if progress and is_main:
         from tqdm.auto import tqdm
@@ -296,10 +312,10 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
         nonlocal t_last, n_last
         if not pending:
             return
-        host = jax.device_get([m for _, m, _ in pending])
+        host = to_host([m for _, m in pending])
         now = time.perf_counter()
         ips = n_last * cfg.batch_size / max(now - t_last, 1e-9)
-        for (step, _, _), m in zip(pending, host):
+        for (step, _), m in zip(pending, host):
             rec = {"step": step, **{k: float(v) for k, v in m.items()}, "img_per_s": ips}
             if not math.isfinite(rec["loss"]):
                 raise NonFiniteLossError(
@@ -319,6 +335,10 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
 
     def save(step: int) -> None:
         nonlocal last_good
+        # A finite loss at this step does not make the updated params finite; check them too.
+        if not math.isfinite(float(to_host(param_norm(state.params)))):
+            raise NonFiniteLossError(f"parameters became NaN/Inf at step {step}; stopping. The last good "
+                                     f"checkpoint is step {last_good} in {ckpt_dir}")
         epoch, pos = batches.position(step)
         mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -329,18 +349,18 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
 
     result: dict = {}
     try:
-        for step in range(start, end):
+        for step in range(start, cfg.steps):
             x, y = batches(step)
             x = x.reshape(cfg.accum_steps, micro, *x.shape[1:])
             y = y.reshape(cfg.accum_steps, micro)
             state, m = step_fn(state, _global_array(x, batch_sh), _global_array(y, batch_sh), rng)
-            pending.append((step + 1, m, 0.0))
+            pending.append((step + 1, m))
             n_last += 1
             done = step + 1
             if bar is not None:
                 bar.update(1)
             boundary = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
-            if done % cfg.log_every == 0 or boundary or done == end:
+            if done % cfg.log_every == 0 or boundary:
                 flush()
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 ev = evaluate()
@@ -350,13 +370,14 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
                     bar.write(f"step {done}: eval accuracy {ev['eval_accuracy']:.4f} loss {ev['eval_loss']:.4f}")
             if boundary:
                 save(done)
+            if on_step is not None:
+                on_step(done)
         flush()
-        if end == cfg.steps:
-            result = evaluate()
-            if log:
-                log.write(json.dumps({"step": cfg.steps, **result}) + "\n")
-            if mngr.latest_step() != cfg.steps:
-                save(cfg.steps)
+        result = evaluate()
+        if log:
+            log.write(json.dumps({"step": cfg.steps, **result}) + "\n")
+        if mngr.latest_step() != cfg.steps:
+            save(cfg.steps)
     finally:
         if bar is not None:
             bar.close()
@@ -364,12 +385,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
             log.close()
         mngr.close()
 
-    result["step"] = int(jax.device_get(state.step))
+    result["step"] = int(to_host(state.step))
     result["history"] = history
-    if is_main and end == cfg.steps:
+    if is_main:
         write_outputs(state.params, model_cfg, workdir, cfg.export_torch)
         plot_metrics(metrics_path, workdir / "metrics.png")
-    result["params"] = state.params
+    result["params"] = to_host(state.params)
     result["model_config"] = model_cfg
     return result
 
@@ -388,7 +409,7 @@ def write_outputs(params, model_cfg: MixerConfig, workdir: Path, export_torch: b
     from convert.io import write_params
     from mixer_jax.model import params_to_flat
 
-    flat = params_to_flat(jax.device_get(params))
+    flat = params_to_flat(to_host(params))
     write_params(flat, workdir / "model.npz", fmt="npz", force=True)
     (workdir / "model_config.json").write_text(json.dumps(_jsonable(model_cfg), indent=1))
     if export_torch:
