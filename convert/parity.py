@@ -96,3 +96,51 @@ def format_table(rows: list[Diff]) -> str:
     lines = [f"{'output':<22}{'max-abs':>12}{'rel':>12}{'max|ref|':>12}"]
     lines += [f"{r.name:<22}{r.max_abs:>12.3e}{r.rel:>12.3e}{r.scale:>12.3e}" for r in rows]
     return "\n".join(lines)
+
+
+# ---- gradients ------------------------------------------------------------------------------
+
+
+def flax_grads(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: np.ndarray,
+               labels: np.ndarray) -> dict[str, np.ndarray]:
+    """d(mean softmax cross-entropy)/d(every parameter), canonical names, fp32 at full precision."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from mixer_jax.model import MlpMixer, params_from_flat, params_to_flat
+
+    model = MlpMixer(cfg)
+
+    def loss(p, x, y):
+        logits = model.apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    with jax.default_matmul_precision("highest"):
+        g = jax.jit(jax.grad(loss))(params_from_flat(flat, cfg), jnp.asarray(images_nhwc), jnp.asarray(labels))
+    return params_to_flat(g)
+
+
+def torch_grads(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: np.ndarray, labels: np.ndarray,
+                device: str | None = None) -> dict[str, np.ndarray]:
+    """The same gradients from the PyTorch model, mapped back to canonical names and layouts."""
+    import torch
+
+    from convert.layouts import torch_to_canonical
+    from mixer_torch.model import MlpMixer, load_flat
+
+    dev = torch_device(device)
+    model = load_flat(MlpMixer(cfg), flat).eval().to(dev)
+    x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(dev)
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.nn.functional.cross_entropy(model(x), torch.from_numpy(labels).long().to(dev)).backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+    return torch_to_canonical({k: p.grad.detach().cpu().numpy() for k, p in model.named_parameters()}, cfg)
+
+
+def compare_params(ref: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> list[Diff]:
+    """Per-parameter error, in canonical order (``scale`` is the reference's largest magnitude)."""
+    return [Diff(k, float(np.max(np.abs(ref[k] - other[k]))), float(np.max(np.abs(ref[k])))) for k in ref]

@@ -16,7 +16,7 @@ from convert.bridge import convert_checkpoint
 from convert.io import read_params
 from convert.reference import forward
 
-ORACLE = Path(__file__).with_name("timm_oracle.py")
+ORACLE = Path(__file__).resolve().parents[1] / "convert" / "timm_oracle.py"
 
 
 def timm_python():

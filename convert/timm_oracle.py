@@ -1,5 +1,6 @@
-"""Run by a Python that has timm (see README: timm needs torchvision, which needs its own
-torch build). Loads or exports timm Mixers and writes logits to an .npz for the test suite.
+"""Run as a script by a Python that has timm (see README: timm needs torchvision, which needs
+its own torch build). Loads or exports timm Mixers and writes logits to an .npz, for the test
+suite and mixer-parity. Never imported by the package itself.
 
   load   MODEL FILE PROBE.npy OUT.npz [NUM_CLASSES]  -- the user's command: create_model(pretrained=True, file=...)
   export MODEL OUT.pth PROBE.npy OUT.npz             -- timm's own init, its state dict and logits

@@ -1,0 +1,183 @@
+"""mixer-parity: Flax vs PyTorch (and timm) on the same weights, every block, fp32 and bf16,
+forward and gradients; a table for people and JSON for CI. Exit code 1 if any bound fails.
+
+Bounds (documented in README):
+* fp32 forward: logits max-abs <= 1e-4 and every intermediate's max-abs <= 1e-5 x its max |value|.
+* bf16 forward: every intermediate within 5e-2 x its max |value| (one bf16 rounding is 3.9e-3).
+* fp32 gradients of the mean cross-entropy, per parameter:
+  max-abs <= 1e-4 x max|grad of that parameter| + 1e-6 x max|grad of any parameter|. The second
+  term is for the token-mixing Dense_1 biases, whose gradient is analytically zero (each adds
+  a per-token constant across channels, which every following LayerNorm removes), so only
+  rounding noise is left to compare.
+* timm (exact GELU) is reported, not bounded; with its GELU switched to tanh it must meet the
+  fp32 logits bound.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from convert.parity import (compare, compare_params, first_divergence, flax_forward, flax_grads, format_table,
+                            torch_device, torch_forward, torch_grads)
+from convert.spec import VARIANTS, MixerConfig, config_for
+
+FP32_LOGITS_MAX_ABS, FP32_REL, BF16_REL = 1e-4, 1e-5, 5e-2
+GRAD_RTOL, GRAD_ATOL_GLOBAL = 1e-4, 1e-6
+TIMM_NAMES = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224", "B/16": "mixer_b16_224",
+              "L/32": "mixer_l32_224", "L/16": "mixer_l16_224"}
+
+
+def _rows(rows) -> list[dict]:
+    return [{"name": r.name, "max_abs": r.max_abs, "rel": r.rel, "scale": r.scale} for r in rows]
+
+
+def run_variant(variant: str, weights: str | None = None, batch: int = 2, image_size: int | None = None,
+                device: str | None = None, grads: bool = True, timm: bool = True, seed: int = 0) -> dict:
+    from convert.params import random_params
+
+    if weights:
+        from convert.resize import load_for_finetune
+        flat, cfg = load_for_finetune(weights, variant=variant)
+        flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    else:
+        cfg = config_for(variant, **({"image_size": image_size} if image_size else {}))
+        flat = random_params(cfg, seed)
+    rng = np.random.default_rng(seed + 1)
+    x = rng.uniform(-1, 1, (batch, *cfg.image_size, cfg.in_chans)).astype(np.float32)
+    out: dict = {"variant": variant, "weights": weights or f"random (seed {seed})", "batch": batch,
+                 "image_size": list(cfg.image_size), "torch_device": torch_device(device), "checks": {}}
+    import jax
+    out["jax_backend"] = jax.default_backend()
+
+    ref = flax_forward(cfg, flat, x)
+    fp32 = compare(ref, torch_forward(cfg, flat, x, device=device), cfg)
+    bad = first_divergence(fp32, FP32_REL)
+    out["forward_fp32"] = _rows(fp32)
+    out["checks"]["forward_fp32"] = bad is None and fp32[-1].max_abs <= FP32_LOGITS_MAX_ABS
+    out["first_divergence_fp32"] = bad.name if bad else None
+
+    jb, tb = flax_forward(cfg, flat, x, "bfloat16"), torch_forward(cfg, flat, x, "bfloat16", device)
+    bf16 = compare(jb, tb, cfg)
+    out["forward_bf16"] = _rows(bf16)
+    out["checks"]["forward_bf16"] = all(first_divergence(compare(a, b, cfg), BF16_REL) is None
+                                        for a, b in ((jb, tb), (ref, jb), (ref, tb)))
+
+    if grads and cfg.num_classes:
+        labels = rng.integers(0, cfg.num_classes, batch)
+        g = compare_params(flax_grads(cfg, flat, x, labels), torch_grads(cfg, flat, x, labels, device))
+        big = max(r.scale for r in g)
+        worst = max(g, key=lambda r: r.max_abs / (GRAD_RTOL * r.scale + GRAD_ATOL_GLOBAL * big))
+        out["grads_fp32"] = _rows(g)
+        out["grads_worst"] = worst.name
+        out["checks"]["grads_fp32"] = all(r.max_abs <= GRAD_RTOL * r.scale + GRAD_ATOL_GLOBAL * big for r in g)
+
+    if timm:
+        out["timm"] = _timm(variant, cfg, flat, x, ref)
+        if "tanh_max_abs" in out["timm"]:
+            out["checks"]["timm_tanh"] = out["timm"]["tanh_max_abs"] <= FP32_LOGITS_MAX_ABS
+    out["pass"] = all(out["checks"].values())
+    return out
+
+
+def _timm(variant: str, cfg: MixerConfig, flat, x, ref) -> dict:
+    name = TIMM_NAMES.get(variant)
+    if name is None:
+        return {"skipped": f"timm has no {variant}"}
+    if tuple(cfg.image_size) != (224, 224):
+        return {"skipped": "timm's models are for 224x224"}
+    exe = os.environ.get("MIXER_TIMM_PYTHON") or (sys.executable if importlib.util.find_spec("timm") else None)
+    if exe is None:
+        return {"skipped": "timm not installed (or set MIXER_TIMM_PYTHON)"}
+    from convert.io import write_params
+
+    with tempfile.TemporaryDirectory() as d:
+        write_params(flat, Path(d) / "w.safetensors", fmt="safetensors", layout="timm")
+        np.save(Path(d) / "probe.npy", np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        args = ["load", name, str(Path(d) / "w.safetensors"), str(Path(d) / "probe.npy"), str(Path(d) / "o.npz")]
+        if cfg.num_classes != 1000:
+            args.append(str(cfg.num_classes))
+        r = subprocess.run([exe, str(Path(__file__).with_name("timm_oracle.py")), *args], capture_output=True,
+                           text=True, timeout=900)
+        if r.returncode != 0:
+            return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
+        with np.load(Path(d) / "o.npz") as z:
+            exact, tanh, version = z["exact"], z["tanh"], str(z["version"])
+    logits = ref["logits"]
+    return {"model": name, "version": version, "exact_gelu_max_abs": float(np.abs(exact - logits).max()),
+            "tanh_max_abs": float(np.abs(tanh - logits).max())}
+
+
+def format_report(r: dict) -> str:
+    lines = [f"== {r['variant']}  weights: {r['weights']}  batch {r['batch']} at {r['image_size'][0]}x"
+             f"{r['image_size'][1]}  (jax: {r['jax_backend']}, torch: {r['torch_device']})"]
+    for key, title in (("forward_fp32", "forward fp32, Flax vs PyTorch"), ("forward_bf16", "forward bf16")):
+        verdict = "ok" if r["checks"][key] else "FAIL"
+        if key == "forward_fp32" and r["first_divergence_fp32"]:
+            verdict += f" (first divergence: {r['first_divergence_fp32']})"
+        lines.append(f"-- {title}: {verdict}")
+        lines.append(format_table([_Row(**row) for row in r[key]]))
+    if "grads_fp32" in r:
+        g = r["grads_fp32"]
+        worst = next(row for row in g if row["name"] == r["grads_worst"])
+        lines.append(f"-- gradients fp32 ({len(g)} parameters): {'ok' if r['checks']['grads_fp32'] else 'FAIL'}; "
+                     f"median rel {np.median([row['rel'] for row in g]):.2e}; closest to its bound: "
+                     f"{worst['name']} (max-abs {worst['max_abs']:.2e}, max|grad| {worst['scale']:.2e})")
+    t = r.get("timm", {})
+    if "tanh_max_abs" in t:
+        lines.append(f"-- timm {t['version']} {t['model']}: logits max-abs {t['exact_gelu_max_abs']:.2e} with its "
+                     f"exact GELU, {t['tanh_max_abs']:.2e} with tanh GELU "
+                     f"({'ok' if r['checks']['timm_tanh'] else 'FAIL'})")
+    elif t:
+        lines.append(f"-- timm: {t.get('skipped') or t.get('error')}")
+    lines.append(f"== {r['variant']}: {'PASS' if r['pass'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Row:
+    name: str
+    max_abs: float
+    rel: float
+    scale: float
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mixer-parity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", action="append", help=f"one of {', '.join(VARIANTS)}, or 'all' (repeatable)")
+    p.add_argument("--weights", help="a checkpoint in any format the bridge reads (default: random weights)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--image-size", type=int, help="default 224 (random weights only)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
+                   help="PyTorch device; JAX uses its default backend")
+    p.add_argument("--no-grads", action="store_true")
+    p.add_argument("--no-timm", action="store_true")
+    p.add_argument("--json", help="write the full report as JSON here")
+    args = p.parse_args(argv)
+    variants = args.variant or ["B/16"]
+    if variants == ["all"]:
+        variants = list(VARIANTS)
+    if args.weights and len(variants) != 1:
+        p.error("--weights takes exactly one --variant")
+    reports = []
+    for v in variants:
+        r = run_variant(v, args.weights, args.batch, args.image_size, args.device, not args.no_grads,
+                        not args.no_timm)
+        print(format_report(r), flush=True)
+        reports.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"reports": reports, "pass": all(r["pass"] for r in reports)},
+                                              indent=1))
+    return 0 if all(r["pass"] for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""mixer-parity: gradients agree, the report passes on agreeing models, fails on a broken one."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import images, requires_jax, requires_torch
+from convert import config_for, random_params
+
+pytestmark = [requires_jax, requires_torch]
+
+
+def test_loss_gradients_agree_for_every_parameter():
+    from convert.parity import compare_params, flax_grads, torch_grads
+    from convert.parity_report import GRAD_ATOL_GLOBAL, GRAD_RTOL
+
+    cfg = config_for("S/16", image_size=64, num_classes=10)
+    flat = random_params(cfg, 0)
+    x, y = images(4, 64, 64), np.array([0, 3, 3, 9])
+    rows = compare_params(flax_grads(cfg, flat, x, y), torch_grads(cfg, flat, x, y))
+    assert len(rows) == len(flat)
+    big = max(r.scale for r in rows)
+    assert big > 1e-3  # gradients are not trivially zero
+    for r in rows:
+        assert r.max_abs <= GRAD_RTOL * r.scale + GRAD_ATOL_GLOBAL * big, r
+
+
+def test_token_mixing_output_bias_gradient_is_zero_as_the_bound_assumes():
+    """Each token-mixing Dense_1 bias adds a per-token constant across channels; every consumer
+    is a LayerNorm over channels, which removes it. The reference says so too."""
+    from convert.parity import flax_grads
+
+    cfg = config_for("S/16", image_size=64, num_classes=10)
+    g = flax_grads(cfg, random_params(cfg, 1), images(2, 64, 64), np.array([1, 2]))
+    big = max(float(np.abs(v).max()) for v in g.values())
+    assert float(np.abs(g["MixerBlock_3/token_mixing/Dense_1/bias"]).max()) < 1e-6 * big
+    assert float(np.abs(g["MixerBlock_3/token_mixing/Dense_0/bias"]).max()) > 1e-3 * big
+
+
+def test_report_passes_writes_json_and_names_every_block(tmp_path, capsys):
+    from convert.parity_report import main
+
+    assert main(["--variant", "S/32", "--image-size", "64", "--no-timm", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "MixerBlock_7" in out and "gradients fp32 (102 parameters): ok" in out and "S/32: PASS" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["pass"] and set(r["reports"][0]["checks"]) == {"forward_fp32", "forward_bf16", "grads_fp32"}
+
+
+def test_report_fails_and_names_the_block_when_pytorch_is_wrong(monkeypatch, capsys):
+    import mixer_torch.model as tm
+    from convert.parity_report import main
+
+    orig = tm.MixerBlock.forward
+
+    def broken(self, x):
+        out = orig(self, x)
+        return out + 1e-3 if getattr(self, "broken", False) else out
+    monkeypatch.setattr(tm.MixerBlock, "forward", broken)
+    orig_init = tm.MlpMixer.__init__
+
+    def init(self, cfg):
+        orig_init(self, cfg)
+        self.MixerBlock_4.broken = True
+    monkeypatch.setattr(tm.MlpMixer, "__init__", init)
+    assert main(["--variant", "S/32", "--image-size", "64", "--no-timm", "--no-grads"]) == 1
+    out = capsys.readouterr().out
+    assert "forward fp32, Flax vs PyTorch: FAIL (first divergence: MixerBlock_4)" in out and "S/32: FAIL" in out
+
+
+def test_report_accepts_a_weights_file(tmp_path, capsys):
+    from convert.parity_report import main
+
+    cfg = config_for("S/32", image_size=64, num_classes=5)
+    np.savez(tmp_path / "w.npz", **random_params(cfg, 2))
+    assert main(["--variant", "S/32", "--weights", str(tmp_path / "w.npz"), "--no-timm", "--no-grads"]) == 0
+    assert "w.npz" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--variant", "S/32", "--variant", "B/16", "--weights", str(tmp_path / "w.npz")])
