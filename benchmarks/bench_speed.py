@@ -1,0 +1,176 @@
+"""Speed, side by side in one run on one machine: Flax vs our PyTorch vs timm.
+
+    python benchmarks/bench_speed.py [--variants S/32 B/16] [--batches 1 16] [--train-batch 16] [--json F]
+
+(1) inference img/s, Flax (jit) vs our PyTorch vs timm, per variant and batch size;
+(2) training-step img/s (forward + backward + SGD update), Flax vs PyTorch;
+(3) achieved FLOP/s as a fraction of this machine's matmul peak, measured in the same run
+    (the best of large fp32 matmuls in JAX and in PyTorch);
+(4) the converter: see bench_convert.py.
+timm runs in its own interpreter (MIXER_TIMM_PYTHON; see README) with our model beside it
+under the same torch, so that ratio compares models, not torch builds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from common import forward_flops, timeit  # noqa: E402
+from convert import config_for, random_params  # noqa: E402
+
+
+def matmul_peak(n: int = 4096) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    ja = jnp.asarray(a)
+    f = jax.jit(lambda x: x @ x)
+    t_jax = timeit(lambda: f(ja), sync=lambda r: r.block_until_ready())
+    ta = torch.from_numpy(a)
+    t_torch = timeit(lambda: ta @ ta)
+    flops = 2 * n ** 3
+    return {"n": n, "jax_flops": flops / t_jax, "torch_flops": flops / t_torch,
+            "peak_flops": max(flops / t_jax, flops / t_torch)}
+
+
+def flax_inference(cfg, flat, batch) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    from mixer_jax.model import MlpMixer, params_from_flat
+
+    model, params = MlpMixer(cfg), params_from_flat(flat, cfg)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, *cfg.image_size, 3)).astype(np.float32))
+    f = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    return timeit(lambda: f(params, x), sync=lambda r: r.block_until_ready())
+
+
+def torch_inference(cfg, flat, batch) -> float:
+    import torch
+
+    from mixer_torch import MlpMixer, load_flat
+
+    model = load_flat(MlpMixer(cfg), flat).eval()
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (batch, 3, *cfg.image_size)).astype(np.float32))
+    with torch.inference_mode():
+        return timeit(lambda: model(x))
+
+
+def flax_train_step(cfg, flat, batch) -> float:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from mixer_jax.model import MlpMixer, params_from_flat
+    from mixer_jax.train import create_train_state, train_step
+
+    model = MlpMixer(cfg)
+    state = create_train_state(model, optax.sgd(0.01, 0.9), jax.random.PRNGKey(0), params_from_flat(flat, cfg))
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, batch, *cfg.image_size, 3)).astype(np.float32))
+    y = jnp.asarray(np.arange(batch)[None] % cfg.num_classes)
+    step = jax.jit(lambda s, x, y: train_step(s, x, y, jax.random.PRNGKey(0), model=model,
+                                              num_classes=cfg.num_classes), donate_argnums=(0,))
+    holder = [state]
+
+    def run():
+        holder[0], m = step(holder[0], x, y)
+        return m["loss"]
+    return timeit(run, sync=lambda r: r.block_until_ready())
+
+
+def torch_train_step(cfg, flat, batch) -> float:
+    import torch
+
+    from mixer_torch import MlpMixer, load_flat
+
+    model = load_flat(MlpMixer(cfg), flat).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (batch, 3, *cfg.image_size)).astype(np.float32))
+    y = torch.arange(batch) % cfg.num_classes
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+    return timeit(run)
+
+
+def timm_side(variant: str, batches: list[int]) -> dict:
+    exe = os.environ.get("MIXER_TIMM_PYTHON")
+    if not exe:
+        return {"skipped": "set MIXER_TIMM_PYTHON to an interpreter with timm"}
+    r = subprocess.run([exe, str(HERE / "torch_vs_timm.py"), variant, *map(str, batches)], capture_output=True,
+                       text=True, timeout=1800)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", nargs="+", default=["S/32", "B/16"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    import jax
+    import torch
+
+    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+    print(json.dumps(info))
+    peak = matmul_peak()
+    print(f"matmul peak (fp32 {peak['n']}^2): JAX {peak['jax_flops'] / 1e9:.1f} GFLOP/s, "
+          f"PyTorch {peak['torch_flops'] / 1e9:.1f} GFLOP/s -> peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s", flush=True)
+    results = {"info": info, "peak": peak, "inference": [], "train": [], "timm": []}
+    print(f"{'variant':<6}{'batch':>6}{'Flax img/s':>12}{'PyTorch img/s':>15}{'PT/Flax':>9}"
+          f"{'Flax %peak':>12}{'PT %peak':>10}")
+    for v in args.variants:
+        cfg = config_for(v)
+        flat = random_params(cfg, 0)
+        fl = forward_flops(cfg)
+        for b in args.batches:
+            tj, tt = flax_inference(cfg, flat, b), torch_inference(cfg, flat, b)
+            row = {"variant": v, "batch": b, "flax_img_s": b / tj, "torch_img_s": b / tt, "torch_over_flax": tj / tt,
+                   "flax_peak_frac": fl * b / tj / peak["peak_flops"], "torch_peak_frac": fl * b / tt / peak["peak_flops"]}
+            results["inference"].append(row)
+            print(f"{v:<6}{b:>6}{row['flax_img_s']:>12.1f}{row['torch_img_s']:>15.1f}{row['torch_over_flax']:>9.2f}"
+                  f"{row['flax_peak_frac']:>12.1%}{row['torch_peak_frac']:>10.1%}", flush=True)
+        tj, tt = flax_train_step(cfg, flat, args.train_batch), torch_train_step(cfg, flat, args.train_batch)
+        row = {"variant": v, "batch": args.train_batch, "flax_img_s": args.train_batch / tj,
+               "torch_img_s": args.train_batch / tt, "flax_over_torch": tt / tj,
+               "flax_peak_frac": 3 * fl * args.train_batch / tj / peak["peak_flops"]}
+        results["train"].append(row)
+        print(f"train {v} batch {args.train_batch}: Flax {row['flax_img_s']:.1f} img/s, PyTorch "
+              f"{row['torch_img_s']:.1f} img/s (Flax/PyTorch {row['flax_over_torch']:.2f}); Flax at "
+              f"{row['flax_peak_frac']:.1%} of peak (3x forward FLOPs)", flush=True)
+        t = timm_side(v, args.batches)
+        results["timm"].append(t)
+        for r in t.get("rows", []):
+            print(f"timm {t['timm']} (torch {t['torch']}) {v} batch {r['batch']}: ours {r['ours_img_s']:.1f} img/s, "
+                  f"timm {r['timm_img_s']:.1f} img/s, ours/timm {r['ratio']:.2f}; max-abs vs timm(tanh GELU) "
+                  f"{r['max_abs_vs_timm_tanh']:.1e}", flush=True)
+        if "rows" not in t:
+            print(f"timm {v}: {t}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Shared timing helpers for the benchmarks (no framework imports here)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+from convert.spec import MixerConfig
+
+
+def timeit(fn: Callable[[], object], sync: Callable[[object], object] = lambda r: r, warmup: int = 2,
+           min_time: float = 2.0, max_iters: int = 50) -> float:
+    """Median seconds per call after ``warmup`` calls; at least 3 timed calls."""
+    for _ in range(warmup):
+        sync(fn())
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_iters):
+        t = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def forward_flops(cfg: MixerConfig) -> int:
+    """Multiply-adds x 2 of one image's forward pass (matmuls only; norms and GELU are O(S*C))."""
+    (ph, pw), c, s = cfg.patch_size, cfg.hidden_dim, cfg.num_tokens
+    stem = s * ph * pw * cfg.in_chans * c
+    block = c * (2 * s * cfg.tokens_mlp_dim) + s * (2 * c * cfg.channels_mlp_dim)
+    head = c * (cfg.num_classes or 0)
+    return 2 * (stem + cfg.num_blocks * block + head)

@@ -1,0 +1,55 @@
+"""Our PyTorch Mixer vs timm's, same weights, same torch, one process: speed and outputs.
+Run by an interpreter that has timm (MIXER_TIMM_PYTHON); prints one JSON line.
+
+    python benchmarks/torch_vs_timm.py VARIANT BATCH [BATCH ...]
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from common import timeit  # noqa: E402
+from convert import config_for, random_params  # noqa: E402
+from convert.layouts import LAYOUTS  # noqa: E402
+from mixer_torch import MlpMixer, load_flat  # noqa: E402
+
+TIMM = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224", "B/16": "mixer_b16_224",
+        "L/32": "mixer_l32_224", "L/16": "mixer_l16_224"}
+
+
+def main(variant, batches):
+    cfg = config_for(variant)
+    flat = random_params(cfg, 0)
+    ours = load_flat(MlpMixer(cfg), flat).eval()
+    theirs = timm.create_model(TIMM[variant], pretrained=False).eval()
+    lay = LAYOUTS["timm"]
+    theirs.load_state_dict({lay.key_to(k): torch.from_numpy(np.array(lay.value_to(k, v), order="C"))
+                            for k, v in flat.items()})
+    out = {"variant": variant, "torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
+           "rows": []}
+    for b in batches:
+        x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (b, 3, 224, 224)).astype(np.float32))
+        with torch.inference_mode():
+            t_ours = timeit(lambda: ours(x))
+            t_timm = timm_exact = timeit(lambda: theirs(x))
+            for m in theirs.modules():  # same function as ours: official tanh GELU
+                if isinstance(m, torch.nn.GELU):
+                    m.approximate = "tanh"
+            diff = float((ours(x) - theirs(x)).abs().max())
+            for m in theirs.modules():
+                if isinstance(m, torch.nn.GELU):
+                    m.approximate = "none"
+        out["rows"].append({"batch": b, "ours_img_s": b / t_ours, "timm_img_s": b / t_timm,
+                            "ratio": t_timm / t_ours, "max_abs_vs_timm_tanh": diff})
+        del timm_exact
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], [int(b) for b in sys.argv[2:]])
