@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -301,6 +302,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
 
     metrics_path = workdir / "metrics.jsonl"
     workdir.mkdir(parents=True, exist_ok=True)
+    if is_main and metrics_path.exists():  # a killed run logged steps past its last checkpoint: drop them
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
     log = open(metrics_path, "a") if is_main else None
     pending: list[tuple[int, dict]] = []
     last_good = start
@@ -334,6 +338,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
         if bar is not None:
             bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}", lr=f"{last['lr']:.2e}",
                             img_s=f"{ips:.0f}")
+        elif is_main:
+            print(f"step {last['step']}: loss {last['loss']:.4f} accuracy {last['accuracy']:.3f} "
+                  f"lr {last['lr']:.2e} {ips:.0f} img/s", flush=True)
         pending.clear()
         t_last, n_last = now, 0
 
@@ -352,9 +359,14 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
         last_good = step
 
     result: dict = {}
+    # Batches are a pure function of the step, so the next one is prepared while this one runs.
+    pool = ThreadPoolExecutor(1)
+    upcoming = pool.submit(batches, start) if start < cfg.steps else None
     try:
         for step in range(start, cfg.steps):
-            x, y = batches(step)
+            x, y = upcoming.result()
+            if step + 1 < cfg.steps:
+                upcoming = pool.submit(batches, step + 1)
             x = x.reshape(cfg.accum_steps, micro, *x.shape[1:])
             y = y.reshape(cfg.accum_steps, micro)
             state, m = step_fn(state, _global_array(x, batch_sh), _global_array(y, batch_sh), rng)
@@ -370,8 +382,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
                 ev = evaluate()
                 if log:
                     log.write(json.dumps({"step": done, **ev}) + "\n")
-                if bar is not None:
-                    bar.write(f"step {done}: eval accuracy {ev['eval_accuracy']:.4f} loss {ev['eval_loss']:.4f}")
+                if is_main:
+                    (bar.write if bar is not None else print)(
+                        f"step {done}: eval accuracy {ev['eval_accuracy']:.4f} loss {ev['eval_loss']:.4f}")
             if boundary:
                 save(done)
             if on_step is not None:
@@ -383,6 +396,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
         if mngr.latest_step() != cfg.steps:
             save(cfg.steps)
     finally:
+        pool.shutdown(cancel_futures=True)
         if bar is not None:
             bar.close()
         if log:

@@ -304,6 +304,9 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_params(reference_run,
     assert_params_close(params, ref, atol=0.0)  # bit-identical
     assert [h["step"] for h in hist] == [9, 10, 11, 12]
     assert [h["loss"] for h in hist] == [h["loss"] for h in ref_hist[8:]]
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "w" / "metrics.jsonl")
+              if "loss" in json.loads(line)]
+    assert logged == list(range(1, 13))  # steps 9-10 of the killed run are not logged twice
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -358,3 +361,13 @@ def test_init_from_a_checkpoint_for_another_resolution_is_a_clear_error(tmp_path
 
 
 del os
+
+
+def test_bf16_compute_trains_with_float32_parameters(tmp_path):
+    import jax
+    from mixer_jax.train import train_and_evaluate
+
+    res = train_and_evaluate(tiny(steps=6, compute_dtype="bfloat16"), tmp_path / "w", progress=False)
+    assert all(np.isfinite(h["loss"]) for h in res["history"])
+    assert res["history"][-1]["loss"] < res["history"][0]["loss"]
+    assert {x.dtype for x in jax.tree_util.tree_leaves(res["params"])} == {np.dtype("float32")}
