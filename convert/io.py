@@ -163,13 +163,16 @@ def _canonicalize_keys(entries: dict[str, tuple], layout: str) -> dict[str, tupl
     return out
 
 
-def _strip_prefix(entries: dict[str, tuple], source: str) -> dict[str, tuple]:
-    for prefix in ("params/", "opt/target/", "target/", "model/", "state_dict/"):
-        if entries and all(k.startswith(prefix) for k in entries):
-            return _strip_prefix({k[len(prefix):]: v for k, v in entries.items()}, source)
-    if any(k.startswith("opt/target/") for k in entries):  # optimizer state beside the params
-        return _strip_prefix({k: v for k, v in entries.items() if k.startswith("opt/target/")}, source)
-    return entries
+def _strip_prefix(entries: dict[str, tuple]) -> dict[str, tuple]:
+    """Select the parameter subtree wherever it sits: ``params/``, ``opt/target/``, a training
+    state's ``params/`` beside ``opt_state/`` and ``step``... The shortest path to a stem kernel
+    wins, so optimizer slots (``opt_state/.../stem/kernel``) are never taken for weights."""
+    roots = [k[: -len(leaf)] for k in entries for leaf in ("stem/kernel", "embedding/kernel") if k.endswith(leaf)]
+    roots = [r for r in roots if r == "" or r.endswith("/")]
+    if not roots:
+        return entries
+    root = min(roots, key=len)
+    return {k[len(root):]: v for k, v in entries.items() if k.startswith(root)}
 
 
 def _renumber_pre_linen(names: list[str]) -> dict[str, str]:
@@ -409,7 +412,7 @@ def read_params(path: str | os.PathLike, fmt: str | None = None) -> LazyParams:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     layout = _guess_layout(entries)
     if layout == "flax":
-        entries = _strip_prefix(entries, str(path))
+        entries = _strip_prefix(entries)
         if any(k.startswith("Mixer/") for k in entries):
             entries = _from_legacy(entries)
     else:

@@ -257,6 +257,9 @@ def test_a_run_writes_metrics_plot_checkpoints_and_official_npz(reference_run):
     from convert.io import read_params
     saved = read_params(w / "model.npz")
     assert all(np.array_equal(saved[k], params[k]) for k in params)
+    # the bridge reads the training checkpoint itself (params beside opt_state and step)
+    from_ckpt = read_params(w / "checkpoints" / "12" / "state")
+    assert set(from_ckpt) == set(params) and all(np.array_equal(from_ckpt[k], params[k]) for k in params)
 
 
 def test_eight_devices_match_one_device_for_the_same_global_batch(reference_run, tmp_path):
