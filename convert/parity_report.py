@@ -42,6 +42,18 @@ def _rows(rows) -> list[dict]:
 
 def run_variant(variant: str, weights: str | None = None, batch: int = 2, image_size: int | None = None,
                 device: str | None = None, grads: bool = True, timm: bool = True, seed: int = 0) -> dict:
+    """``device``: None/'auto' lets each framework pick (GPU/TPU when present); 'cpu' pins both to
+    the CPU; 'gpu'/'cuda' puts PyTorch on CUDA (JAX uses its default backend)."""
+    import contextlib
+
+    import jax
+
+    pin = jax.default_device(jax.devices("cpu")[0]) if device == "cpu" else contextlib.nullcontext()
+    with pin:
+        return _run_variant(variant, weights, batch, image_size, device, grads, timm, seed)
+
+
+def _run_variant(variant, weights, batch, image_size, device, grads, timm, seed) -> dict:
     from convert.params import random_params
 
     if weights:
@@ -56,7 +68,7 @@ def run_variant(variant: str, weights: str | None = None, batch: int = 2, image_
     out: dict = {"variant": variant, "weights": weights or f"random (seed {seed})", "batch": batch,
                  "image_size": list(cfg.image_size), "torch_device": torch_device(device), "checks": {}}
     import jax
-    out["jax_backend"] = jax.default_backend()
+    out["jax_backend"] = "cpu" if device == "cpu" else jax.default_backend()
 
     ref = flax_forward(cfg, flat, x)
     fp32 = compare(ref, torch_forward(cfg, flat, x, device=device), cfg)
