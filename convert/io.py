@@ -75,8 +75,8 @@ def detect_format(path: str | os.PathLike) -> str:
     if fmt is None:
         raise CheckpointError(f"{p}: cannot tell the format from content or suffix; expected one of "
                               f"{', '.join(sorted(_SUFFIX_FORMAT))} or an orbax directory")
-    if fmt in ("npz", "torch"):  # both are zip archives; anything else is damaged
-        raise CheckpointError(f"{p}: not a valid {fmt} file (no zip header; truncated or corrupt?)")
+    if fmt == "npz":  # always a zip archive; anything else is damaged (torch also has a legacy non-zip format)
+        raise CheckpointError(f"{p}: not a valid npz file (no zip header; truncated or corrupt?)")
     return fmt
 
 
@@ -131,9 +131,6 @@ class LazyParams(Mapping):
     @property
     def dtypes(self) -> dict[str, Any]:
         return {k: v[1] for k, v in self._loaders.items()}
-
-    def nbytes(self) -> int:
-        return sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d, _ in self._loaders.values())
 
     def close(self) -> None:
         if self._close:
@@ -294,9 +291,15 @@ def _read_msgpack(path: Path) -> dict[str, tuple]:
 
 def _read_orbax(path: Path) -> dict[str, tuple]:
     import orbax.checkpoint as ocp
+    from jax.tree_util import tree_map as jax_tree_map
 
+    ckptr = ocp.PyTreeCheckpointer()
     try:
-        tree = ocp.PyTreeCheckpointer().restore(path.absolute())
+        # Restore straight to host numpy: a converter has no use for device arrays or shardings.
+        meta = ckptr.metadata(path.absolute()).item_metadata
+        meta = getattr(meta, "tree", meta)
+        as_numpy = jax_tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        tree = ckptr.restore(path.absolute(), args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read as an orbax checkpoint ({type(e).__name__}: {e})") from None
     return _eager(_flatten(tree))
@@ -331,7 +334,8 @@ def _read_torch(path: Path) -> dict[str, tuple]:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap (no copy in RAM) needs the zip format; torch's legacy format loads without it
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refusing to load: not a plain tensor state dict "
                               f"(weights_only=True rejected it: {str(e).splitlines()[0]})") from None

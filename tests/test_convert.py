@@ -397,3 +397,16 @@ def test_resize_is_exact_in_flax(official):
     want = np.asarray(base_m.apply({"params": base_p}, x)).reshape(2, 4, -1).mean(1)
     got = np.asarray(big_m.apply({"params": big_p}, tile_images(x, 2)))
     np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@requires_torch
+def test_legacy_non_zip_torch_files_are_read(official, tmp_path):
+    import torch
+
+    src, flat = official
+    convert_checkpoint(src, tmp_path / "new.pt", progress=False)
+    sd = torch.load(tmp_path / "new.pt", weights_only=True)
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(tmp_path / "legacy.pth")
+    back = read_params(tmp_path / "legacy.pth")
+    assert all(np.array_equal(back[k], flat[k]) for k in flat)
