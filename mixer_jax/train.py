@@ -17,7 +17,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np

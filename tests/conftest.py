@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -20,11 +19,6 @@ BF16_REL = 5e-2
 def images(batch: int, h: int, w: int, seed: int = 1, c: int = 3) -> np.ndarray:
     """Images already preprocessed to [-1, 1], NHWC."""
     return np.random.default_rng(seed).uniform(-1, 1, (batch, h, w, c)).astype(np.float32)
-
-
-@pytest.fixture
-def tmp_out(tmp_path):
-    return tmp_path
 
 
 def has_module(name: str) -> bool:

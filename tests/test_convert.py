@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, images, requires_jax, requires_torch
-from convert import ParamMismatchError, config_for, param_shapes, random_params
+from convert import ParamMismatchError, config_for, random_params
 from convert.bridge import NonFiniteWeightsError, convert_checkpoint
 from convert.io import CheckpointError, detect_format, read_params, write_params
 from convert.reference import forward

@@ -2,7 +2,6 @@
 checkpoint/resume after SIGKILL, failure handling, fine-tuning and export."""
 import dataclasses
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -363,7 +362,6 @@ def test_init_from_a_checkpoint_for_another_resolution_is_a_clear_error(tmp_path
         train_and_evaluate(tiny(init_from=str(tmp_path / "m.npz")), tmp_path / "w", progress=False)
 
 
-del os
 
 
 def test_bf16_compute_trains_with_float32_parameters(tmp_path):
