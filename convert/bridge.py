@@ -47,8 +47,9 @@ class _Checked(Mapping):
             msg = f"{key}: {bad} of {arr.size} values are NaN or Inf"
             if not self.allow_nonfinite:
                 raise NonFiniteWeightsError(msg + " (pass --allow-nonfinite to convert anyway)")
-            self.warnings.append(msg)
-            warnings.warn(msg)
+            if msg not in self.warnings:  # --verify reads each tensor a second time
+                self.warnings.append(msg)
+                warnings.warn(msg)
         return arr
 
 

@@ -155,8 +155,7 @@ def _canonicalize_keys(entries: dict[str, tuple], layout: str) -> dict[str, tupl
         except KeyError:
             out[k] = (shape, dtype, load)
             continue
-        cshape = tuple(lay.value_from(ck, np.broadcast_to(np.uint8(0), shape)).shape)
-        out[ck] = (cshape, dtype, (lambda ck=ck, load=load: lay.value_from(ck, load())))
+        out[ck] = (lay.shape_from(ck, shape), dtype, (lambda ck=ck, load=load: lay.value_from(ck, load())))
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from convert.params import check_params
+from convert.params import ParamMismatchError, check_params
 from convert.spec import MixerConfig
 
 # ---- the torch rule -----------------------------------------------------------------------
@@ -79,13 +79,12 @@ def _rename(path: str, table: Iterable[tuple[str, str]]) -> str:
     raise KeyError(path)
 
 
-_TO_TIMM = TIMM_MODULES
 _FROM_TIMM = tuple((_template_to_pattern(t), _pattern_to_template(p)) for p, t in TIMM_MODULES)
 
 
 def timm_key(key: str) -> str:
     path, leaf = torch_key(key).rsplit(".", 1)
-    return _rename(path, _TO_TIMM) + "." + leaf
+    return _rename(path, TIMM_MODULES) + "." + leaf
 
 
 def timm_key_to_canonical(key: str, ndim: int) -> str:
@@ -117,9 +116,12 @@ class Layout:
     def value_from(self, canonical_key: str, arr):
         return self._value_from(arr) if canonical_key.endswith("/kernel") else arr
 
+    # Zero-stride views: the shape of a mapped value without allocating it.
     def shape_to(self, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        # A zero-stride view: the shape of the mapped value without allocating it.
         return tuple(self.value_to(key, np.broadcast_to(np.uint8(0), shape)).shape)
+
+    def shape_from(self, canonical_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.value_from(canonical_key, np.broadcast_to(np.uint8(0), shape)).shape)
 
 
 def _identity(x):
@@ -153,7 +155,6 @@ def torch_to_canonical(sd: Mapping[str, np.ndarray], cfg: MixerConfig | None = N
             continue
         out[ck] = lay.value_from(ck, v)
     if unknown:
-        from convert.params import ParamMismatchError
         raise ParamMismatchError([], sorted(unknown), [], what=f"{layout}-layout state dict")
     if cfg is not None:
         check_params(out, cfg)

@@ -27,7 +27,11 @@ def _mlp(x, p, name):
 def forward(flat: Mapping[str, np.ndarray], cfg: MixerConfig, images_nhwc: np.ndarray) -> np.ndarray:
     """Logits (or pre-logits without a head) for NHWC images, computed in float64."""
     check_image_shape(images_nhwc.shape, cfg, "NHWC")
-    p = {k: np.asarray(v, dtype=np.float64) for k, v in flat.items()}
+
+    class _F64(dict):  # each weight in float64 only while it is used, not the whole model at once
+        def __missing__(self, key):
+            return np.asarray(flat[key], dtype=np.float64)
+    p = _F64()
     x = np.asarray(images_nhwc, np.float64)
     (ph, pw), (gh, gw) = cfg.patch_size, cfg.grid
     b = x.shape[0]

@@ -410,3 +410,13 @@ def test_legacy_non_zip_torch_files_are_read(official, tmp_path):
     assert not zipfile.is_zipfile(tmp_path / "legacy.pth")
     back = read_params(tmp_path / "legacy.pth")
     assert all(np.array_equal(back[k], flat[k]) for k in flat)
+
+
+def test_verify_with_allowed_nan_warns_once_per_tensor(tmp_path):
+    flat = random_params(TINY, 0)
+    flat["stem/bias"][0] = np.inf
+    np.savez(tmp_path / "inf.npz", **flat)
+    with pytest.warns(UserWarning):
+        rep = convert_checkpoint(tmp_path / "inf.npz", tmp_path / "o.safetensors", allow_nonfinite=True, verify=True,
+                                 progress=False)
+    assert rep.warnings == ["stem/bias: 1 of 24 values are NaN or Inf"] and rep.readback_exact
