@@ -304,19 +304,34 @@ def _read_orbax(path: Path) -> dict[str, tuple]:
     return _eager(_flatten(tree))
 
 
-def _torch_entries(sd: Mapping[str, Any]) -> dict[str, tuple]:
+def torch_to_numpy(t) -> np.ndarray:
+    """A tensor as numpy without a copy where possible; bfloat16 becomes ml_dtypes.bfloat16."""
     import torch
 
-    def to_numpy(t):
-        t = t.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(_bf16())
-        return t.numpy()
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_bf16())
+    return t.numpy()
+
+
+def numpy_to_torch(v: np.ndarray):
+    """The inverse, copying only when torch needs its own writable C-ordered buffer."""
+    import torch
+
+    if not (v.flags.c_contiguous and v.flags.writeable):
+        v = np.array(v, order="C")
+    if v.dtype == _bf16():
+        return torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(v)
+
+
+def _torch_entries(sd: Mapping[str, Any]) -> dict[str, tuple]:
+    import torch
 
     def dtype_of(t):
         return _bf16() if t.dtype == torch.bfloat16 else _torch_np_dtype(t.dtype)
 
-    return {k: (tuple(v.shape), dtype_of(v), (lambda v=v: to_numpy(v))) for k, v in sd.items()}
+    return {k: (tuple(v.shape), dtype_of(v), (lambda v=v: torch_to_numpy(v))) for k, v in sd.items()}
 
 
 def _torch_np_dtype(dt):
@@ -502,16 +517,6 @@ def _write_safetensors(keys_shapes: list[tuple[str, tuple, np.dtype]], items: It
             f.write(np.ascontiguousarray(v).tobytes())
 
 
-def _to_torch(v: np.ndarray):
-    import torch
-
-    if not (v.flags.c_contiguous and v.flags.writeable):  # torch wants its own writable buffer
-        v = np.array(v, order="C")
-    if v.dtype == _bf16():
-        return torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(v)
-
-
 def _nest(flat: Mapping[str, Any]) -> dict:
     tree: dict = {}
     for k, v in flat.items():
@@ -555,7 +560,7 @@ def write_params(flat: Mapping[str, np.ndarray], dst: str | os.PathLike, fmt: st
             _write_safetensors(ks, items(), tmp)
         elif fmt == "torch":
             import torch
-            torch.save({k: _to_torch(v) for k, v in items()}, tmp)
+            torch.save({k: numpy_to_torch(v) for k, v in items()}, tmp)
         elif fmt == "msgpack":
             from flax import serialization
             tmp.write_bytes(serialization.msgpack_serialize(_nest({k: np.asarray(v) for k, v in items()})))

@@ -160,9 +160,10 @@ def create_model(variant: str | MixerConfig = "B/16", **overrides) -> MlpMixer:
 def load_flat(model: MlpMixer, flat: Mapping[str, np.ndarray]) -> MlpMixer:
     """Load canonical (official-layout) numpy weights; strict: any missing, unexpected or
     mis-shaped key raises ``ParamMismatchError`` listing all of them, and nothing is loaded."""
+    from convert.io import numpy_to_torch
     from convert.layouts import canonical_to_torch
 
-    sd = {k: torch.from_numpy(np.array(v, order="C")) for k, v in canonical_to_torch(flat, model.config).items()}
+    sd = {k: numpy_to_torch(v) for k, v in canonical_to_torch(flat, model.config).items()}
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -179,9 +180,9 @@ def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1
 
 
 def to_flat(model: MlpMixer) -> dict[str, np.ndarray]:
-    """State dict -> canonical numpy dict (official names and layouts)."""
+    """State dict -> canonical numpy dict (official names and layouts; bfloat16 stays bfloat16)."""
+    from convert.io import torch_to_numpy
     from convert.layouts import torch_to_canonical
 
-    sd = {k: v.detach().cpu().float().numpy() if v.dtype == torch.bfloat16 else v.detach().cpu().numpy()
-          for k, v in model.state_dict().items()}
+    sd = {k: torch_to_numpy(v) for k, v in model.state_dict().items()}
     return torch_to_canonical(sd, model.config)

@@ -152,3 +152,19 @@ def test_module_entry_point_prints_logits_for_a_random_image_like_the_original_s
     assert r.returncode == 0, r.stderr
     assert "logits (1, 10)" in r.stdout and "tensor([[" in r.stdout
     assert "RuntimeWarning" not in r.stderr
+
+
+@requires_torch
+def test_torch_load_then_export_is_exact_and_keeps_bf16():
+    import ml_dtypes
+    import torch
+    from convert import random_params
+    from mixer_torch import MlpMixer, load_flat, to_flat
+
+    cfg = small_cfg()
+    flat = random_params(cfg, 0)
+    back = to_flat(load_flat(MlpMixer(cfg), flat))
+    assert back.keys() == flat.keys() and all(np.array_equal(back[k], flat[k]) for k in flat)
+    bf = to_flat(load_flat(MlpMixer(cfg), flat).to(torch.bfloat16))
+    assert bf["stem/kernel"].dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(bf["stem/kernel"], flat["stem/kernel"].astype(ml_dtypes.bfloat16))
