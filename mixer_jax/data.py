@@ -232,17 +232,17 @@ class Batches:
         return np.stack(images), np.asarray(labels, np.int32)
 
 
-def eval_batches(source: Source, cfg: DataConfig, batch: int):
-    """The whole split in order; the last batch is padded, with a mask saying what is real."""
+def eval_batches(source: Source, cfg: DataConfig, batch: int, process_index: int = 0, process_count: int = 1):
+    """The whole split in order, in global batches of ``batch`` (the last one padded); yields
+    this process's slice of each as (images, labels, mask), the mask saying what is real."""
+    local = batch // process_count
     for start in range(0, len(source), batch):
-        idx = list(range(start, min(start + batch, len(source))))
-        imgs, labels = zip(*(source.get(i) for i in idx))
-        x = np.stack([eval_preprocess(im, cfg.image_size) for im in imgs])
-        y = np.asarray(labels, np.int32)
-        mask = np.ones(len(idx), bool)
-        pad = batch - len(idx)
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros(pad, y.dtype)])
-            mask = np.concatenate([mask, np.zeros(pad, bool)])
+        lo = start + process_index * local
+        idx = range(lo, min(lo + local, len(source)))
+        pairs = [source.get(i) for i in idx]
+        x = np.zeros((local, *_size(cfg.image_size), 3), np.float32)
+        y = np.zeros(local, np.int32)
+        mask = np.zeros(local, bool)
+        for j, (img, label) in enumerate(pairs):
+            x[j], y[j], mask[j] = eval_preprocess(img, cfg.image_size), label, True
         yield x, y, mask

@@ -291,10 +291,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
 
     def evaluate() -> dict:
         tot = {"correct": 0, "loss_sum": 0.0, "count": 0}
-        lo = jax.process_index() * (eval_bs // jax.process_count())
-        hi = lo + eval_bs // jax.process_count()
-        for x, y, m in eval_batches(eval_src, cfg.data, eval_bs):
-            out = eval_fn(state, *(_global_array(a[lo:hi], eval_sh) for a in (x, y, m)))
+        for x, y, m in eval_batches(eval_src, cfg.data, eval_bs, jax.process_index(), jax.process_count()):
+            out = eval_fn(state, *(_global_array(a, eval_sh) for a in (x, y, m)))
             for k in tot:
                 tot[k] += float(out[k])
         return {"eval_accuracy": tot["correct"] / tot["count"], "eval_loss": tot["loss_sum"] / tot["count"]}

@@ -190,6 +190,20 @@ def test_batches_are_a_pure_function_of_seed_and_step_and_split_across_processes
     assert a.position(epoch_len + 2) == (1, 64)
 
 
+def test_eval_batches_cover_the_split_once_and_split_across_processes():
+    from mixer_jax.data import DataConfig, eval_batches, make_source
+
+    dc = DataConfig(name="digits", image_size=16)
+    src = make_source(dc, "test")
+    whole = list(eval_batches(src, dc, 64))
+    assert sum(int(m.sum()) for _, _, m in whole) == len(src) and all(x.shape[0] == 64 for x, _, _ in whole)
+    parts = [list(eval_batches(src, dc, 64, i, 2)) for i in range(2)]
+    for b, (x, y, m) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([parts[0][b][0], parts[1][b][0]]), x)
+        np.testing.assert_array_equal(np.concatenate([parts[0][b][2], parts[1][b][2]]), m)
+    assert np.array_equal(np.concatenate([y[m] for _, y, m in whole]), src.labels)
+
+
 def test_digits_are_real_images_split_stratified():
     from mixer_jax.data import digits_source
 
