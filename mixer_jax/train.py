@@ -184,6 +184,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax
         (loss, correct), grads = grad_fn(state.params, model, images[0], labels[0], jax.random.fold_in(rng, 0),
                                          num_classes, label_smoothing, mixup_alpha)
     else:
+        # A rolled loop: ~3x slower per micro-batch on CPU, but memory stays one micro-batch's
+        # (measured B/16, micro-batch 8: 1.25 GB temp for accum 2..8; unrolled it grows to 10 GB at 8).
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
         (grads, loss, correct), _ = jax.lax.scan(micro, (zeros, 0.0, 0), (jnp.arange(accum), images, labels))
         grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
