@@ -88,7 +88,9 @@ class TfdsSource:
         except Exception as e:
             raise ValueError(f"dataset {name!r} split {split!r} cannot be read from {builder.data_dir!r}: "
                              f"{str(e).splitlines()[0]} (prepare it with `tfds build {name} "
-                             "--file_format=array_record`, or set data.data_dir)") from None
+                             "--file_format=array_record`, or convert a TFRecord copy with `tfds convert_format "
+                             "--out_file_format=array_record`; both need TensorFlow once, training does not; "
+                             "or set data.data_dir)") from None
         self.num_classes = builder.info.features["label"].num_classes
 
     def __len__(self) -> int:
