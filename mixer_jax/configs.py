@@ -85,7 +85,8 @@ def _parse(raw: str, current, full: str):
         if isinstance(current, tuple):
             parts = [p for p in raw.strip("()[] ").split(",") if p.strip()]
             conv = type(current[0]) if current else float
-            return tuple(conv(p) for p in parts)
+            # one value for a pair field (patch_size=4) stays a scalar; the config expands it
+            return conv(parts[0]) if len(parts) == 1 else tuple(conv(p) for p in parts)
         if current is None:  # untyped optional: keep ints as ints
             for conv in (int, float):
                 try:
