@@ -12,7 +12,8 @@ def digits() -> TrainConfig:
     """The embedded default: a small Mixer on scikit-learn's real handwritten digits (8x8,
     upsampled to 32x32, 4x4 patches), a few minutes on a 2-core CPU."""
     return TrainConfig(
-        model=MixerConfig(patch_size=4, hidden_dim=128, num_blocks=4, tokens_mlp_dim=64, channels_mlp_dim=256),
+        model=MixerConfig(patch_size=4, hidden_dim=128, num_blocks=4, tokens_mlp_dim=64, channels_mlp_dim=256,
+                          image_size=32),
         data=DataConfig(name="digits", image_size=32, train_augment="inception_crop", crop_area=(0.5, 1.0)),
         optim=OptimConfig(name="adam", lr=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50,
                           grad_clip=1.0),
