@@ -47,6 +47,8 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    # The architecture; its num_classes and image_size are replaced by the data's. With
+    # init_from, the checkpoint's architecture wins and only stoch_depth/dropout_rate are used.
     model: MixerConfig = dataclasses.field(default_factory=lambda: config_for("B/16"))
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
