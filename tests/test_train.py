@@ -70,7 +70,7 @@ def test_overrides_are_typed_and_typos_are_errors():
     assert (cfg.steps, cfg.optim.lr, cfg.data.crop_area, cfg.init_from, cfg.export_torch, cfg.model.hidden_dim) == \
         (7, 0.5, (0.2, 0.9), "x.npz", True, 16)
     assert override(cfg, ["model.patch_size=8"]).model.patch_size == (8, 8)
-    with pytest.raises(ValueError, match="image_size 224x224 is not divisible by patch_size 5x5"):
+    with pytest.raises(ValueError, match="image_size 32x32 is not divisible by patch_size 5x5"):
         override(cfg, ["model.patch_size=5"])  # validated as it is set, before anything runs
     with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
         override(cfg, ["optim.lrr=1"])
