@@ -44,6 +44,19 @@ def flax_forward(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: 
     return {k: np.asarray(v, dtype=np.float32) for k, v in inter.items()}
 
 
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 matmuls and convolutions at full precision on CUDA for the duration (restored after)."""
+    import torch
+
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
 def torch_forward(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: np.ndarray,
                   dtype: str = "float32", device: str | None = None) -> dict[str, np.ndarray]:
     """All intermediates of the PyTorch model (eval mode), as float32 numpy."""
@@ -55,13 +68,8 @@ def torch_forward(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc:
     tdtype = getattr(torch, dtype)
     model = load_flat(MlpMixer(cfg), flat).eval().to(device=dev, dtype=tdtype)
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(device=dev, dtype=tdtype)
-    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            _, inter = model(x, return_intermediates=True)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+    with _no_tf32(), torch.no_grad():
+        _, inter = model(x, return_intermediates=True)
     return {k: v.float().cpu().numpy() for k, v in inter.items()}
 
 
@@ -132,12 +140,8 @@ def torch_grads(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: n
     dev = torch_device(device)
     model = load_flat(MlpMixer(cfg), flat).eval().to(dev)
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(dev)
-    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with _no_tf32():
         torch.nn.functional.cross_entropy(model(x), torch.from_numpy(labels).long().to(dev)).backward()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
     return torch_to_canonical({k: p.grad.detach().cpu().numpy() for k, p in model.named_parameters()}, cfg)
 
 
