@@ -44,6 +44,11 @@ def _bf16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
+def _is_bf16(dtype: np.dtype) -> bool:
+    # By name, so the float32 paths never import ml_dtypes (a torch-only install may lack it).
+    return dtype.name == "bfloat16"
+
+
 # --------------------------------------------------------------------------------------
 # Format detection
 # --------------------------------------------------------------------------------------
@@ -320,7 +325,7 @@ def numpy_to_torch(v: np.ndarray):
 
     if not (v.flags.c_contiguous and v.flags.writeable):
         v = np.array(v, order="C")
-    if v.dtype == _bf16():
+    if _is_bf16(v.dtype):
         return torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(v)
 
@@ -449,7 +454,7 @@ def shape_view(params: LazyParams) -> dict[str, _Shaped]:
 
 def cast(key: str, arr: np.ndarray, dtype: str) -> np.ndarray:
     """Float tensors only; ``keep`` leaves the dtype as it is."""
-    if arr.dtype.kind not in "f" and arr.dtype != _bf16():
+    if arr.dtype.kind not in "f" and not _is_bf16(arr.dtype):
         raise CheckpointError(f"tensor {key!r} has unsupported dtype {arr.dtype}; Mixer weights are float")
     if dtype == "keep":
         return arr
@@ -488,7 +493,7 @@ def _write_npz(items: Iterator[tuple[str, np.ndarray]], path: Path) -> None:
     # Like np.savez (stored, not compressed) but one tensor at a time.
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for k, v in items:
-            if v.dtype == _bf16():
+            if _is_bf16(v.dtype):
                 raise CheckpointError("npz cannot hold bfloat16 (numpy has no such dtype); "
                                       "use --dtype float32 or another output format")
             with z.open(k + ".npy", "w", force_zip64=True) as f:
