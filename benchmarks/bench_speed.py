@@ -138,9 +138,11 @@ def torch_train_step(cfg, flat, batch) -> float:
 
 
 def timm_side(variant: str, batches: list[int]) -> dict:
-    exe = os.environ.get("MIXER_TIMM_PYTHON")
+    from convert.parity import timm_python
+
+    exe = timm_python()
     if not exe:
-        return {"skipped": "set MIXER_TIMM_PYTHON to an interpreter with timm"}
+        return {"skipped": "timm not installed (or set MIXER_TIMM_PYTHON)"}
     r = subprocess.run([exe, str(HERE / "torch_vs_timm.py"), variant, *map(str, batches)], capture_output=True,
                        text=True, timeout=1800)
     if r.returncode != 0:

@@ -18,10 +18,10 @@ import torch  # noqa: E402
 from common import timeit  # noqa: E402
 from convert import config_for, random_params  # noqa: E402
 from convert.layouts import LAYOUTS  # noqa: E402
+from convert.parity import TIMM_NAMES  # noqa: E402
 from mixer_torch import MlpMixer, load_flat  # noqa: E402
 
-TIMM = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224", "B/16": "mixer_b16_224",
-        "L/32": "mixer_l32_224", "L/16": "mixer_l16_224"}
+
 
 
 def set_gelu(model, approximate):
@@ -34,7 +34,7 @@ def main(variant, batches):
     cfg = config_for(variant)
     flat = random_params(cfg, 0)
     ours = load_flat(MlpMixer(cfg), flat).eval()
-    theirs = timm.create_model(TIMM[variant], pretrained=False).eval()
+    theirs = timm.create_model(TIMM_NAMES[variant], pretrained=False).eval()
     lay = LAYOUTS["timm"]
     theirs.load_state_dict({lay.key_to(k): torch.from_numpy(np.array(lay.value_to(k, v), order="C"))
                             for k, v in flat.items()})

@@ -14,10 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-#: The demo fails (exit 1) if the frameworks disagree by more than this on logits.
-LOGITS_TOL = 1e-4
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mixer-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/digits")
@@ -26,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from convert.bridge import convert_checkpoint
-    from convert.parity import compare, first_divergence, flax_forward, format_table, torch_forward
+    from convert.parity import (FP32_LOGITS_MAX_ABS, FP32_REL, compare, first_divergence, flax_forward,
+                                format_table, torch_forward)
     from mixer_jax.configs import digits
     from mixer_jax.data import eval_batches, make_source
     from mixer_jax.train import train_and_evaluate
@@ -61,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     agree = float(np.mean(jax_out["logits"].argmax(-1) == torch_out["logits"].argmax(-1)))
     print(f"test images: {len(y)}; accuracy Flax {acc_j:.4f}, PyTorch {acc_t:.4f}; "
           f"same prediction on {agree:.2%}; logits max-abs difference {rows[-1].max_abs:.2e}")
-    bad = first_divergence(rows, 1e-5)
-    if bad is not None or rows[-1].max_abs > LOGITS_TOL:
+    bad = first_divergence(rows, FP32_REL)  # the same bounds as the test suite and mixer-parity
+    if bad is not None or rows[-1].max_abs > FP32_LOGITS_MAX_ABS:
         print(f"mixer-demo: FAILED: frameworks disagree (first at {bad.name if bad else 'logits'})", file=sys.stderr)
         return 1
     print(f"OK: PyTorch reproduces the Flax-trained model (plot: {work / 'metrics.png'})")

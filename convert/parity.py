@@ -16,6 +16,34 @@ from convert.spec import MixerConfig, intermediate_names
 
 DTYPES = ("float32", "bfloat16")
 
+# The agreement bounds, used by the tests, mixer-parity and mixer-demo alike.
+# fp32: the issue's bound on logits, and a relative bound on every intermediate.
+FP32_LOGITS_MAX_ABS, FP32_REL = 1e-4, 1e-5
+# bf16 has an 8-bit mantissa (one rounding = 3.9e-3 relative); errors compound over blocks, so
+# both sides must stay within 5e-2 of each other and of the fp32 reference, measured relative
+# to each intermediate's largest magnitude. Observed: 3.1e-2 at worst (H/14 at 224).
+BF16_REL = 5e-2
+# Gradients: max-abs <= GRAD_RTOL x that parameter's largest gradient + GRAD_ATOL_GLOBAL x the
+# largest gradient of any parameter (see convert/parity_report.py for why the second term).
+GRAD_RTOL, GRAD_ATOL_GLOBAL = 1e-4, 1e-6
+
+# timm's names for the variants it has (no S/8, no H/14).
+TIMM_NAMES = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224", "B/16": "mixer_b16_224",
+              "L/32": "mixer_l32_224", "L/16": "mixer_l16_224"}
+
+
+def timm_python() -> str | None:
+    """An interpreter that has timm: $MIXER_TIMM_PYTHON, else this one if timm imports here.
+    (timm needs torchvision, which cannot share the CPU torch wheel; see README.)"""
+    import importlib.util
+    import os
+    import sys
+
+    exe = os.environ.get("MIXER_TIMM_PYTHON")
+    if exe:
+        return exe
+    return sys.executable if importlib.util.find_spec("timm") else None
+
 
 def torch_device(device: str | None = None) -> str:
     """'cuda' when a GPU is visible to PyTorch, else 'cpu' (or what the caller asks for)."""

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,14 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.parity import (compare, compare_params, first_divergence, flax_forward, flax_grads, format_table,
+from convert.parity import (BF16_REL, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL, TIMM_NAMES, compare,
+                            compare_params, first_divergence, flax_forward, flax_grads, format_table, timm_python,
                             torch_device, torch_forward, torch_grads)
 from convert.spec import VARIANTS, MixerConfig, config_for
-
-FP32_LOGITS_MAX_ABS, FP32_REL, BF16_REL = 1e-4, 1e-5, 5e-2
-GRAD_RTOL, GRAD_ATOL_GLOBAL = 1e-4, 1e-6
-TIMM_NAMES = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224", "B/16": "mixer_b16_224",
-              "L/32": "mixer_l32_224", "L/16": "mixer_l16_224"}
 
 
 def _rows(rows) -> list[dict]:
@@ -106,7 +100,7 @@ def _timm(variant: str, cfg: MixerConfig, flat, x, ref) -> dict:
         return {"skipped": f"timm has no {variant}"}
     if tuple(cfg.image_size) != (224, 224):
         return {"skipped": "timm's models are for 224x224"}
-    exe = os.environ.get("MIXER_TIMM_PYTHON") or (sys.executable if importlib.util.find_spec("timm") else None)
+    exe = timm_python()
     if exe is None:
         return {"skipped": "timm not installed (or set MIXER_TIMM_PYTHON)"}
     from convert.io import write_params

@@ -6,9 +6,10 @@ matmuls run at full precision on accelerators (no TF32), see convert.parity.
 import numpy as np
 import pytest
 
-from conftest import BF16_REL, FP32_LOGITS_MAX_ABS, FP32_REL, images, requires_jax, requires_torch
+from conftest import images, requires_jax, requires_torch
 from convert import VARIANTS, config_for, random_params
-from convert.parity import compare, first_divergence, flax_forward, format_table, torch_forward
+from convert.parity import (BF16_REL, FP32_LOGITS_MAX_ABS, FP32_REL, compare, first_divergence, flax_forward,
+                            format_table, torch_forward)
 
 pytestmark = [requires_jax, requires_torch]
 

@@ -12,7 +12,7 @@ pytestmark = [requires_jax, requires_torch]
 
 def test_loss_gradients_agree_for_every_parameter():
     from convert.parity import compare_params, flax_grads, torch_grads
-    from convert.parity_report import GRAD_ATOL_GLOBAL, GRAD_RTOL
+    from convert.parity import GRAD_ATOL_GLOBAL, GRAD_RTOL
 
     cfg = config_for("S/16", image_size=64, num_classes=10)
     flat = random_params(cfg, 0)

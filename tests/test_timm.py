@@ -1,10 +1,7 @@
 """Round trips through timm itself. timm cannot share the CPU torch wheel (PyPI's
 torchvision will not load beside it), so it lives in its own interpreter: set
 MIXER_TIMM_PYTHON (.ci/run builds one), or install timm in this environment."""
-import importlib.util
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +11,10 @@ from conftest import requires_torch
 from convert import config_for, random_params
 from convert.bridge import convert_checkpoint
 from convert.io import read_params
+from convert.parity import timm_python
 from convert.reference import forward
 
 ORACLE = Path(__file__).resolve().parents[1] / "convert" / "timm_oracle.py"
-
-
-def timm_python():
-    exe = os.environ.get("MIXER_TIMM_PYTHON")
-    if exe:
-        return exe
-    return sys.executable if importlib.util.find_spec("timm") else None
 
 
 pytestmark = pytest.mark.skipif(timm_python() is None, reason="no timm interpreter (set MIXER_TIMM_PYTHON)")
