@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import struct
 import tempfile
 import warnings
@@ -480,12 +481,10 @@ def atomic_path(dst: Path, force: bool, is_dir: bool = False):
     target = tmp / dst.name
     try:
         yield target
-        if is_dir and dst.exists():
-            import shutil
-            shutil.rmtree(dst)
+        if is_dir and dst.exists():  # a directory cannot be renamed over: move the old one aside first
+            os.replace(dst, tmp / "replaced")
         os.replace(target, dst)
     finally:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
 
 
