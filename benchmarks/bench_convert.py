@@ -32,8 +32,8 @@ JOBS = [  # (name, destination suffix, --to, modules the child imports for its b
 def make_npz(variant: str, path: Path) -> None:
     import numpy as np
 
-    from convert.io import write_params
-    from convert.spec import config_for, param_shapes
+    from mixer_convert.io import write_params
+    from mixer_convert.spec import config_for, param_shapes
 
     cfg = config_for(variant)
     shapes = param_shapes(cfg)
@@ -80,8 +80,8 @@ def main() -> None:
     for name, suffix, to, mods in JOBS:
         s = d / "out.pt" if name.startswith("torch") else src
         dst = d / f"out{suffix}"
-        base_s, base_rss = child(f"import {mods}, convert.bridge")
-        code = (f"from convert.bridge import convert_checkpoint; "
+        base_s, base_rss = child(f"import {mods}, mixer_convert.tools.bridge")
+        code = (f"from mixer_convert.tools.bridge import convert_checkpoint; "
                 f"convert_checkpoint({str(s)!r}, {str(dst)!r}, {to!r}, force=True, progress=False)")
         secs, rss = child(code)
         rows.append({"job": name, "seconds": secs - base_s, "vs_copy": (secs - base_s) / copy_s,

@@ -27,15 +27,15 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from common import forward_flops, timeit  # noqa: E402
-from convert import config_for, random_params  # noqa: E402
+from mixer_convert import config_for, random_params  # noqa: E402
 
 
 DTYPE = "float32"  # compute dtype, set by --dtype; parameters stay float32
 
 
 def _dev():
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from mixer_convert.tools.parity import torch_device
+    return torch_device()
 
 
 def _sync_torch(r):
@@ -138,7 +138,7 @@ def torch_train_step(cfg, flat, batch) -> float:
 
 
 def timm_side(variant: str, batches: list[int]) -> dict:
-    from convert.parity import timm_python
+    from mixer_convert.tools.parity import timm_python
 
     exe = timm_python()
     if not exe:

@@ -5,7 +5,7 @@ import statistics
 import time
 from typing import Callable
 
-from convert.spec import MixerConfig
+from mixer_convert.spec import MixerConfig
 
 
 def timeit(fn: Callable[[], object], sync: Callable[[object], object] = lambda r: r, warmup: int = 2,

@@ -16,9 +16,9 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from common import timeit  # noqa: E402
-from convert import config_for, random_params  # noqa: E402
-from convert.layouts import LAYOUTS  # noqa: E402
-from convert.parity import TIMM_NAMES  # noqa: E402
+from mixer_convert import config_for, random_params  # noqa: E402
+from mixer_convert.layouts import LAYOUTS  # noqa: E402
+from mixer_convert.tools.parity import TIMM_NAMES  # noqa: E402
 from mixer_torch import MlpMixer, load_flat  # noqa: E402
 
 

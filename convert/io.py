@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import struct
 import tempfile
@@ -28,10 +27,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from convert.layouts import LAYOUTS
+from mixer_convert.layouts import LAYOUTS, canonicalize
 
 FORMATS = ("npz", "msgpack", "orbax", "torch", "safetensors")
-DTYPES = ("keep", "float32", "bfloat16", "float16")
+DTYPES = ("keep", "float32", "bfloat16", "float16")  # --dtype choices
 _SUFFIX_FORMAT = {".npz": "npz", ".msgpack": "msgpack", ".flax": "msgpack", ".pt": "torch", ".pth": "torch",
                   ".bin": "torch", ".safetensors": "safetensors"}
 
@@ -148,83 +147,6 @@ class _Shaped:
 
     def __init__(self, shape):
         self.shape = tuple(shape)
-
-
-def _canonicalize_keys(entries: dict[str, tuple], layout: str) -> dict[str, tuple]:
-    """Foreign keys -> canonical keys (values mapped lazily). Unknown keys stay, under their
-    own name, so the strict check lists them as unexpected."""
-    lay = LAYOUTS[layout]
-    out = {}
-    for k, (shape, dtype, load) in entries.items():
-        try:
-            ck = lay.key_from(k, len(shape))
-        except KeyError:
-            out[k] = (shape, dtype, load)
-            continue
-        out[ck] = (lay.shape_from(ck, shape), dtype, (lambda ck=ck, load=load: lay.value_from(ck, load())))
-    return out
-
-
-def _strip_prefix(entries: dict[str, tuple]) -> dict[str, tuple]:
-    """Select the parameter subtree wherever it sits: ``params/``, ``opt/target/``, a training
-    state's ``params/`` beside ``opt_state/`` and ``step``... The shortest path to a stem kernel
-    wins, so optimizer slots (``opt_state/.../stem/kernel``) are never taken for weights."""
-    roots = [k[: -len(leaf)] for k in entries for leaf in ("stem/kernel", "embedding/kernel") if k.endswith(leaf)]
-    roots = [r for r in roots if r == "" or r.endswith("/")]
-    if not roots:
-        return entries
-    root = min(roots, key=len)
-    return {k[len(root):]: v for k, v in entries.items() if k.startswith(root)}
-
-
-def _renumber_pre_linen(names: list[str]) -> dict[str, str]:
-    """flax.training.checkpoints.convert_pre_linen on '/'-joined names: pre-Linen numbered
-    submodules with one counter per parent, Linen with one counter per class."""
-    tree: dict = {}
-    for n in names:
-        node = tree
-        for part in n.split("/"):
-            node = node.setdefault(part, {})
-    mapping: dict[str, str] = {}
-
-    def walk(node: dict, old: str, new: str) -> None:
-        if not node:
-            mapping[old] = new
-            return
-        groups: dict[str, list[tuple[int, str]]] = {}
-        for k in node:
-            m = re.fullmatch(r"(.+)_(\d+)", k)
-            if m and not k.startswith("encoderblock_"):
-                groups.setdefault(m.group(1), []).append((int(m.group(2)), k))
-        rename = {k: f"{base}_{i}" for base, items in groups.items() for i, (_, k) in enumerate(sorted(items))}
-        for k, child in node.items():
-            walk(child, f"{old}/{k}" if old else k, f"{new}/{rename.get(k, k)}" if new else rename.get(k, k))
-
-    walk(tree, "", "")
-    return mapping
-
-
-_LEGACY_DENSE = {"kernel1": "Dense_0/kernel", "bias1": "Dense_0/bias", "kernel2": "Dense_1/kernel",
-                 "bias2": "Dense_1/bias"}
-
-
-def _from_legacy(entries: dict[str, tuple]) -> dict[str, tuple]:
-    """big_vision's legacy layout (Mixer/encoderblock_N/..._mixing_phase_0/kernel1, embedding,
-    Mixer/encoder_norm) -> canonical, squeezing the extra unit dims it carried."""
-    renames = _renumber_pre_linen(list(entries))
-    out = {}
-    for old, (shape, dtype, load) in entries.items():
-        k = renames[old]
-        k = re.sub(r"^embedding/", "stem/", k)
-        k = re.sub(r"^Mixer/encoder_norm/", "pre_head_layer_norm/", k)
-        k = re.sub(r"^Mixer/encoderblock_(\d+)/", r"MixerBlock_\1/", k)
-        m = re.fullmatch(r"(MixerBlock_\d+/(?:token|channel)_mixing)_phase_0/(kernel1|bias1|kernel2|bias2)", k)
-        if m:
-            k = f"{m.group(1)}/{_LEGACY_DENSE[m.group(2)]}"
-            shape = tuple(d for d in shape if d != 1) or (1,)
-            load = (lambda load=load, shape=shape: load().reshape(shape))
-        out[k] = (shape, dtype, load)
-    return out
 
 
 def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
@@ -366,15 +288,14 @@ def _read_torch(path: Path) -> dict[str, tuple]:
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-    return _torch_entries(sd)
+    return _torch_entries(obj)
 
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
     return _bf16() if name == "bfloat16" else np.dtype(name)
 
 
@@ -396,7 +317,7 @@ def _read_safetensors(path: Path) -> dict[str, tuple]:
     for k, info in header.items():
         if info.get("dtype") not in _ST_DTYPES:
             raise CheckpointError(f"{path}: tensor {k!r} has unsupported dtype {info.get('dtype')!r}")
-        dtype = _np_dtype(_ST_DTYPES[info["dtype"]])
+        dtype = np_dtype(_ST_DTYPES[info["dtype"]])
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if 8 + n + end > size or end - begin != int(np.prod(shape)) * dtype.itemsize:
@@ -408,17 +329,9 @@ def _read_safetensors(path: Path) -> dict[str, tuple]:
     return entries
 
 
-def _guess_layout(keys) -> str:
-    keys = list(keys)
-    if any(k.startswith("blocks.") or k.startswith("stem.proj.") for k in keys):
-        return "timm"
-    if any("." in k for k in keys) and not any("/" in k for k in keys):
-        return "torch"
-    return "flax"
-
-
-def read_params(path: str | os.PathLike, fmt: str | None = None) -> LazyParams:
-    """Any supported checkpoint -> lazy canonical params. Raises CheckpointError on damage."""
+def read_params(path: str | os.PathLike, fmt: str | None = None, prefix: str | None = None) -> LazyParams:
+    """Any supported checkpoint -> lazy canonical params (through :func:`layouts.canonicalize`:
+    unknown and duplicated keys are errors). Raises CheckpointError on damage."""
     path = Path(path)
     fmt = fmt or detect_format(path)
     close = None
@@ -434,13 +347,12 @@ def read_params(path: str | os.PathLike, fmt: str | None = None) -> LazyParams:
         entries = _read_safetensors(path)
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    layout = _guess_layout(entries)
-    if layout == "flax":
-        entries = _strip_prefix(entries)
-        if any(k.startswith("Mixer/") for k in entries):
-            entries = _from_legacy(entries)
-    else:
-        entries = _canonicalize_keys(entries, layout)
+    try:
+        layout, entries = canonicalize(entries, prefix=prefix)
+    except Exception:
+        if close:
+            close()
+        raise
     return LazyParams(entries, str(path), layout, close)
 
 
@@ -459,7 +371,7 @@ def cast(key: str, arr: np.ndarray, dtype: str) -> np.ndarray:
         raise CheckpointError(f"tensor {key!r} has unsupported dtype {arr.dtype}; Mixer weights are float")
     if dtype == "keep":
         return arr
-    return arr.astype(_np_dtype(dtype), copy=False)
+    return arr.astype(np_dtype(dtype), copy=False)
 
 
 def nonfinite(arr: np.ndarray) -> int:
@@ -471,11 +383,16 @@ def nonfinite(arr: np.ndarray) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def check_destination(dst: Path, force: bool) -> None:
+    """An existing output is kept unless the caller said to overwrite it."""
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
+
+
 @contextlib.contextmanager
 def atomic_path(dst: Path, force: bool, is_dir: bool = False):
     """Yield a temporary path beside ``dst``; rename it over ``dst`` only if the body succeeds."""
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
+    check_destination(dst, force)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     target = tmp / dst.name

@@ -1,23 +1,34 @@
-"""Parameter layouts: how each foreign format names and shapes the canonical tensors.
+"""Parameter layouts: how each foreign naming names and shapes the canonical tensors, and the
+one map (:func:`canonicalize`) from any of them to canonical names.
 
 Canonical = the official Flax tree, '/'-joined ('MixerBlock_0/token_mixing/Dense_0/kernel').
 A layout is a key map plus a value map, applied one tensor at a time so converters can
 stream. Pure numpy; no framework is imported here.
 
-- ``flax``: canonical itself (also what .npz, Flax msgpack and orbax hold).
+- ``flax``: canonical itself (what .npz, Flax msgpack and orbax hold), possibly under a prefix
+  (``params/``, ``opt/target/``, a training state's ``state/params/``) or in big_vision's
+  legacy layout (``Mixer/encoderblock_N/...``).
 - ``torch`` (our PyTorch model), one generic rule: '/' -> '.', leaf kernel|scale -> weight;
-  Dense kernel (in, out) -> Linear weight (out, in); Conv kernel HWIO -> OIHW.
+  Dense kernel (in, out) -> Linear weight (out, in); Conv kernel HWIO -> OIHW. A DataParallel
+  ``module.`` prefix is accepted.
 - ``timm``: the torch rule, then one explicit table of module renames.
+
+Every layout is strict in the same way: a key that is not a Mixer parameter, or two keys that
+name the same canonical tensor, is a :class:`ParamMismatchError` listing all of them.
 """
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from convert.params import ParamMismatchError, check_params
-from convert.spec import MixerConfig
+from mixer_convert.params import ParamMismatchError, check_params
+from mixer_convert.spec import MixerConfig, is_canonical_name
+
+# A tensor not yet read: (shape, dtype, load). Readers produce these so names and shapes can be
+# mapped and checked before any data is read.
+Entry = tuple[tuple[int, ...], Any, Callable[[], np.ndarray]]
 
 # ---- the torch rule -----------------------------------------------------------------------
 
@@ -29,6 +40,10 @@ def torch_key(key: str) -> str:
 
 def torch_key_to_canonical(key: str, ndim: int) -> str:
     # A 1-D 'weight' can only be a LayerNorm scale; any other 'weight' is a Dense/Conv kernel.
+    if key.startswith("module."):  # saved from a DataParallel / DDP wrapper
+        key = key[len("module."):]
+    if "." not in key:
+        raise KeyError(key)
     path, leaf = key.rsplit(".", 1)
     if leaf == "weight":
         leaf = "scale" if ndim == 1 else "kernel"
@@ -88,6 +103,10 @@ def timm_key(key: str) -> str:
 
 
 def timm_key_to_canonical(key: str, ndim: int) -> str:
+    if key.startswith("module."):
+        key = key[len("module."):]
+    if "." not in key:
+        raise KeyError(key)
     path, leaf = key.rsplit(".", 1)
     return torch_key_to_canonical(_rename(path, _FROM_TIMM) + "." + leaf, ndim)
 
@@ -128,11 +147,176 @@ def _identity(x):
     return x
 
 
+def _flax_key(key: str, ndim: int) -> str:
+    if not is_canonical_name(key):
+        raise KeyError(key)
+    return key
+
+
 LAYOUTS: dict[str, Layout] = {
-    "flax": Layout("flax", _identity, lambda k, ndim: k, _identity, _identity),
+    "flax": Layout("flax", _identity, _flax_key, _identity, _identity),
     "torch": Layout("torch", torch_key, torch_key_to_canonical, kernel_to_torch, kernel_from_torch),
     "timm": Layout("timm", timm_key, timm_key_to_canonical, kernel_to_torch, kernel_from_torch),
 }
+
+
+def detect_layout(keys: Iterable[str]) -> str:
+    """'timm', 'torch' or 'flax' from the key names alone."""
+    keys = list(keys)
+    if any(k.split(".")[0] in ("blocks", "stem") and k.startswith(("blocks.", "stem.proj.", "module.blocks.",
+                                                                    "module.stem.proj.")) for k in keys):
+        return "timm"
+    if any("." in k for k in keys) and not any("/" in k for k in keys):
+        return "torch"
+    return "flax"
+
+
+# ---- the flax side: where the tree sits, and big_vision's legacy names ----------------------
+
+# A parameter tree is found by its stem; these parents name a tree of weights (as opposed to an
+# optimizer slot such as opt_state/0/mu/ or an un-chained optax state's opt/1/).
+_STEMS = ("stem/kernel", "embedding/kernel")
+_WEIGHT_PARENTS = ("params/", "opt/target/", "target/")
+
+
+def param_roots(keys: Iterable[str]) -> list[str]:
+    """Every prefix under which a Mixer parameter tree (its stem kernel) sits, e.g. ['', 'params/']."""
+    roots = {k[: -len(s)] for k in keys for s in _STEMS if k.endswith(s)}
+    return sorted(r for r in roots if r == "" or r.endswith("/"))
+
+
+def select_root(entries: Mapping[str, Entry], prefix: str | None = None) -> dict[str, Entry]:
+    """The parameter tree wherever it sits, chosen by name, never by shortest path.
+
+    One tree: taken. Several: the one at the top level or under a weights name (``params/``,
+    ``opt/target/``) wins over optimizer slots; two such trees are ambiguous and refused with
+    the candidates listed, unless ``prefix`` names one.
+    """
+    roots = param_roots(entries)
+    if prefix is not None:
+        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        if prefix not in roots:
+            raise ValueError(f"no parameter tree under prefix {prefix!r}; the file has {_listing(roots)}")
+        root = prefix
+    elif len(roots) <= 1:
+        root = roots[0] if roots else ""
+    else:
+        named = [r for r in roots if r == "" or r.endswith(_WEIGHT_PARENTS)]
+        if len(named) != 1:
+            raise AmbiguousParamsError(named or roots)
+        root = named[0]
+    return {k[len(root):]: v for k, v in entries.items() if k.startswith(root)}
+
+
+def _listing(roots: list[str]) -> str:
+    return ", ".join(repr(r or "(top level)") for r in roots) if roots else "no Mixer stem kernel"
+
+
+class AmbiguousParamsError(ValueError):
+    """More than one parameter tree, none preferred by name."""
+
+    def __init__(self, roots: list[str]) -> None:
+        self.roots = roots
+        super().__init__(f"the file holds {len(roots)} parameter trees, under {_listing(roots)}; "
+                         "pick one with --prefix (prefix=...)")
+
+
+def _renumber_pre_linen(names: list[str]) -> dict[str, str]:
+    """flax.training.checkpoints.convert_pre_linen on '/'-joined names: pre-Linen numbered
+    submodules with one counter per parent, Linen with one counter per class."""
+    tree: dict = {}
+    for n in names:
+        node = tree
+        for part in n.split("/"):
+            node = node.setdefault(part, {})
+    mapping: dict[str, str] = {}
+
+    def walk(node: dict, old: str, new: str) -> None:
+        if not node:
+            mapping[old] = new
+            return
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for k in node:
+            m = re.fullmatch(r"(.+)_(\d+)", k)
+            if m and not k.startswith("encoderblock_"):
+                groups.setdefault(m.group(1), []).append((int(m.group(2)), k))
+        rename = {k: f"{base}_{i}" for base, items in groups.items() for i, (_, k) in enumerate(sorted(items))}
+        for k, child in node.items():
+            walk(child, f"{old}/{k}" if old else k, f"{new}/{rename.get(k, k)}" if new else rename.get(k, k))
+
+    walk(tree, "", "")
+    return mapping
+
+
+_LEGACY_DENSE = {"kernel1": "Dense_0/kernel", "bias1": "Dense_0/bias", "kernel2": "Dense_1/kernel",
+                 "bias2": "Dense_1/bias"}
+
+
+def _legacy_key(key: str) -> str:
+    k = re.sub(r"^embedding/", "stem/", key)
+    k = re.sub(r"^Mixer/encoder_norm/", "pre_head_layer_norm/", k)
+    k = re.sub(r"^Mixer/encoderblock_(\d+)/", r"MixerBlock_\1/", k)
+    m = re.fullmatch(r"(MixerBlock_\d+/(?:token|channel)_mixing)_phase_0/(kernel1|bias1|kernel2|bias2)", k)
+    return f"{m.group(1)}/{_LEGACY_DENSE[m.group(2)]}" if m else k
+
+
+def from_legacy(entries: Mapping[str, Entry]) -> list[tuple[str, str, Entry]]:
+    """big_vision's legacy layout (Mixer/encoderblock_N/..._mixing_phase_0/kernel1, embedding,
+    Mixer/encoder_norm) -> (old name, canonical name, entry), squeezing the extra unit dims it
+    carried. Names already canonical pass through (and so collide if both spellings are present)."""
+    renames = _renumber_pre_linen(list(entries))
+    out = []
+    for old, (shape, dtype, load) in entries.items():
+        if "_phase_0/" in renames[old]:
+            shape = tuple(d for d in shape if d != 1) or (1,)
+            load = (lambda load=load, shape=shape: load().reshape(shape))
+        out.append((old, _legacy_key(renames[old]), (shape, dtype, load)))
+    return out
+
+
+# ---- the one map ------------------------------------------------------------------------------
+
+
+def canonicalize(entries: Mapping[str, Entry], layout: str | None = None,
+                 prefix: str | None = None) -> tuple[str, dict[str, Entry]]:
+    """Any naming -> (layout name, canonical entries), values mapped lazily.
+
+    The same for every layout: two keys for one canonical tensor raise :class:`ParamMismatchError`
+    naming both; a key that names no Mixer parameter is kept under its own name, so the strict
+    check that every loader runs next (:func:`check_params`) lists it as unexpected together with
+    anything missing or mis-shaped. Nothing is silently dropped or overwritten.
+    """
+    layout = layout or detect_layout(entries)
+    lay = LAYOUTS[layout]
+    named = [(k, k, e) for k, e in entries.items()]
+    if layout == "flax":
+        entries = select_root(entries, prefix)
+        legacy = any(k.startswith("Mixer/") for k in entries)
+        named = from_legacy(entries) if legacy else [(k, k, e) for k, e in entries.items()]
+    out: dict[str, Entry] = {}
+    source: dict[str, list[str]] = {}
+    for shown, key, (shape, dtype, load) in named:
+        try:
+            ck = lay.key_from(key, len(shape))
+        except KeyError:  # not a Mixer parameter: reported as unexpected by check_params
+            source.setdefault(shown, []).append(shown)
+            out[shown] = (shape, dtype, load)
+            continue
+        source.setdefault(ck, []).append(shown)
+        out[ck] = (lay.shape_from(ck, shape), dtype, (lambda ck=ck, load=load: lay.value_from(ck, load())))
+    if "stem/kernel" not in out:
+        shown = sorted(n for n, _, _ in named)
+        raise ValueError(f"not an MLP-Mixer checkpoint: no stem kernel (found {len(shown)} tensors, "
+                         f"e.g. {shown[:5]})")
+    duplicated = [(ck, names) for ck, names in source.items() if len(names) > 1]
+    if duplicated:
+        raise ParamMismatchError([], [], [], what=f"{layout}-layout checkpoint", duplicated=duplicated)
+    return layout, out
+
+
+def entries_of(flat: Mapping[str, Any]) -> dict[str, Entry]:
+    """In-memory arrays as entries (for :func:`canonicalize`)."""
+    return {k: (tuple(np.shape(v)), getattr(v, "dtype", None), (lambda v=v: v)) for k, v in flat.items()}
 
 
 def canonical_to_torch(flat: Mapping[str, np.ndarray], cfg: MixerConfig, layout: str = "torch") -> dict[str, np.ndarray]:
@@ -142,20 +326,9 @@ def canonical_to_torch(flat: Mapping[str, np.ndarray], cfg: MixerConfig, layout:
     return {lay.key_to(k): lay.value_to(k, v) for k, v in flat.items()}
 
 
-def torch_to_canonical(sd: Mapping[str, np.ndarray], cfg: MixerConfig | None = None,
-                       layout: str = "torch") -> dict[str, np.ndarray]:
-    """Foreign-layout dict -> canonical dict; checked against ``cfg`` when given."""
-    lay = LAYOUTS[layout]
-    out, unknown = {}, []
-    for k, v in sd.items():
-        try:
-            ck = lay.key_from(k, np.ndim(v))
-        except KeyError:
-            unknown.append(k)
-            continue
-        out[ck] = lay.value_from(ck, v)
-    if unknown:
-        raise ParamMismatchError([], sorted(unknown), [], what=f"{layout}-layout state dict")
-    if cfg is not None:
-        check_params(out, cfg)
+def torch_to_canonical(sd: Mapping[str, np.ndarray], cfg: MixerConfig, layout: str = "torch") -> dict[str, np.ndarray]:
+    """Foreign-layout dict -> canonical dict through :func:`canonicalize`, strictly checked against ``cfg``."""
+    _, entries = canonicalize(entries_of(sd), layout)
+    out = {k: load() for k, (_, _, load) in entries.items()}
+    check_params(out, cfg)
     return out

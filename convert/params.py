@@ -11,16 +11,21 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.spec import MixerConfig, param_shapes, variant_name
+from mixer_convert.spec import MixerConfig, config_for, param_shapes, variant_name
 
 
 class ParamMismatchError(ValueError):
-    """Parameters do not fit the model; lists every missing, unexpected and mis-shaped key."""
+    """Parameters do not fit the model; lists every missing, unexpected, mis-shaped and duplicated
+    key (``duplicated``: canonical name -> the source keys that all claim it)."""
 
     def __init__(self, missing: list[str], unexpected: list[str],
-                 misshaped: list[tuple[str, tuple, tuple]], what: str = "checkpoint") -> None:
+                 misshaped: list[tuple[str, tuple, tuple]], what: str = "checkpoint",
+                 duplicated: list[tuple[str, list[str]]] | None = None) -> None:
         self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
+        self.duplicated = duplicated or []
         lines = [f"{what} does not match the model:"]
+        for key, names in self.duplicated:
+            lines.append(f"  duplicated: {key} is given {len(names)} times, as " + ", ".join(map(repr, names)))
         if missing:
             lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
         if unexpected:
@@ -77,8 +82,6 @@ def infer_config(shapes: Mapping[str, Any], image_size: int | tuple[int, int] | 
 
 def check_variant(inferred: MixerConfig, variant: str) -> None:
     """A user-named variant must agree with what the weights say; otherwise say how they differ."""
-    from convert.spec import config_for
-
     want = config_for(variant)
     diffs = [f"{f}: weights have {getattr(inferred, f)}, {variant} has {getattr(want, f)}"
              for f in ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")

@@ -6,7 +6,7 @@ from typing import Mapping
 
 import numpy as np
 
-from convert.spec import LAYERNORM_EPS, MixerConfig, check_image_shape
+from mixer_convert.spec import LAYERNORM_EPS, MixerConfig, check_image_shape
 
 
 def _ln(x, p, name):

@@ -13,8 +13,8 @@ from typing import Mapping
 
 import numpy as np
 
-from convert.params import check_params
-from convert.spec import MixerConfig
+from mixer_convert.params import check_params
+from mixer_convert.spec import MixerConfig
 
 
 def new_head(flat: Mapping[str, np.ndarray], cfg: MixerConfig, num_classes: int | None
@@ -81,23 +81,3 @@ def tile_images(images: np.ndarray, scale: int) -> np.ndarray:
     bsz, h, w, c = images.shape[0] // n, *images.shape[1:]
     x = images.reshape(bsz, scale, scale, h, w, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(bsz, scale * h, scale * w, c)
-
-
-def load_for_finetune(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
-                      image_size=None) -> tuple[dict[str, np.ndarray], MixerConfig]:
-    """Read any supported checkpoint, check it, optionally resize it ``scale`` x and give it a
-    fresh head for ``num_classes`` ('keep' keeps the checkpoint's head)."""
-    from convert.bridge import load_config
-    from convert.io import read_params
-
-    src = read_params(path)
-    try:
-        cfg = load_config(src, variant, image_size)
-        flat = {k: np.asarray(src[k]) for k in src}
-    finally:
-        src.close()
-    if scale != 1:
-        flat, cfg = resize_token_mixing(flat, cfg, scale)
-    if num_classes != "keep":
-        flat, cfg = new_head(flat, cfg, num_classes)
-    return flat, cfg

@@ -138,7 +138,7 @@ def check_image_shape(shape: tuple[int, ...], cfg: MixerConfig, layout: str) -> 
     if (h, w) != cfg.image_size:
         raise ValueError(f"image size {h}x{w} does not match the model's {cfg.image_size[0]}x{cfg.image_size[1]}: "
                          "token-mixing weights fix the number of patches; resize the images, or build the "
-                         "model for this size (convert.resize for integer scales)")
+                         "model for this size (mixer_convert.resize for integer scales)")
 
 
 # --------------------------------------------------------------------------------------
@@ -175,6 +175,16 @@ def param_shapes(cfg: MixerConfig) -> dict[str, tuple[int, ...]]:
         out["head/kernel"] = (c, cfg.num_classes)
         out["head/bias"] = (cfg.num_classes,)
     return out
+
+
+_CANONICAL_RE = re.compile(
+    r"(?:stem/(?:kernel|bias)|head/(?:kernel|bias)|pre_head_layer_norm/(?:scale|bias)"
+    r"|MixerBlock_\d+/(?:LayerNorm_[01]/(?:scale|bias)|(?:token|channel)_mixing/Dense_[01]/(?:kernel|bias)))")
+
+
+def is_canonical_name(key: str) -> bool:
+    """Whether ``key`` names a parameter of some Mixer (any config)."""
+    return _CANONICAL_RE.fullmatch(key) is not None
 
 
 def num_params(cfg: MixerConfig) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from convert.spec import MixerConfig, config_for
+from mixer_convert.spec import MixerConfig, config_for
 from mixer_jax.data import DataConfig
 from mixer_jax.train import OptimConfig, TrainConfig
 

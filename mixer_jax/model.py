@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from convert.params import check_params
-from convert.spec import LAYERNORM_EPS, MixerConfig, block_drop_rates, check_image_shape, config_for
+from mixer_convert.params import check_params
+from mixer_convert.spec import LAYERNORM_EPS, MixerConfig, block_drop_rates, check_image_shape, config_for
 
 Array = jax.Array
 
@@ -72,7 +72,7 @@ class MlpMixer(nn.Module):
     ``num_classes`` is None). ``dtype`` is the compute dtype; parameters stay float32.
 
     With ``return_intermediates=True`` returns ``(out, {name: array})`` where the names are
-    ``convert.spec.intermediate_names(config)`` (stem tokens, every block's output,
+    ``mixer_convert.spec.intermediate_names(config)`` (stem tokens, every block's output,
     pre-logits, logits), the same as the PyTorch model returns.
     """
 
@@ -144,8 +144,8 @@ def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1
     """(model, params) from any checkpoint the bridge reads (official .npz, Flax, PyTorch,
     timm, safetensors): optionally a fresh head for ``num_classes`` and token-mixing resized
     for ``scale`` x larger images. ``overrides`` (e.g. stoch_depth) change non-shape fields."""
-    from convert.resize import load_for_finetune
+    from mixer_convert.load import load_checkpoint
 
-    flat, cfg = load_for_finetune(path, num_classes, scale, variant)
+    flat, cfg = load_checkpoint(path, num_classes, scale, variant)
     cfg = cfg.replace(**overrides)
     return MlpMixer(cfg, dtype=dtype), params_from_flat(flat, cfg)

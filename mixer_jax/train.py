@@ -25,7 +25,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from convert.spec import MixerConfig, config_for
+from mixer_convert.spec import MixerConfig, config_for
 from mixer_jax.data import Batches, DataConfig, eval_batches, make_source
 from mixer_jax.model import MlpMixer, params_from_flat
 
@@ -135,8 +135,7 @@ def make_optimizer(o: OptimConfig, total_steps: int) -> tuple[optax.GradientTran
 # ---- state and steps ---------------------------------------------------------------------------
 
 
-class TrainState(train_state.TrainState):
-    pass
+TrainState = train_state.TrainState
 
 
 def create_train_state(model: MlpMixer, tx: optax.GradientTransformation, rng: jax.Array,
@@ -229,9 +228,9 @@ def load_init_params(cfg: TrainConfig, num_classes: int) -> tuple[dict, MixerCon
     """Weights and architecture from any checkpoint the bridge reads, with a fresh zero head
     for ``num_classes`` and token-mixing resized by ``resize_scale``. The checkpoint fixes the
     architecture; ``cfg.model`` contributes only its regularisation (stoch_depth, dropout_rate)."""
-    from convert.resize import load_for_finetune
+    from mixer_convert.load import load_checkpoint
 
-    flat, ck = load_for_finetune(cfg.init_from, num_classes, cfg.resize_scale)
+    flat, ck = load_checkpoint(cfg.init_from, num_classes, cfg.resize_scale)
     image_size = MixerConfig(patch_size=ck.patch_size, image_size=cfg.data.image_size).image_size
     if ck.image_size != image_size:
         raise ValueError(f"checkpoint {cfg.init_from} is for {ck.image_size} images (after resize_scale "
@@ -425,7 +424,7 @@ def _jsonable(obj):
 def write_outputs(params, model_cfg: MixerConfig, workdir: Path, export_torch: bool) -> None:
     """Final weights as an official-layout .npz (loads anywhere the official files do) and,
     on request, as a PyTorch state dict."""
-    from convert.io import write_params
+    from mixer_convert.io import write_params
     from mixer_jax.model import params_to_flat
 
     flat = params_to_flat(to_host(params))

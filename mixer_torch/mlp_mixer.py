@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from convert.spec import MixerConfig
-from mixer_torch.model import MlpMixer, _lecun_normal_
+from mixer_convert.spec import MixerConfig
+from mixer_torch.model import MlpMixer, lecun_normal_
 
 
 def MLP_Mixer(image_shape: tuple[int, int, int] = (224, 224, 3), patch_size: int = 16, num_classes: int = 10,
@@ -39,7 +39,7 @@ def main() -> None:
     model = MLP_Mixer().eval()
     h, w, c = 224, 224, 3
     with torch.no_grad():
-        _lecun_normal_(model.head.weight)  # the official zero head would print only zeros
+        lecun_normal_(model.head.weight)  # the official zero head would print only zeros
         logits = model(torch.randn(1, c, h, w))
     print(f"MLP_Mixer: {sum(p.numel() for p in model.parameters()):,} parameters; logits {tuple(logits.shape)}")
     print(logits)

@@ -2,7 +2,7 @@
 
 Sections: blocks, model, variant factory, load helpers (same order as mixer_jax/model.py).
 
-State-dict naming, the one rule (``convert.layouts.torch_key``): take the official
+State-dict naming, the one rule (``mixer_convert.layouts.torch_key``): take the official
 '/'-joined Flax path, replace '/' by '.', and rename the leaf ``kernel`` or ``scale`` to
 ``weight``. Module attributes are named after the Flax modules (``MixerBlock_3``,
 ``token_mixing``, ``Dense_0``) so the rule holds by construction. Values: Dense kernels
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.spec import LAYERNORM_EPS, MixerConfig, block_drop_rates, check_image_shape, config_for
+from mixer_convert.spec import LAYERNORM_EPS, MixerConfig, block_drop_rates, check_image_shape, config_for
 
 # --------------------------------------------------------------------------------------
 # Blocks
@@ -90,7 +90,7 @@ class MlpMixer(nn.Module):
         """The official initialisers: lecun_normal (truncated) kernels, zero biases, zero head."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                _lecun_normal_(m.weight)
+                lecun_normal_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
@@ -116,7 +116,7 @@ class MlpMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, return_intermediates: bool = False):
         """With ``return_intermediates=True`` returns ``(out, {name: tensor})`` with the names
-        of ``convert.spec.intermediate_names`` (the same as the Flax model returns)."""
+        of ``mixer_convert.spec.intermediate_names`` (the same as the Flax model returns)."""
         x, inter = self.forward_features(x, return_intermediates=True)
         inter["pre_logits"] = x = self.forward_head(x, pre_logits=True)
         if self.head is not None:
@@ -134,7 +134,7 @@ class MlpMixer(nn.Module):
             nn.init.zeros_(self.head.bias)
 
 
-def _lecun_normal_(w: torch.Tensor) -> None:
+def lecun_normal_(w: torch.Tensor) -> None:
     # flax lecun_normal: truncated normal (+-2 sd) with variance 1/fan_in after truncation.
     fan_in = w[0].numel()
     std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
@@ -160,8 +160,8 @@ def create_model(variant: str | MixerConfig = "B/16", **overrides) -> MlpMixer:
 def load_flat(model: MlpMixer, flat: Mapping[str, np.ndarray]) -> MlpMixer:
     """Load canonical (official-layout) numpy weights; strict: any missing, unexpected or
     mis-shaped key raises ``ParamMismatchError`` listing all of them, and nothing is loaded."""
-    from convert.io import numpy_to_torch
-    from convert.layouts import canonical_to_torch
+    from mixer_convert.io import numpy_to_torch
+    from mixer_convert.layouts import canonical_to_torch
 
     sd = {k: numpy_to_torch(v) for k, v in canonical_to_torch(flat, model.config).items()}
     model.load_state_dict(sd, strict=True)
@@ -173,16 +173,16 @@ def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1
     """A model from any checkpoint the bridge reads (official .npz, Flax, PyTorch, timm,
     safetensors): optionally a fresh head for ``num_classes`` and token-mixing resized for
     ``scale`` x larger images. ``overrides`` (e.g. stoch_depth) change non-shape fields."""
-    from convert.resize import load_for_finetune
+    from mixer_convert.load import load_checkpoint
 
-    flat, cfg = load_for_finetune(path, num_classes, scale, variant)
+    flat, cfg = load_checkpoint(path, num_classes, scale, variant)
     return load_flat(MlpMixer(cfg.replace(**overrides)), flat)
 
 
 def to_flat(model: MlpMixer) -> dict[str, np.ndarray]:
     """State dict -> canonical numpy dict (official names and layouts; bfloat16 stays bfloat16)."""
-    from convert.io import torch_to_numpy
-    from convert.layouts import torch_to_canonical
+    from mixer_convert.io import torch_to_numpy
+    from mixer_convert.layouts import torch_to_canonical
 
     sd = {k: torch_to_numpy(v) for k, v in model.state_dict().items()}
     return torch_to_canonical(sd, model.config)

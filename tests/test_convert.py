@@ -7,11 +7,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import ROOT, images, requires_jax, requires_torch
-from convert import ParamMismatchError, config_for, random_params
-from convert.bridge import NonFiniteWeightsError, convert_checkpoint
-from convert.io import CheckpointError, detect_format, read_params, write_params
-from convert.reference import forward
+from conftest import ROOT, images, requires_jax, requires_torch, subprocess_env
+from mixer_convert import ParamMismatchError, config_for, random_params
+from mixer_convert.tools.bridge import NonFiniteWeightsError, convert_checkpoint
+from mixer_convert.io import CheckpointError, detect_format, read_params, write_params
+from mixer_convert.reference import forward
 
 TINY = config_for("S/16", image_size=48, hidden_dim=24, num_blocks=3, tokens_mlp_dim=8, channels_mlp_dim=40,
                   num_classes=5)
@@ -282,7 +282,7 @@ def test_detect_format_by_content_not_suffix(official, tmp_path):
 
 def test_cli_reports_errors_with_exit_code_2(official, tmp_path):
     src, _ = official
-    from convert.cli import main
+    from mixer_convert.tools.cli import main
     assert main([str(src), str(tmp_path / "o.npz"), "--quiet"]) == 0
     assert main([str(src), str(tmp_path / "o.npz"), "--quiet"]) == 2  # exists
     assert main([str(tmp_path / "nope.npz"), str(tmp_path / "p.npz")]) == 2
@@ -303,14 +303,15 @@ sys.path.insert(0, {root!r})
 
 def _run_blocked(blocked, code, tmp_path):
     script = _BLOCKER.format(blocked=set(blocked), root=str(ROOT)) + code
-    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=subprocess_env())
 
 
 @requires_torch
 def test_npz_to_pytorch_and_timm_works_without_jax(official, tmp_path):
     src, flat = official
     code = f"""
-from convert.cli import main
+from mixer_convert.tools.cli import main
 assert main([{str(src)!r}, 'm.pt', '--verify', '--quiet']) == 0
 assert main([{str(src)!r}, 'timm.safetensors', '--to', 'timm', '--quiet']) == 0
 from mixer_torch import from_checkpoint
@@ -328,7 +329,7 @@ print('ok')
 def test_flax_side_works_without_torch(official, tmp_path):
     src, _ = official
     code = f"""
-from convert.cli import main
+from mixer_convert.tools.cli import main
 assert main([{str(src)!r}, 'm.msgpack', '--verify', '--quiet']) == 0
 assert main(['m.msgpack', 'orbax_dir', '--to', 'orbax', '--quiet']) == 0
 import mixer_jax, mixer_jax.train, mixer_jax.data
@@ -344,21 +345,21 @@ print('ok')
 
 
 def test_new_head_is_fresh_and_zero(official):
-    from convert.resize import load_for_finetune
+    from mixer_convert.load import load_checkpoint
 
     src, flat = official
-    new, cfg = load_for_finetune(src, num_classes=11)
+    new, cfg = load_checkpoint(src, num_classes=11)
     assert cfg.num_classes == 11 and new["head/kernel"].shape == (24, 11) and not new["head/kernel"].any()
     assert np.array_equal(new["stem/kernel"], flat["stem/kernel"])
-    kept, _ = load_for_finetune(src)
+    kept, _ = load_checkpoint(src)
     assert np.array_equal(kept["head/kernel"], flat["head/kernel"])
-    none, cfg0 = load_for_finetune(src, num_classes=None)
+    none, cfg0 = load_checkpoint(src, num_classes=None)
     assert "head/kernel" not in none and cfg0.num_classes is None
 
 
 @pytest.mark.parametrize("scale", [2, 3])
 def test_resized_model_on_tiled_images_equals_the_base_model_per_tile(scale):
-    from convert.resize import resize_token_mixing, tile_images
+    from mixer_convert.resize import resize_token_mixing, tile_images
 
     flat = random_params(TINY, 3)
     big, big_cfg = resize_token_mixing(flat, TINY, scale)
@@ -371,7 +372,7 @@ def test_resized_model_on_tiled_images_equals_the_base_model_per_tile(scale):
 @requires_torch
 def test_resize_is_exact_in_pytorch(official):
     import torch
-    from convert.resize import tile_images
+    from mixer_convert.resize import tile_images
     from mixer_torch import from_checkpoint
 
     src, _ = official
@@ -386,7 +387,7 @@ def test_resize_is_exact_in_pytorch(official):
 
 @requires_jax
 def test_resize_is_exact_in_flax(official):
-    from convert.resize import tile_images
+    from mixer_convert.resize import tile_images
     from mixer_jax import from_checkpoint
 
     src, _ = official

@@ -5,9 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, images, requires_jax, requires_torch
-from convert import config_for, param_shapes
-from convert.layouts import LAYOUTS
+from conftest import ROOT, images, requires_jax, requires_torch, subprocess_env
+from mixer_convert import config_for, param_shapes
+from mixer_convert.layouts import LAYOUTS
 
 SMALL = dict(variant="S/32", image_size=(64, 96), num_classes=7)
 
@@ -147,7 +147,7 @@ def test_compat_constructor_keeps_the_original_ports_argument_meanings():
 
 @requires_torch
 def test_module_entry_point_prints_logits_for_a_random_image_like_the_original_script():
-    r = subprocess.run([sys.executable, "-m", "mixer_torch.mlp_mixer"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "mixer_torch.mlp_mixer"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "logits (1, 10)" in r.stdout and "tensor([[" in r.stdout
@@ -158,7 +158,7 @@ def test_module_entry_point_prints_logits_for_a_random_image_like_the_original_s
 def test_torch_load_then_export_is_exact_and_keeps_bf16():
     import ml_dtypes
     import torch
-    from convert import random_params
+    from mixer_convert import random_params
     from mixer_torch import MlpMixer, load_flat, to_flat
 
     cfg = small_cfg()

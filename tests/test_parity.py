@@ -1,14 +1,14 @@
 """Flax and PyTorch compute the same function: every variant, every block, fp32 and bf16.
 
 Runs on whatever device each framework finds (CPU here; GPU/TPU when present). fp32
-matmuls run at full precision on accelerators (no TF32), see convert.parity.
+matmuls run at full precision on accelerators (no TF32), see mixer_convert.tools.parity.
 """
 import numpy as np
 import pytest
 
 from conftest import images, requires_jax, requires_torch
-from convert import VARIANTS, config_for, random_params
-from convert.parity import (BF16_REL, FP32_LOGITS_MAX_ABS, FP32_REL, compare, first_divergence, flax_forward,
+from mixer_convert import VARIANTS, config_for, random_params
+from mixer_convert.tools.parity import (BF16_REL, FP32_LOGITS_MAX_ABS, FP32_REL, compare, first_divergence, flax_forward,
                             format_table, torch_forward)
 
 pytestmark = [requires_jax, requires_torch]

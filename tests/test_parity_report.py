@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from conftest import images, requires_jax, requires_torch
-from convert import config_for, random_params
+from mixer_convert import config_for, random_params
 
 pytestmark = [requires_jax, requires_torch]
 
 
 def test_loss_gradients_agree_for_every_parameter():
-    from convert.parity import compare_params, flax_grads, torch_grads
-    from convert.parity import GRAD_ATOL_GLOBAL, GRAD_RTOL
+    from mixer_convert.tools.parity import compare_params, flax_grads, torch_grads
+    from mixer_convert.tools.parity import GRAD_ATOL_GLOBAL, GRAD_RTOL
 
     cfg = config_for("S/16", image_size=64, num_classes=10)
     flat = random_params(cfg, 0)
@@ -28,7 +28,7 @@ def test_loss_gradients_agree_for_every_parameter():
 def test_token_mixing_output_bias_gradient_is_zero_as_the_bound_assumes():
     """Each token-mixing Dense_1 bias adds a per-token constant across channels; every consumer
     is a LayerNorm over channels, which removes it. The reference says so too."""
-    from convert.parity import flax_grads
+    from mixer_convert.tools.parity import flax_grads
 
     cfg = config_for("S/16", image_size=64, num_classes=10)
     g = flax_grads(cfg, random_params(cfg, 1), images(2, 64, 64), np.array([1, 2]))
@@ -38,7 +38,7 @@ def test_token_mixing_output_bias_gradient_is_zero_as_the_bound_assumes():
 
 
 def test_report_passes_writes_json_and_names_every_block(tmp_path, capsys):
-    from convert.parity_report import main
+    from mixer_convert.tools.parity_report import main
 
     assert main(["--variant", "S/32", "--image-size", "64", "--no-timm", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
@@ -49,7 +49,7 @@ def test_report_passes_writes_json_and_names_every_block(tmp_path, capsys):
 
 def test_report_fails_and_names_the_block_when_pytorch_is_wrong(monkeypatch, capsys):
     import mixer_torch.model as tm
-    from convert.parity_report import main
+    from mixer_convert.tools.parity_report import main
 
     orig = tm.MixerBlock.forward
 
@@ -69,7 +69,7 @@ def test_report_fails_and_names_the_block_when_pytorch_is_wrong(monkeypatch, cap
 
 
 def test_report_accepts_a_weights_file(tmp_path, capsys):
-    from convert.parity_report import main
+    from mixer_convert.tools.parity_report import main
 
     cfg = config_for("S/32", image_size=64, num_classes=5)
     np.savez(tmp_path / "w.npz", **random_params(cfg, 2))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import images, requires_jax, requires_torch
-from convert import config_for, random_params
-from convert.spec import block_drop_rates
+from mixer_convert import config_for, random_params
+from mixer_convert.spec import block_drop_rates
 
 CFG = config_for("S/32", image_size=64, num_blocks=2, stoch_depth=0.5, num_classes=3)
 N = 256

@@ -1,6 +1,6 @@
 import pytest
 
-from convert import (VARIANTS, MixerConfig, ParamMismatchError, check_params, check_variant, config_for, infer_config,
+from mixer_convert import (VARIANTS, MixerConfig, ParamMismatchError, check_params, check_variant, config_for, infer_config,
                      num_params, param_shapes, parse_variant, random_params)
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import requires_torch
-from convert import config_for, random_params
-from convert.bridge import convert_checkpoint
-from convert.io import read_params
-from convert.parity import timm_python
-from convert.reference import forward
+from mixer_convert import config_for, random_params
+from mixer_convert.tools.bridge import convert_checkpoint
+from mixer_convert.io import read_params
+from mixer_convert.tools.parity import timm_python
+from mixer_convert.reference import forward
 
-ORACLE = Path(__file__).resolve().parents[1] / "convert" / "timm_oracle.py"
+ORACLE = Path(__file__).resolve().parents[1] / "convert" / "tools" / "timm_oracle.py"
 
 
 pytestmark = pytest.mark.skipif(timm_python() is None, reason="no timm interpreter (set MIXER_TIMM_PYTHON)")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, requires_jax
+from conftest import ROOT, requires_jax, subprocess_env
 
 pytestmark = requires_jax
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -19,7 +19,7 @@ WORKER = Path(__file__).with_name("train_worker.py")
 
 def run_worker(workdir, out, *args, check=True, timeout=600):
     cmd = [sys.executable, str(WORKER), str(workdir), str(out), *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=subprocess_env())
     if check:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -270,7 +270,7 @@ def test_a_run_writes_metrics_plot_checkpoints_and_official_npz(reference_run):
     assert recs[-1]["eval_accuracy"] == pytest.approx(acc)
     assert (w / "metrics.png").stat().st_size > 10_000
     assert sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == [8, 12]
-    from convert.io import read_params
+    from mixer_convert.io import read_params
     saved = read_params(w / "model.npz")
     assert all(np.array_equal(saved[k], params[k]) for k in params)
     # the bridge reads the training checkpoint itself (params beside opt_state and step)
@@ -299,7 +299,7 @@ def test_two_processes_on_localhost_train_like_one(reference_run, tmp_path):
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "w"), str(tmp_path / "o.npz"),
                                "--devices", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i), "--set", "steps=12"],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                              cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-4000:]
@@ -344,9 +344,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 
 def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export_to_pytorch(tmp_path):
-    from convert import config_for, random_params
-    from convert.io import read_params
-    from convert.resize import new_head, resize_token_mixing
+    from mixer_convert import config_for, random_params
+    from mixer_convert.io import read_params
+    from mixer_convert.resize import new_head, resize_token_mixing
     from mixer_jax.train import train_and_evaluate
 
     base_cfg = config_for("S/16", patch_size=4, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=64,
@@ -369,7 +369,7 @@ def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export
 
 
 def test_init_from_a_checkpoint_for_another_resolution_is_a_clear_error(tmp_path):
-    from convert import config_for, random_params
+    from mixer_convert import config_for, random_params
     from mixer_jax.train import train_and_evaluate
 
     base_cfg = config_for("S/16", patch_size=4, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=64,

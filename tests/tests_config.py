@@ -1,7 +1,7 @@
 """A training config small enough for many short runs in the test suite."""
 import dataclasses
 
-from convert.spec import MixerConfig
+from mixer_convert.spec import MixerConfig
 from mixer_jax.configs import digits
 
 

@@ -1,6 +1,6 @@
 """Checkpoint conversion: any supported format -> any other, streamed, checked, atomic.
 
-``convert_checkpoint`` is the library entry point; ``mixer-convert`` (convert.cli) is a thin
+``convert_checkpoint`` is the library entry point; ``mixer-convert`` (mixer_convert.tools.cli) is a thin
 CLI over it. Converting to PyTorch/timm imports torch only; to Flax formats, flax only; npz
 and safetensors need neither.
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.io import (CheckpointError, LazyParams, _np_dtype, cast, format_for_output, nonfinite, read_params,
-                        shape_view, write_params)
-from convert.params import check_params, check_variant, infer_config
-from convert.spec import MixerConfig, param_shapes
+from mixer_convert.io import (CheckpointError, LazyParams, cast, check_destination, format_for_output, nonfinite, np_dtype, read_params,
+                              write_params)
+from mixer_convert.load import open_checkpoint
+from mixer_convert.spec import MixerConfig, param_shapes
 
 
 class NonFiniteWeightsError(CheckpointError):
@@ -31,7 +31,7 @@ class _Checked(Mapping):
     def __init__(self, src: LazyParams, cfg: MixerConfig, dtype: str, allow_nonfinite: bool) -> None:
         self.src, self.order, self.dtype, self.allow_nonfinite = src, list(param_shapes(cfg)), dtype, allow_nonfinite
         self.shapes = {k: src.shapes[k] for k in self.order}
-        self.dtypes = {k: src.dtypes[k] if dtype == "keep" else _np_dtype(dtype) for k in self.order}
+        self.dtypes = {k: src.dtypes[k] if dtype == "keep" else np_dtype(dtype) for k in self.order}
         self.warnings: list[str] = []
 
     def __iter__(self) -> Iterator[str]:
@@ -78,16 +78,6 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def load_config(src: LazyParams, variant: str | None = None, image_size=None) -> MixerConfig:
-    """Config from shapes, checked against a user-named variant, every key checked."""
-    shapes = shape_view(src)
-    cfg = infer_config(shapes, image_size=image_size)
-    if variant:
-        check_variant(cfg, variant)
-    check_params(shapes, cfg, what=f"{src.source}")
-    return cfg
-
-
 def _progress(total_bytes: int, enabled: bool | None):
     from tqdm.auto import tqdm
 
@@ -101,20 +91,18 @@ def _progress(total_bytes: int, enabled: bool | None):
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None, *,
                        variant: str | None = None, dtype: str = "keep", force: bool = False, verify: bool = False,
-                       allow_nonfinite: bool = False, image_size=None, progress: bool | None = None
-                       ) -> ConversionReport:
+                       allow_nonfinite: bool = False, image_size=None, progress: bool | None = None,
+                       prefix: str | None = None) -> ConversionReport:
     """Convert ``src`` to ``dst``. ``to``: torch | timm | flax | npz | msgpack | orbax (default:
     from dst's suffix). The source is only read; dst is written atomically and never
     overwritten without ``force``; on any error no dst is left behind."""
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    check_destination(dst, force)  # before any reading: fail fast
     if dst.resolve() == src.resolve():
         raise ValueError("source and destination are the same file; the source is never modified")
     fmt, layout = format_for_output(dst, to)
-    params = read_params(src)
+    params, cfg = open_checkpoint(src, variant, image_size, prefix)
     try:
-        cfg = load_config(params, variant, image_size)
         checked = _Checked(params, cfg, dtype, allow_nonfinite)
         nbytes = sum(int(np.prod(s)) * checked.dtypes[k].itemsize for k, s in checked.shapes.items())
         report = ConversionReport(str(src), str(dst), fmt, layout, cfg,
@@ -136,7 +124,7 @@ def verify_conversion(source: Mapping[str, np.ndarray], dst: Path, cfg: MixerCon
     """Read dst back (tensors must be bit-identical to what was written) and run the model
     of the destination's framework from dst against the float64 numpy reference on the
     source weights, on a random probe batch."""
-    from convert import reference
+    from mixer_convert import reference
 
     back = read_params(dst)
     try:
@@ -162,12 +150,12 @@ def _framework_forward(flat, cfg, layout, probe) -> tuple[np.ndarray, str]:
 
     flat32 = {k: np.asarray(flat[k], np.float32) for k in flat}
     if layout in ("torch", "timm") and importlib.util.find_spec("torch"):
-        from convert.parity import torch_forward
+        from mixer_convert.tools.parity import torch_forward
         return torch_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
             "our PyTorch model vs numpy float64 reference"
     if layout == "flax" and importlib.util.find_spec("flax"):
-        from convert.parity import flax_forward
+        from mixer_convert.tools.parity import flax_forward
         return flax_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
             "our Flax model vs numpy float64 reference"
-    from convert import reference
+    from mixer_convert import reference
     return reference.forward(flat32, cfg, probe), "numpy reference on the written file vs on the source"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from convert.io import DTYPES, CheckpointError
-from convert.params import ParamMismatchError
+from mixer_convert.io import DTYPES, CheckpointError
+from mixer_convert.params import ParamMismatchError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="expected variant, e.g. B/16; an error if the weights say otherwise")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                    help="only for checkpoints whose patch grid is not square")
+    p.add_argument("--prefix", help="the parameter tree to read when a file holds several "
+                                    "(e.g. params/ beside opt/target/); the error lists them")
     p.add_argument("--dtype", choices=DTYPES, default="keep", help="cast floating weights (default: keep)")
     p.add_argument("--verify", action="store_true",
                    help="read the output back and compare probe-batch logits against a float64 reference")
@@ -31,13 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from convert.bridge import convert_checkpoint
+    from mixer_convert.tools.bridge import convert_checkpoint
 
     try:
         report = convert_checkpoint(args.src, args.dst, args.to, variant=args.variant, dtype=args.dtype,
                                     force=args.force, verify=args.verify, allow_nonfinite=args.allow_nonfinite,
                                     image_size=tuple(args.image_size) if args.image_size else None,
-                                    progress=False if args.quiet else None)
+                                    progress=False if args.quiet else None, prefix=args.prefix)
     except (CheckpointError, ParamMismatchError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"mixer-convert: error: {e}", file=sys.stderr)
         return 2

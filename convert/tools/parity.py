@@ -12,9 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from convert.spec import MixerConfig, intermediate_names
-
-DTYPES = ("float32", "bfloat16")
+from mixer_convert.spec import MixerConfig, intermediate_names
 
 # The agreement bounds, used by the tests, mixer-parity and mixer-demo alike.
 # fp32: the issue's bound on logits, and a relative bound on every intermediate.
@@ -24,7 +22,7 @@ FP32_LOGITS_MAX_ABS, FP32_REL = 1e-4, 1e-5
 # to each intermediate's largest magnitude. Observed: 3.1e-2 at worst (H/14 at 224).
 BF16_REL = 5e-2
 # Gradients: max-abs <= GRAD_RTOL x that parameter's largest gradient + GRAD_ATOL_GLOBAL x the
-# largest gradient of any parameter (see convert/parity_report.py for why the second term).
+# largest gradient of any parameter (see convert/tools/parity_report.py for why the second term).
 GRAD_RTOL, GRAD_ATOL_GLOBAL = 1e-4, 1e-6
 
 # timm's names for the variants it has (no S/8, no H/14).
@@ -162,7 +160,7 @@ def torch_grads(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: n
     """The same gradients from the PyTorch model, mapped back to canonical names and layouts."""
     import torch
 
-    from convert.layouts import torch_to_canonical
+    from mixer_convert.layouts import torch_to_canonical
     from mixer_torch.model import MlpMixer, load_flat
 
     dev = torch_device(device)

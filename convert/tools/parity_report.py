@@ -15,7 +15,6 @@ Bounds (documented in README):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -24,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.parity import (BF16_REL, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL, TIMM_NAMES, compare,
+from mixer_convert.tools.parity import (BF16_REL, Diff, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL, TIMM_NAMES, compare,
                             compare_params, first_divergence, flax_forward, flax_grads, format_table, timm_python,
                             torch_device, torch_forward, torch_grads)
-from convert.spec import VARIANTS, MixerConfig, config_for
+from mixer_convert.spec import VARIANTS, MixerConfig, config_for
 
 
 def _rows(rows) -> list[dict]:
@@ -48,11 +47,11 @@ def run_variant(variant: str, weights: str | None = None, batch: int = 2, image_
 
 
 def _run_variant(variant, weights, batch, image_size, device, grads, timm, seed) -> dict:
-    from convert.params import random_params
+    from mixer_convert.params import random_params
 
     if weights:
-        from convert.resize import load_for_finetune
-        flat, cfg = load_for_finetune(weights, variant=variant)
+        from mixer_convert.load import load_checkpoint
+        flat, cfg = load_checkpoint(weights, variant=variant)
         flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
     else:
         cfg = config_for(variant, **({"image_size": image_size} if image_size else {}))
@@ -103,7 +102,7 @@ def _timm(variant: str, cfg: MixerConfig, flat, x, ref) -> dict:
     exe = timm_python()
     if exe is None:
         return {"skipped": "timm not installed (or set MIXER_TIMM_PYTHON)"}
-    from convert.io import write_params
+    from mixer_convert.io import write_params
 
     with tempfile.TemporaryDirectory() as d:
         write_params(flat, Path(d) / "w.safetensors", fmt="safetensors", layout="timm")
@@ -130,7 +129,7 @@ def format_report(r: dict) -> str:
         if key == "forward_fp32" and r["first_divergence_fp32"]:
             verdict += f" (first divergence: {r['first_divergence_fp32']})"
         lines.append(f"-- {title}: {verdict}")
-        lines.append(format_table([_Row(**row) for row in r[key]]))
+        lines.append(format_table([Diff(row["name"], row["max_abs"], row["scale"]) for row in r[key]]))
     if "grads_fp32" in r:
         g = r["grads_fp32"]
         worst = next(row for row in g if row["name"] == r["grads_worst"])
@@ -146,14 +145,6 @@ def format_report(r: dict) -> str:
         lines.append(f"-- timm: {t.get('skipped') or t.get('error')}")
     lines.append(f"== {r['variant']}: {'PASS' if r['pass'] else 'FAIL'}")
     return "\n".join(lines)
-
-
-@dataclasses.dataclass
-class _Row:
-    name: str
-    max_abs: float
-    rel: float
-    scale: float
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from convert.bridge import convert_checkpoint
-    from convert.parity import (FP32_LOGITS_MAX_ABS, FP32_REL, compare, first_divergence, flax_forward,
+    from mixer_convert.tools.bridge import convert_checkpoint
+    from mixer_convert.tools.parity import (FP32_LOGITS_MAX_ABS, FP32_REL, compare, first_divergence, flax_forward,
                                 format_table, torch_forward)
     from mixer_jax.configs import digits
     from mixer_jax.data import eval_batches, make_source
@@ -42,10 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     print("      " + rep.summary().replace("\n", "\n      "))
 
     print("[3/3] PyTorch vs Flax on the whole test split")
-    from convert.io import read_params
+    from mixer_convert.load import load_checkpoint
 
-    flat = read_params(work / "model.pt")
-    flat = {k: np.asarray(flat[k]) for k in flat}
+    flat, _ = load_checkpoint(work / "model.pt")
     src = make_source(cfg.data, cfg.data.eval_split)
     xs, ys, ms = zip(*eval_batches(src, cfg.data, 512))
     x, y = np.concatenate(xs)[np.concatenate(ms)], np.concatenate(ys)[np.concatenate(ms)]
