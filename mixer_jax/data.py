@@ -10,7 +10,6 @@ needed), and ``imagefolder`` (``DIR/<split>/<class>/*.jpg|png``, read with Pillo
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -18,17 +17,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    name: str = "digits"  # 'digits', 'imagefolder', or a tfds dataset name ('cifar10', 'imagenet2012', ...)
-    data_dir: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    image_size: int | tuple[int, int] = 224
-    # 'inception_crop_flip' is the official train preprocessing; flips are wrong for digits.
-    train_augment: str = "inception_crop_flip"
-    crop_area: tuple[float, float] = (0.05, 1.0)
+from mixer_jax.configs import AUGMENTS, DataConfig
 
 
 class Source(Protocol):
@@ -37,8 +26,6 @@ class Source(Protocol):
     def __len__(self) -> int: ...
     def get(self, index: int) -> tuple[np.ndarray, int]: ...  # (H, W, 3) uint8, label
 
-
-AUGMENTS = ("inception_crop_flip", "inception_crop", "none")
 
 # ---- sources --------------------------------------------------------------------------------
 

@@ -25,82 +25,10 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mixer_convert.spec import MixerConfig, config_for
-from mixer_jax.data import Batches, DataConfig, eval_batches, make_source
+from mixer_convert.spec import MixerConfig
+from mixer_jax.configs import OptimConfig, TrainConfig, validate
+from mixer_jax.data import Batches, eval_batches, make_source
 from mixer_jax.model import MlpMixer, params_from_flat
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Defaults: vit_jax's fine-tuning recipe (SGD momentum 0.9, lr 0.03, cosine, 500 warmup, clip 1)."""
-
-    name: str = "sgd"  # 'sgd' | 'adam'
-    lr: float = 0.03
-    momentum: float = 0.9
-    b1: float = 0.9
-    b2: float = 0.999
-    weight_decay: float = 0.0  # decoupled (multiplied by the lr schedule), kernels only
-    schedule: str = "cosine"  # 'cosine' | 'linear' (decay to 0 after warmup)
-    warmup_steps: int = 500
-    grad_clip: float = 1.0  # global norm; 0 disables
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    # The architecture; its num_classes and image_size are replaced by the data's. With
-    # init_from, the checkpoint's architecture wins and only stoch_depth/dropout_rate are used.
-    model: MixerConfig = dataclasses.field(default_factory=lambda: config_for("B/16"))
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    batch_size: int = 512  # global, per optimizer step
-    accum_steps: int = 1  # micro-batches per step (batch_size / accum_steps each)
-    steps: int = 10_000
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0  # 0 disables; mixes each batch with its reverse (big_vision)
-    compute_dtype: str = "float32"  # or 'bfloat16' (params and optimizer stay float32)
-    seed: int = 0
-    eval_every: int = 1000  # 0: only at the end
-    log_every: int = 50
-    checkpoint_every: int = 1000  # 0: only at the end
-    keep_checkpoints: int = 2
-    init_from: str | None = None  # any checkpoint the bridge reads (.npz, .msgpack, ...); head replaced
-    resize_scale: int = 1  # fine-tune at K x the checkpoint's resolution (paper appendix C)
-    export_torch: bool = False  # write model.pt (our PyTorch naming) at the end; needs torch
-    eval_batch_size: int = 0  # 0: batch_size / accum_steps
-
-
-# ---- validation -------------------------------------------------------------------------------
-
-
-def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None:
-    """Every config error we can find, before any data is read or anything is compiled."""
-    errors = []
-    if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.steps < 1:
-        errors.append("batch_size, accum_steps and steps must be positive")
-    elif cfg.batch_size % cfg.accum_steps:
-        errors.append(f"batch_size {cfg.batch_size} is not divisible by accum_steps {cfg.accum_steps}")
-    elif (cfg.batch_size // cfg.accum_steps) % num_devices:
-        errors.append(f"micro-batch {cfg.batch_size // cfg.accum_steps} (batch_size/accum_steps) is not divisible "
-                      f"by the {num_devices} devices")
-    if cfg.optim.name not in ("sgd", "adam"):
-        errors.append(f"optim.name must be 'sgd' or 'adam', got {cfg.optim.name!r}")
-    if cfg.optim.schedule not in ("cosine", "linear"):
-        errors.append(f"optim.schedule must be 'cosine' or 'linear', got {cfg.optim.schedule!r}")
-    if cfg.optim.lr <= 0:
-        errors.append(f"optim.lr must be positive, got {cfg.optim.lr}")
-    if cfg.compute_dtype not in ("float32", "bfloat16"):
-        errors.append(f"compute_dtype must be 'float32' or 'bfloat16', got {cfg.compute_dtype!r}")
-    if not 0 <= cfg.label_smoothing < 1 or cfg.mixup_alpha < 0:
-        errors.append("label_smoothing must be in [0, 1) and mixup_alpha >= 0")
-    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
-        errors.append(f"init_from {cfg.init_from!r} does not exist")
-    if cfg.resize_scale < 1:
-        errors.append("resize_scale must be a positive integer")
-    eb = cfg.eval_batch_size or cfg.batch_size // max(cfg.accum_steps, 1)
-    if eb % num_devices or eb % process_count:
-        errors.append(f"eval batch {eb} is not divisible by the {num_devices} devices")
-    if errors:
-        raise ValueError("bad training config:\n  " + "\n  ".join(errors))
 
 
 # ---- optimizer ----------------------------------------------------------------------------------

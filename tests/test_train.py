@@ -46,8 +46,9 @@ def tiny(**kw):
 
 
 def test_bad_configs_fail_before_any_compute(tmp_path):
-    from mixer_jax.data import DataConfig
-    from mixer_jax.train import train_and_evaluate, validate
+    from mixer_jax.configs import DataConfig
+    from mixer_jax.configs import validate
+    from mixer_jax.train import train_and_evaluate
 
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         validate(tiny(batch_size=36), num_devices=8)
@@ -90,7 +91,8 @@ def test_cli_rejects_a_bad_override_with_exit_code_2(tmp_path, capsys):
 
 
 def test_schedules_warm_up_then_decay_to_zero():
-    from mixer_jax.train import OptimConfig, make_schedule
+    from mixer_jax.configs import OptimConfig
+    from mixer_jax.train import make_schedule
 
     cos = make_schedule(OptimConfig(lr=0.03, warmup_steps=500, schedule="cosine"), 10_000)
     assert float(cos(0)) == 0 and float(cos(250)) == pytest.approx(0.015) and float(cos(500)) == pytest.approx(0.03)
@@ -101,7 +103,8 @@ def test_schedules_warm_up_then_decay_to_zero():
 
 def test_weight_decay_is_decoupled_and_applies_to_kernels_only():
     import jax.numpy as jnp
-    from mixer_jax.train import OptimConfig, make_optimizer
+    from mixer_jax.configs import OptimConfig
+    from mixer_jax.train import make_optimizer
 
     tx, _ = make_optimizer(OptimConfig(name="adam", lr=0.1, weight_decay=0.5, warmup_steps=0, grad_clip=0,
                                        schedule="cosine"), 10)
@@ -175,7 +178,8 @@ def test_label_smoothing_and_mixup_build_the_documented_targets():
 
 
 def test_batches_are_a_pure_function_of_seed_and_step_and_split_across_processes():
-    from mixer_jax.data import Batches, DataConfig, make_source
+    from mixer_jax.configs import DataConfig
+    from mixer_jax.data import Batches, make_source
 
     dc = DataConfig(name="digits", image_size=16, train_augment="inception_crop_flip")
     src = make_source(dc, "train")
@@ -194,7 +198,8 @@ def test_batches_are_a_pure_function_of_seed_and_step_and_split_across_processes
 
 
 def test_eval_batches_cover_the_split_once_and_split_across_processes():
-    from mixer_jax.data import DataConfig, eval_batches, make_source
+    from mixer_jax.configs import DataConfig
+    from mixer_jax.data import eval_batches, make_source
 
     dc = DataConfig(name="digits", image_size=16)
     src = make_source(dc, "test")
@@ -230,7 +235,8 @@ def test_imagefolder_and_mocked_tfds_datasets_train(tmp_path):
     import tensorflow_datasets as tfds
     from PIL import Image
 
-    from mixer_jax.data import DataConfig, digits_source
+    from mixer_jax.configs import DataConfig
+    from mixer_jax.data import digits_source
     from mixer_jax.train import train_and_evaluate
 
     src = digits_source("test")
