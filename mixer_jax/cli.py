@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
@@ -15,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set steps=200 --set optim.lr=0.01 "
                         "--set data.data_dir=/data --set init_from=Mixer-B_16.npz")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run although the config changes what it computes (steps, schedule, batch, "
+                        "model, data...); without it such a resume is refused, listing the differences")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port (jax.distributed.initialize)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -22,33 +26,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(msg: str, code: int = 2) -> int:
+    print(f"mixer-train: error: {msg}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     from mixer_jax.configs import get_config, override
 
     try:
         cfg = override(get_config(args.config), args.overrides)
     except ValueError as e:
-        print(f"mixer-train: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     import jax
 
     if args.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPU/TPU ignore it
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from mixer_jax.checkpointing import CheckpointError
     from mixer_jax.train import NonFiniteLossError, train_and_evaluate
 
     try:
-        result = train_and_evaluate(cfg, args.workdir, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mixer-train: error: {e}", file=sys.stderr)
-        return 2
+        result = train_and_evaluate(cfg, args.workdir, progress=not args.no_progress,
+                                    allow_config_change=args.allow_config_change)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        return _error(str(e))
     except NonFiniteLossError as e:
         print(f"mixer-train: stopped: {e}", file=sys.stderr)
         return 3
-    if jax.process_index() == 0:
-        print(f"done: step {result['step']}, eval accuracy {result.get('eval_accuracy', float('nan')):.4f}; "
-              f"outputs in {args.workdir}")
+    if jax.process_index() != 0:
+        return 130 if result.interrupted else 0
+    if result.interrupted:
+        print(f"mixer-train: interrupted at step {result.step}; checkpoint saved in {args.workdir}/checkpoints. "
+              f"Resume with: {shlex.join(['mixer-train', *argv])}", file=sys.stderr)
+        return 130
+    acc = result.eval.get("eval_accuracy", float("nan"))
+    print(f"done: step {result.step}, eval accuracy {acc:.4f}; outputs in {args.workdir}")
     return 0
 
 

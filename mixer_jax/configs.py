@@ -4,6 +4,7 @@ framework imports: a config can be built and checked before anything is compiled
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from mixer_convert.spec import MixerConfig, config_for
@@ -64,37 +65,87 @@ class TrainConfig:
 
 # ---- validation -------------------------------------------------------------------------------
 
+# (key, test, allowed range as shown to the user). Every value a user can set is covered, so a bad
+# one fails here, naming the key, before any data is read or anything is compiled.
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int_at_least(lo: int):
+    return lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+_CHECKS: tuple[tuple[str, object, str], ...] = (
+    ("batch_size", _int_at_least(1), "an integer >= 1"),
+    ("accum_steps", _int_at_least(1), "an integer >= 1"),
+    ("steps", _int_at_least(1), "an integer >= 1"),
+    ("label_smoothing", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
+    ("mixup_alpha", lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 disables)"),
+    ("compute_dtype", lambda x: x in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+    ("seed", _int_at_least(0), "an integer >= 0"),
+    ("eval_every", _int_at_least(0), "an integer >= 0 (0: only at the end)"),
+    ("log_every", _int_at_least(1), "an integer >= 1"),
+    ("checkpoint_every", _int_at_least(0), "an integer >= 0 (0: only at the end)"),
+    ("keep_checkpoints", _int_at_least(1), "an integer >= 1"),
+    ("init_from", lambda x: x is None or (isinstance(x, str) and x != ""), "a checkpoint path or name, or none"),
+    ("resize_scale", _int_at_least(1), "an integer >= 1"),
+    ("export_torch", lambda x: isinstance(x, bool), "true or false"),
+    ("eval_batch_size", _int_at_least(0), "an integer >= 0 (0: batch_size / accum_steps)"),
+    ("optim.name", lambda x: x in ("sgd", "adam"), "'sgd' or 'adam'"),
+    ("optim.lr", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("optim.momentum", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1) (0: plain SGD)"),
+    ("optim.b1", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
+    ("optim.b2", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
+    ("optim.weight_decay", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("optim.schedule", lambda x: x in ("cosine", "linear"), "'cosine' or 'linear'"),
+    ("optim.warmup_steps", _int_at_least(0), "an integer >= 0"),
+    ("optim.grad_clip", lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 disables)"),
+    ("data.name", lambda x: isinstance(x, str) and x != "", "'digits', 'imagefolder' or a tfds dataset name"),
+    ("data.train_augment", lambda x: x in AUGMENTS, " or ".join(map(repr, AUGMENTS))),
+    ("data.crop_area", lambda x: isinstance(x, tuple) and len(x) == 2 and all(map(_finite, x))
+     and 0 < x[0] <= x[1] <= 1, "two numbers lo,hi with 0 < lo <= hi <= 1"),
+    ("data.image_size", lambda x: _int_at_least(1)(x) or (isinstance(x, tuple) and len(x) == 2
+                                                        and all(map(_int_at_least(1), x))),
+     "a positive integer or H,W"),
+)
+_SECTIONS = {"model": MixerConfig, "data": DataConfig, "optim": OptimConfig}
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
 
 def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None:
-    """Every config error we can find, before any data is read or anything is compiled."""
-    errors = []
-    if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.steps < 1:
-        errors.append("batch_size, accum_steps and steps must be positive")
-    elif cfg.batch_size % cfg.accum_steps:
-        errors.append(f"batch_size {cfg.batch_size} is not divisible by accum_steps {cfg.accum_steps}")
-    elif (cfg.batch_size // cfg.accum_steps) % num_devices:
-        errors.append(f"micro-batch {cfg.batch_size // cfg.accum_steps} (batch_size/accum_steps) is not divisible "
-                      f"by the {num_devices} devices")
-    if cfg.optim.name not in ("sgd", "adam"):
-        errors.append(f"optim.name must be 'sgd' or 'adam', got {cfg.optim.name!r}")
-    if cfg.optim.schedule not in ("cosine", "linear"):
-        errors.append(f"optim.schedule must be 'cosine' or 'linear', got {cfg.optim.schedule!r}")
-    if cfg.optim.lr <= 0:
-        errors.append(f"optim.lr must be positive, got {cfg.optim.lr}")
-    if cfg.compute_dtype not in ("float32", "bfloat16"):
-        errors.append(f"compute_dtype must be 'float32' or 'bfloat16', got {cfg.compute_dtype!r}")
-    if not 0 <= cfg.label_smoothing < 1 or cfg.mixup_alpha < 0:
-        errors.append("label_smoothing must be in [0, 1) and mixup_alpha >= 0")
-    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
-        errors.append(f"init_from {cfg.init_from!r} does not exist")
-    if cfg.resize_scale < 1:
-        errors.append("resize_scale must be a positive integer")
-    eb = cfg.eval_batch_size or cfg.batch_size // max(cfg.accum_steps, 1)
-    if eb % num_devices or eb % process_count:
-        errors.append(f"eval batch {eb} is not divisible by the {num_devices} devices")
+    """Every config error we can find, each naming its key and the allowed range, before any
+    data is read or anything is compiled."""
+    errors = [f"{name} must be a section ({cls.__name__}); set its fields, e.g. {name}.{dataclasses.fields(cls)[0].name}=..."
+              for name, cls in _SECTIONS.items() if not isinstance(getattr(cfg, name), cls)]
+    if errors:
+        raise ValueError("bad training config:\n  " + "\n  ".join(errors))
+    for key, ok, allowed in _CHECKS:
+        value = _get(cfg, key)
+        if not ok(value):
+            errors.append(f"{key} must be {allowed}, got {value!r}")
+    if not errors:
+        micro = cfg.batch_size // cfg.accum_steps
+        if cfg.batch_size % cfg.accum_steps:
+            errors.append(f"batch_size {cfg.batch_size} is not divisible by accum_steps {cfg.accum_steps}")
+        elif micro % num_devices:
+            errors.append(f"micro-batch {micro} (batch_size/accum_steps) is not divisible by the {num_devices} devices")
+        eb = cfg.eval_batch_size or micro
+        if eb % num_devices or eb % process_count:
+            errors.append(f"eval batch {eb} is not divisible by the {num_devices} devices")
     if errors:
         raise ValueError("bad training config:\n  " + "\n  ".join(errors))
 
+
+def expand_paths(cfg: TrainConfig) -> TrainConfig:
+    """``~`` in any path the user gives is their home, as in a shell."""
+    init = os.path.expanduser(cfg.init_from) if cfg.init_from else cfg.init_from
+    data_dir = os.path.expanduser(cfg.data.data_dir) if cfg.data.data_dir else cfg.data.data_dir
+    return dataclasses.replace(cfg, init_from=init, data=dataclasses.replace(cfg.data, data_dir=data_dir))
 
 
 # ---- named recipes --------------------------------------------------------------------------
@@ -140,15 +191,36 @@ def get_config(name: str) -> TrainConfig:
     return CONFIGS[name]()
 
 
+# Model fields that another source decides: a --set of one would be silently overwritten.
+_DECIDED_BY_DATA = {"model.num_classes": "the dataset's number of classes",
+                    "model.image_size": "data.image_size (set that instead)"}
+_KEPT_WITH_INIT_FROM = {"model.stoch_depth", "model.dropout_rate"}
+
+
 def override(cfg, assignments: list[str]):
     """Apply 'a.b=value' strings to a (nested, frozen) dataclass config; values are parsed
-    to the field's current type, so typos and bad values fail before anything runs."""
+    to the field's current type, so typos and bad values fail before anything runs. A key whose
+    value another source decides (the data, or ``init_from``'s checkpoint) is refused, saying
+    which source wins."""
+    keys = []
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        cfg = _set(cfg, key.strip().split("."), raw.strip(), key)
+        key = key.strip()
+        cfg = _set(cfg, key.split("."), raw.strip(), key)
+        keys.append(key)
+    _check_decided(cfg, keys)
     return cfg
+
+
+def _check_decided(cfg, keys: list[str]) -> None:
+    for key in keys:
+        if key in _DECIDED_BY_DATA:
+            raise ValueError(f"{key} cannot be set: it is decided by {_DECIDED_BY_DATA[key]}")
+        if key.startswith("model.") and key not in _KEPT_WITH_INIT_FROM and getattr(cfg, "init_from", None):
+            raise ValueError(f"{key} cannot be set together with init_from: the checkpoint decides the "
+                             f"architecture; only {', '.join(sorted(_KEPT_WITH_INIT_FROM))} apply")
 
 
 def _set(obj, path: list[str], raw: str, full: str):
@@ -160,6 +232,9 @@ def _set(obj, path: list[str], raw: str, full: str):
         if not dataclasses.is_dataclass(cur):
             raise ValueError(f"{full!r}: {path[0]} is not a section")
         return dataclasses.replace(obj, **{path[0]: _set(cur, path[1:], raw, full)})
+    if dataclasses.is_dataclass(cur):
+        first = dataclasses.fields(cur)[0].name
+        raise ValueError(f"{full!r} is a section, not a value; set its fields, e.g. {full}.{first}=...")
     return dataclasses.replace(obj, **{path[0]: _parse(raw, cur, full)})
 
 

@@ -1,16 +1,20 @@
 """Flax training and fine-tuning: one code path from a laptop CPU to multi-host GPU/TPU.
 
-Thin ``main`` (mixer_jax.cli) over testable pieces: ``make_optimizer``,
-``create_train_state``, ``train_step``, ``eval_step``, ``train_and_evaluate``.
+Thin ``main`` (mixer_jax.cli) over testable pieces: ``make_optimizer``, ``create_train_state``,
+``train_step``, ``eval_step``, ``model_for`` and ``train_and_evaluate``; checkpoints and their
+fallback live in ``mixer_jax.checkpointing``, the metrics log and NaN guard in ``mixer_jax.metrics``.
 Data parallelism uses ``jax.sharding``: a 1-D ``Mesh`` over every device of every process,
 batches sharded along it, parameters replicated; XLA inserts the gradient all-reduce.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -26,8 +30,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mixer_convert.spec import MixerConfig
-from mixer_jax.configs import OptimConfig, TrainConfig, validate
+from mixer_jax.checkpointing import Checkpointer, check_resume_config, jsonable, to_host
+from mixer_jax.configs import OptimConfig, TrainConfig, expand_paths, validate
 from mixer_jax.data import Batches, eval_batches, make_source
+from mixer_jax.metrics import MetricsLog, NonFiniteLossError, check_finite, last_good_text, plot_metrics
 from mixer_jax.model import MlpMixer, params_from_flat
 
 
@@ -132,30 +138,15 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax
             "loss_sum": jnp.sum(loss * mask), "count": jnp.sum(mask)}
 
 
-# ---- the loop ---------------------------------------------------------------------------------
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def _global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    return jax.make_array_from_process_local_data(sharding, local)
-
-
-def to_host(tree):
-    """Replicated device arrays -> numpy; works when other processes hold other devices."""
-    def get(a):
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            return np.asarray(a.addressable_data(0))
-        return np.asarray(a)
-    return jax.tree_util.tree_map(get, tree)
+# ---- model and initial weights ------------------------------------------------------------------
 
 
 def load_init_params(cfg: TrainConfig, num_classes: int) -> tuple[dict, MixerConfig]:
-    """Weights and architecture from any checkpoint the bridge reads, with a fresh zero head
-    for ``num_classes`` and token-mixing resized by ``resize_scale``. The checkpoint fixes the
-    architecture; ``cfg.model`` contributes only its regularisation (stoch_depth, dropout_rate)."""
+    """Weights and architecture from ``init_from`` (any checkpoint the bridge reads) through the
+    one loading path, token-mixing resized by ``resize_scale``. The head: kept when the checkpoint's
+    head already has ``num_classes`` outputs (e.g. continuing an ImageNet-1k model on ImageNet-1k),
+    otherwise replaced by the official fresh head (zeros). The checkpoint fixes the architecture;
+    ``cfg.model`` contributes only its regularisation (stoch_depth, dropout_rate)."""
     from mixer_convert.load import load_checkpoint
 
     flat, ck = load_checkpoint(cfg.init_from, num_classes, cfg.resize_scale)
@@ -167,25 +158,103 @@ def load_init_params(cfg: TrainConfig, num_classes: int) -> tuple[dict, MixerCon
     return params_from_flat(flat, model_cfg), model_cfg
 
 
-def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True,
-                       on_step: Callable[[int], None] | None = None) -> dict:
-    """Train, evaluate, checkpoint and (optionally) export. Resumes from the newest checkpoint
-    in ``workdir``. ``on_step(step)`` is called after every optimizer step (after any
-    checkpoint of that step is written)."""
-    import orbax.checkpoint as ocp
+def model_for(cfg: TrainConfig, num_classes: int) -> tuple[MixerConfig, dict | None]:
+    """The architecture to train and its initial weights (None: fresh init). The data decides
+    num_classes and image_size; init_from decides everything else but regularisation."""
+    if cfg.init_from:
+        params, model_cfg = load_init_params(cfg, num_classes)
+        return model_cfg, params
+    return cfg.model.replace(num_classes=num_classes, image_size=cfg.data.image_size), None
 
-    workdir = Path(workdir).absolute()
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # the step the run stopped at (cfg.steps unless interrupted)
+    model_config: MixerConfig
+    params: Any  # final parameters, host numpy
+    history: list[dict]  # training records of this process's run, in step order
+    eval: dict[str, float]  # final eval metrics (eval_accuracy, eval_loss); empty if interrupted
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM after saving a checkpoint
+
+
+def _global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGINT/SIGTERM during training set a flag (the loop saves and stops at the next step
+    boundary) instead of raising inside a step; a second Ctrl-C interrupts at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.set()
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _Console:
+    """Progress for people: a tqdm bar, or one line per log when there is none (main process only)."""
+
+    def __init__(self, want_bar: bool, enabled: bool) -> None:
+        self.want_bar, self.enabled, self.bar = want_bar, enabled, None
+
+    def start_bar(self, total: int, initial: int) -> None:
+        if self.want_bar:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def metrics(self, rec: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}", lr=f"{rec['lr']:.2e}",
+                                 img_s=f"{rec['img_per_s']:.0f}")
+        elif self.enabled:
+            print(f"step {rec['step']}: loss {rec['loss']:.4f} accuracy {rec['accuracy']:.3f} "
+                  f"lr {rec['lr']:.2e} {rec['img_per_s']:.0f} img/s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True,
+                       on_step: Callable[[int], None] | None = None,
+                       allow_config_change: bool = False) -> TrainResult:
+    """Train, evaluate, checkpoint and (optionally) export. Resumes from the newest intact
+    checkpoint in ``workdir`` (refusing a config that changes the run's meaning unless
+    ``allow_config_change``). ``on_step(step)`` is called after every optimizer step (after any
+    checkpoint of that step is written). SIGINT/SIGTERM save a checkpoint and return early
+    with ``interrupted=True``."""
+    cfg = expand_paths(cfg)
+    workdir = Path(workdir).expanduser().absolute()
     devices = jax.devices()
     validate(cfg, len(devices), jax.process_count())
     train_src = make_source(cfg.data, cfg.data.train_split)
     eval_src = make_source(cfg.data, cfg.data.eval_split)
-    init_params = None
-    if cfg.init_from:
-        init_params, model_cfg = load_init_params(cfg, train_src.num_classes)
-    else:
-        model_cfg = cfg.model.replace(num_classes=train_src.num_classes, image_size=cfg.data.image_size)
+    model_cfg, init_params = model_for(cfg, train_src.num_classes)
     model = MlpMixer(model_cfg, dtype=jnp.dtype(cfg.compute_dtype))
     is_main = jax.process_index() == 0
+    console = _Console(is_main and progress, is_main)
 
     mesh = Mesh(np.asarray(devices), ("data",))
     repl = NamedSharding(mesh, P())
@@ -196,18 +265,19 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
     rng = jax.random.PRNGKey(cfg.seed)
     state = jax.jit(partial(create_train_state, model, tx), out_shardings=repl)(rng, init_params)
 
-    ckpt_dir = workdir / "checkpoints"
-    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, create=True, enable_async_checkpointing=False))
-    start = 0
-    if mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        restored = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               meta=ocp.args.JsonRestore()))
-        state = restored["state"]
-        if is_main:
-            print(f"resumed from step {start} ({ckpt_dir}); data position {restored['meta']['data_position']}")
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, is_main, report=console.print)
+    start, last_good = 0, None
+    try:
+        restored = ckpt.restore_latest(jax.tree_util.tree_map(_abstract, state))
+    except Exception:
+        ckpt.close()
+        raise
+    if restored is not None:
+        start, state, meta = restored
+        check_resume_config(meta.get("config"), jsonable(cfg), start, allow_config_change, report=console.print)
+        last_good = start
+        console.print(f"resumed from step {start} ({ckpt.dir}); data position {meta['data_position']}")
+    console.start_bar(cfg.steps, start)
 
     batches = Batches(train_src, cfg.data, cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
     step_fn = jax.jit(partial(train_step, model=model, num_classes=model_cfg.num_classes,
@@ -228,125 +298,92 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
                 tot[k] += float(out[k])
         return {"eval_accuracy": tot["correct"] / tot["count"], "eval_loss": tot["loss_sum"] / tot["count"]}
 
-    metrics_path = workdir / "metrics.jsonl"
-    workdir.mkdir(parents=True, exist_ok=True)
-    if is_main and metrics_path.exists():  # a killed run logged steps past its last checkpoint: drop them
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-    log = open(metrics_path, "a") if is_main else None
-    pending: list[tuple[int, dict]] = []
-    last_good = start
-    bar = None
-    if progress and is_main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    t_last, n_last = time.perf_counter(), 0
-    history: list[dict] = []
-
-    def flush() -> None:
-        # Pull the pending per-step metrics; a non-finite loss stops before anything is saved.
-        nonlocal t_last, n_last
-        if not pending:
-            return
-        host = to_host([m for _, m in pending])
-        now = time.perf_counter()
-        ips = n_last * cfg.batch_size / max(now - t_last, 1e-9)
-        for (step, _), m in zip(pending, host):
-            rec = {"step": step, **{k: float(v) for k, v in m.items()}, "img_per_s": ips}
-            if not math.isfinite(rec["loss"]):
-                raise NonFiniteLossError(
-                    f"loss is {rec['loss']} at step {step}; stopping. The last good checkpoint is step {last_good} "
-                    f"in {ckpt_dir} (lower optim.lr, raise warmup, or check the data)")
-            history.append(rec)
-            if log:
-                log.write(json.dumps(rec) + "\n")
-        if log:
-            log.flush()
-        last = history[-1]
-        if bar is not None:
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}", lr=f"{last['lr']:.2e}",
-                            img_s=f"{ips:.0f}")
-        elif is_main:
-            print(f"step {last['step']}: loss {last['loss']:.4f} accuracy {last['accuracy']:.3f} "
-                  f"lr {last['lr']:.2e} {ips:.0f} img/s", flush=True)
-        pending.clear()
-        t_last, n_last = now, 0
-
     def save(step: int) -> None:
         nonlocal last_good
         # A finite loss at this step does not make the updated params finite; check them too.
         if not math.isfinite(float(to_host(param_norm(state.params)))):
-            raise NonFiniteLossError(f"parameters became NaN/Inf at step {step}; stopping. The last good "
-                                     f"checkpoint is step {last_good} in {ckpt_dir}")
+            raise NonFiniteLossError(f"parameters became NaN/Inf at step {step}; stopping. "
+                                     f"{last_good_text(last_good, ckpt.dir)}")
         epoch, pos = batches.position(step)
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"step": step, "data_position": {"epoch": epoch, "index": pos},
-                                    "config": _jsonable(cfg)})))
-        mngr.wait_until_finished()
+        ckpt.save(step, state, {"data_position": {"epoch": epoch, "index": pos}, "config": jsonable(cfg)})
         last_good = step
 
+    log = MetricsLog(workdir / "metrics.jsonl", start, is_main, report=console.print)
+    pending: list[tuple[int, dict]] = []
+    history: list[dict] = []
+    clock = [time.perf_counter(), 0]  # time of the last flush, steps since
+
+    def flush() -> None:
+        # Pull the pending per-step metrics; a non-finite loss stops before anything is saved.
+        if not pending:
+            return
+        now = time.perf_counter()
+        ips = clock[1] * cfg.batch_size / max(now - clock[0], 1e-9)
+        records = [{"step": step, **{k: float(v) for k, v in m.items()}, "img_per_s": ips}
+                   for (step, _), m in zip(pending, to_host([m for _, m in pending]))]
+        pending.clear()
+        clock[:] = [now, 0]
+        check_finite(records, last_good, ckpt.dir)
+        history.extend(records)
+        log.write(records)
+        console.metrics(records[-1])
+
     result: dict = {}
+    done = start
     # Batches are a pure function of the step, so the next one is prepared while this one runs.
     pool = ThreadPoolExecutor(1)
     upcoming = pool.submit(batches, start) if start < cfg.steps else None
     try:
-        for step in range(start, cfg.steps):
-            x, y = upcoming.result()
-            if step + 1 < cfg.steps:
-                upcoming = pool.submit(batches, step + 1)
-            x = x.reshape(cfg.accum_steps, micro, *x.shape[1:])
-            y = y.reshape(cfg.accum_steps, micro)
-            state, m = step_fn(state, _global_array(x, batch_sh), _global_array(y, batch_sh), rng)
-            pending.append((step + 1, m))
-            n_last += 1
-            done = step + 1
-            if bar is not None:
-                bar.update(1)
-            boundary = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
-            if done % cfg.log_every == 0 or boundary:
-                flush()
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-                ev = evaluate()
-                if log:
-                    log.write(json.dumps({"step": done, **ev}) + "\n")
-                if is_main:
-                    (bar.write if bar is not None else print)(
-                        f"step {done}: eval accuracy {ev['eval_accuracy']:.4f} loss {ev['eval_loss']:.4f}")
-            if boundary:
-                save(done)
-            if on_step is not None:
-                on_step(done)
-        flush()
-        result = evaluate()
-        if log:
-            log.write(json.dumps({"step": cfg.steps, **result}) + "\n")
-        if mngr.latest_step() != cfg.steps:
-            save(cfg.steps)
+        with stop_requests() as stop:
+            for step in range(start, cfg.steps):
+                x, y = upcoming.result()
+                if step + 1 < cfg.steps:
+                    upcoming = pool.submit(batches, step + 1)
+                x = x.reshape(cfg.accum_steps, micro, *x.shape[1:])
+                y = y.reshape(cfg.accum_steps, micro)
+                state, m = step_fn(state, _global_array(x, batch_sh), _global_array(y, batch_sh), rng)
+                pending.append((step + 1, m))
+                clock[1] += 1
+                done = step + 1
+                console.step()
+                boundary = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
+                evaluating = cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps
+                if done % cfg.log_every == 0 or boundary or evaluating or stop.is_set():
+                    flush()  # before any eval record, so metrics.jsonl stays in step order
+                if evaluating:
+                    ev = evaluate()
+                    log.write([{"step": done, **ev}])
+                    console.print(f"step {done}: eval accuracy {ev['eval_accuracy']:.4f} loss {ev['eval_loss']:.4f}")
+                if boundary or stop.is_set():
+                    if ckpt.latest_step() != done:
+                        save(done)
+                if on_step is not None:
+                    on_step(done)
+                if stop.is_set() and done < cfg.steps:
+                    break
+            flush()
+            if done == cfg.steps:
+                result = evaluate()
+                log.write([{"step": cfg.steps, **result}])
+                if ckpt.latest_step() != cfg.steps:
+                    save(cfg.steps)
     finally:
         pool.shutdown(cancel_futures=True)
-        if bar is not None:
-            bar.close()
-        if log:
-            log.close()
-        mngr.close()
+        console.close()
+        log.close()
+        ckpt.close()
 
-    result["step"] = int(to_host(state.step))
-    result["history"] = history
-    if is_main:
+    interrupted = done < cfg.steps
+    if is_main and not interrupted:
         write_outputs(state.params, model_cfg, workdir, cfg.export_torch)
-        plot_metrics(metrics_path, workdir / "metrics.png")
-    result["params"] = to_host(state.params)
-    result["model_config"] = model_cfg
-    return result
+        plot_metrics(workdir / "metrics.jsonl", workdir / "metrics.png")
+    return TrainResult(step=int(to_host(state.step)), model_config=model_cfg, params=to_host(state.params),
+                       history=history, eval=result, interrupted=interrupted)
 
 
-def _jsonable(obj):
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (tuple, list)):
-        return [_jsonable(v) for v in obj]
-    return obj
+def _abstract(x):
+    import orbax.checkpoint as ocp
+    return ocp.utils.to_shape_dtype_struct(x)
 
 
 def write_outputs(params, model_cfg: MixerConfig, workdir: Path, export_torch: bool) -> None:
@@ -357,34 +394,6 @@ def write_outputs(params, model_cfg: MixerConfig, workdir: Path, export_torch: b
 
     flat = params_to_flat(to_host(params))
     write_params(flat, workdir / "model.npz", fmt="npz", force=True)
-    (workdir / "model_config.json").write_text(json.dumps(_jsonable(model_cfg), indent=1))
+    (workdir / "model_config.json").write_text(json.dumps(jsonable(model_cfg), indent=1))
     if export_torch:
         write_params(flat, workdir / "model.pt", fmt="torch", force=True)
-
-
-def plot_metrics(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [json.loads(line) for line in open(metrics_path)]
-    train = [r for r in recs if "loss" in r]
-    evals = [r for r in recs if "eval_accuracy" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
-    axes[0].set_title("loss")
-    axes[1].plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train (batch)")
-    axes[1].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="eval")
-    axes[1].set_title("accuracy")
-    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
-    axes[2].set_title("learning rate")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)

@@ -66,10 +66,11 @@ def test_bad_configs_fail_before_any_compute(tmp_path):
 def test_overrides_are_typed_and_typos_are_errors():
     from mixer_jax.configs import get_config, override
 
-    cfg = override(get_config("digits"), ["steps=7", "optim.lr=0.5", "data.crop_area=0.2,0.9", "init_from=x.npz",
+    cfg = override(get_config("digits"), ["steps=7", "optim.lr=0.5", "data.crop_area=0.2,0.9",
                                           "export_torch=true", "model.hidden_dim=16"])
-    assert (cfg.steps, cfg.optim.lr, cfg.data.crop_area, cfg.init_from, cfg.export_torch, cfg.model.hidden_dim) == \
-        (7, 0.5, (0.2, 0.9), "x.npz", True, 16)
+    assert (cfg.steps, cfg.optim.lr, cfg.data.crop_area, cfg.export_torch, cfg.model.hidden_dim) == \
+        (7, 0.5, (0.2, 0.9), True, 16)
+    assert override(cfg, ["init_from=x.npz", "model.stoch_depth=0.1"]).init_from == "x.npz"
     assert override(cfg, ["model.patch_size=8"]).model.patch_size == (8, 8)
     with pytest.raises(ValueError, match="image_size 32x32 is not divisible by patch_size 5x5"):
         override(cfg, ["model.patch_size=5"])  # validated as it is set, before anything runs
@@ -248,11 +249,11 @@ def test_imagefolder_and_mocked_tfds_datasets_train(tmp_path):
     res = train_and_evaluate(tiny(steps=2, data=DataConfig(name="imagefolder", data_dir=str(tmp_path / "folder"),
                                                            image_size=16, train_augment="none")),
                              tmp_path / "run_folder", progress=False)
-    assert res["step"] == 2 and res["model_config"].num_classes == 10
+    assert res.step == 2 and res.model_config.num_classes == 10
     with tfds.testing.mock_data(num_examples=64):
         res = train_and_evaluate(tiny(steps=2, data=DataConfig(name="cifar10", image_size=16)),
                                  tmp_path / "run_tfds", progress=False)
-    assert res["step"] == 2 and 0 <= res["eval_accuracy"] <= 1
+    assert res.step == 2 and 0 <= res.eval["eval_accuracy"] <= 1
 
 
 # ---- whole runs: devices, processes, kill and resume ---------------------------------------------
@@ -367,7 +368,7 @@ def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export
     assert set(got) == set(expected)
     for k in expected:  # one step at lr 1e-12 leaves the loaded weights as they were
         np.testing.assert_allclose(got[k], expected[k], atol=1e-6, err_msg=k)
-    assert res["model_config"].image_size == (16, 16) and res["model_config"].num_classes == 10
+    assert res.model_config.image_size == (16, 16) and res.model_config.num_classes == 10
     pytest.importorskip("torch")
     from mixer_torch import from_checkpoint
     model = from_checkpoint(tmp_path / "w" / "model.pt")
@@ -392,6 +393,6 @@ def test_bf16_compute_trains_with_float32_parameters(tmp_path):
     from mixer_jax.train import train_and_evaluate
 
     res = train_and_evaluate(tiny(steps=6, compute_dtype="bfloat16"), tmp_path / "w", progress=False)
-    assert all(np.isfinite(h["loss"]) for h in res["history"])
-    assert res["history"][-1]["loss"] < res["history"][0]["loss"]
-    assert {x.dtype for x in jax.tree_util.tree_leaves(res["params"])} == {np.dtype("float32")}
+    assert all(np.isfinite(h["loss"]) for h in res.history)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert {x.dtype for x in jax.tree_util.tree_leaves(res.params)} == {np.dtype("float32")}

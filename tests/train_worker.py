@@ -43,9 +43,9 @@ def main():
             os.kill(os.getpid(), signal.SIGKILL)
     res = train_and_evaluate(cfg, args.workdir, progress=False, on_step=kill if args.kill_at else None)
     if jax.process_index() == 0:
-        flat = params_to_flat(res["params"])
-        np.savez(args.out, **flat, __history__=np.array(json.dumps(res["history"])),
-                 __eval__=np.array(res.get("eval_accuracy", -1.0)), __devices__=np.array(jax.device_count()))
+        flat = params_to_flat(res.params)
+        np.savez(args.out, **flat, __history__=np.array(json.dumps(res.history)),
+                 __eval__=np.array(res.eval.get("eval_accuracy", -1.0)), __devices__=np.array(jax.device_count()))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir)
     print(f"[1/3] training a {cfg.model.num_blocks}-block Mixer on the digits in Flax -> {work}")
     result = train_and_evaluate(cfg, work, progress=not args.no_progress)
-    model_cfg = result["model_config"]
-    print(f"      Flax test accuracy: {result['eval_accuracy']:.4f}")
+    model_cfg = result.model_config
+    print(f"      Flax test accuracy: {result.eval['eval_accuracy']:.4f}")
 
     print("[2/3] converting model.npz -> model.pt (PyTorch naming) with --verify")
     rep = convert_checkpoint(work / "model.npz", work / "model.pt", "torch", force=True, verify=True, progress=False)
