@@ -9,7 +9,9 @@ from conftest import ROOT, images, requires_jax, requires_torch, subprocess_env
 from mixer_convert import config_for, param_shapes
 from mixer_convert.layouts import LAYOUTS
 
-SMALL = dict(variant="S/32", image_size=(64, 96), num_classes=7)
+# Narrow and shallow so that building a model is cheap; the full variants are built in the slow tests.
+SMALL = dict(variant="S/32", image_size=(64, 96), num_classes=7, hidden_dim=64, num_blocks=2, tokens_mlp_dim=32,
+             channels_mlp_dim=128)
 
 
 def small_cfg(**kw):
@@ -21,6 +23,7 @@ def small_cfg(**kw):
 
 
 @requires_jax
+@pytest.mark.slow
 def test_flax_param_tree_equals_the_spec_exactly():
     from mixer_jax import create_model, init_params, params_to_flat
 
@@ -46,7 +49,7 @@ def test_flax_without_head_returns_pre_logits():
 
     model = create_model(small_cfg(num_classes=None))
     out = model.apply({"params": init_params(model, 0)}, images(2, 64, 96))
-    assert out.shape == (2, 512)
+    assert out.shape == (2, 64)
     assert jax.numpy.isfinite(out).all()
 
 
@@ -70,6 +73,7 @@ def test_flax_bad_image_shapes_raise_naming_the_problem(shape, match):
 
 
 @requires_torch
+@pytest.mark.slow
 def test_torch_state_dict_follows_the_spec_by_the_one_rule():
     from mixer_torch import create_model
 
@@ -101,12 +105,12 @@ def test_torch_features_head_and_reset_classifier():
     m = create_model(small_cfg()).eval()
     x = torch.from_numpy(images(2, 64, 96).transpose(0, 3, 1, 2).copy())
     feats = m.forward_features(x)
-    assert feats.shape == (2, 6, 512)
+    assert feats.shape == (2, 6, 64)
     assert torch.equal(m.forward_head(feats, pre_logits=True), feats.mean(1))
     m.reset_classifier(5)
     assert m(x).shape == (2, 5) and not m(x).any() and m.config.num_classes == 5
     m.reset_classifier(None)
-    assert m(x).shape == (2, 512) and "head.weight" not in m.state_dict()
+    assert m(x).shape == (2, 64) and "head.weight" not in m.state_dict()
 
 
 @requires_torch
@@ -146,6 +150,7 @@ def test_compat_constructor_keeps_the_original_ports_argument_meanings():
 
 
 @requires_torch
+@pytest.mark.slow
 def test_module_entry_point_prints_logits_for_a_random_image_like_the_original_script():
     r = subprocess.run([sys.executable, "-m", "mixer_torch.mlp_mixer"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                        timeout=300)

@@ -33,7 +33,9 @@ def _assert_fp32_parity(cfg, a, b):
     assert rows[-1].max_abs <= FP32_LOGITS_MAX_ABS
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+# S/32 runs in the fast tier; the others (seconds to a minute each on a CPU) are slow.
+@pytest.mark.parametrize("variant", [v if v == "S/32" else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in VARIANTS])
 def test_fp32_forward_parity_for_every_variant(variant):
     cfg = _cfg(variant)
     flat = random_params(cfg, seed=VARIANTS.index(variant))
@@ -66,7 +68,7 @@ def test_batch_elements_are_independent():
         np.testing.assert_allclose(whole[2:3], alone, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["S/32", "B/16"])
+@pytest.mark.parametrize("variant", ["S/32", pytest.param("B/16", marks=pytest.mark.slow)])
 def test_bf16_parity_within_the_documented_tolerance(variant):
     cfg = config_for(variant)
     flat = random_params(cfg, seed=6)

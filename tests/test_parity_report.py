@@ -37,6 +37,7 @@ def test_token_mixing_output_bias_gradient_is_zero_as_the_bound_assumes():
     assert float(np.abs(g["MixerBlock_3/token_mixing/Dense_0/bias"]).max()) > 1e-3 * big
 
 
+@pytest.mark.slow
 def test_report_passes_writes_json_and_names_every_block(tmp_path, capsys):
     from mixer_convert.tools.parity_report import main
 

@@ -17,7 +17,7 @@ from mixer_convert.reference import forward
 ORACLE = Path(__file__).resolve().parents[1] / "convert" / "tools" / "timm_oracle.py"
 
 
-pytestmark = pytest.mark.skipif(timm_python() is None, reason="no timm interpreter (set MIXER_TIMM_PYTHON)")
+pytestmark = [pytest.mark.skipif(timm_python() is None, reason="no timm interpreter (set MIXER_TIMM_PYTHON)"), pytest.mark.slow]
 
 
 def run_oracle(*args):

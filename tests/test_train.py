@@ -232,6 +232,7 @@ def test_eval_preprocessing_is_resize_then_minus_one_to_one():
     assert np.all(out[:, :7] == -1.0) and np.all(out[:, 9:] == 1.0)  # bilinear: the edge is blended
 
 
+@pytest.mark.slow
 def test_imagefolder_and_mocked_tfds_datasets_train(tmp_path):
     import tensorflow_datasets as tfds
     from PIL import Image
@@ -267,6 +268,7 @@ def reference_run(tmp_path_factory):
     return load_run(d / "out.npz"), d
 
 
+@pytest.mark.slow
 def test_a_run_writes_metrics_plot_checkpoints_and_official_npz(reference_run):
     (params, history, acc, _), d = reference_run
     w = d / "w"
@@ -285,6 +287,7 @@ def test_a_run_writes_metrics_plot_checkpoints_and_official_npz(reference_run):
     assert set(from_ckpt) == set(params) and all(np.array_equal(from_ckpt[k], params[k]) for k in params)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device_for_the_same_global_batch(reference_run, tmp_path):
     (ref, ref_hist, _, _), _ = reference_run
     run_worker(tmp_path / "w", tmp_path / "o.npz", "--devices", 8, "--set", "steps=12")
@@ -300,6 +303,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_train_like_one(reference_run, tmp_path):
     (ref, ref_hist, _, _), _ = reference_run
     port = _free_port()
@@ -316,6 +320,7 @@ def test_two_processes_on_localhost_train_like_one(reference_run, tmp_path):
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_reaches_the_same_params(reference_run, tmp_path):
     (ref, ref_hist, _, _), _ = reference_run
     r = run_worker(tmp_path / "w", tmp_path / "o.npz", "--set", "steps=12", "--kill-at", 10, check=False)
@@ -335,6 +340,7 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_params(reference_run,
     assert logged == list(range(1, 13))  # steps 9-10 of the killed run are not logged twice
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     r = run_worker(tmp_path / "w", tmp_path / "o.npz", "--set", "steps=30", "--set", "optim.lr=1e6",
                    "--set", "optim.grad_clip=0", "--set", "optim.name=sgd", "--set", "optim.warmup_steps=0",
@@ -388,6 +394,7 @@ def test_init_from_a_checkpoint_for_another_resolution_is_a_clear_error(tmp_path
 
 
 
+@pytest.mark.slow
 def test_bf16_compute_trains_with_float32_parameters(tmp_path):
     import jax
     from mixer_jax.train import train_and_evaluate
