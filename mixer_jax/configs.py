@@ -123,7 +123,7 @@ def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None
     errors = [f"{name} must be a section ({cls.__name__}); set its fields, e.g. {name}.{dataclasses.fields(cls)[0].name}=..."
               for name, cls in _SECTIONS.items() if not isinstance(getattr(cfg, name), cls)]
     if errors:
-        raise ValueError("bad training config:\n  " + "\n  ".join(errors))
+        raise ValueError("bad training config: " + "; ".join(errors))
     for key, ok, allowed in _CHECKS:
         value = _get(cfg, key)
         if not ok(value):
@@ -138,7 +138,7 @@ def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None
         if eb % num_devices or eb % process_count:
             errors.append(f"eval batch {eb} is not divisible by the {num_devices} devices")
     if errors:
-        raise ValueError("bad training config:\n  " + "\n  ".join(errors))
+        raise ValueError("bad training config: " + "; ".join(errors))
 
 
 def expand_paths(cfg: TrainConfig) -> TrainConfig:

@@ -341,6 +341,24 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_params(reference_run,
 
 
 @pytest.mark.slow
+def test_a_corrupt_latest_checkpoint_is_reported_and_the_run_resumes_from_the_previous_one(reference_run, tmp_path):
+    import shutil
+    (ref, ref_hist, _, _), d = reference_run
+    shutil.copytree(d / "w" / "checkpoints", tmp_path / "w" / "checkpoints")
+    shutil.copy(d / "w" / "metrics.jsonl", tmp_path / "w" / "metrics.jsonl")
+    state = tmp_path / "w" / "checkpoints" / "12" / "state"
+    f = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the newest checkpoint's tensor data
+    f.write_bytes(bytes(data))
+    r = run_worker(tmp_path / "w", tmp_path / "o.npz", "--set", "steps=12")
+    assert "checkpoint step 12 is damaged" in r.stdout and "resumed from step 8" in r.stdout
+    params, hist, _, _ = load_run(tmp_path / "o.npz")
+    assert_params_close(params, ref, atol=0.0)  # redone from step 8: bit-identical to the clean run
+    assert [h["step"] for h in hist] == [9, 10, 11, 12]
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     r = run_worker(tmp_path / "w", tmp_path / "o.npz", "--set", "steps=30", "--set", "optim.lr=1e6",
                    "--set", "optim.grad_clip=0", "--set", "optim.name=sgd", "--set", "optim.warmup_steps=0",
