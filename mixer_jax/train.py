@@ -205,6 +205,15 @@ def stop_requests():
             signal.signal(s, h)
 
 
+def _agreed(flag: bool) -> bool:
+    """A stop request seen by any process stops every process at the same step (otherwise the
+    others would wait forever in the next step's collectives)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 class _Console:
     """Progress for people: a tqdm bar, or one line per log when there is none (main process only)."""
 
@@ -346,20 +355,20 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
                 clock[1] += 1
                 done = step + 1
                 console.step()
+                stopping = _agreed(stop.is_set())
                 boundary = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
                 evaluating = cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps
-                if done % cfg.log_every == 0 or boundary or evaluating or stop.is_set():
+                if done % cfg.log_every == 0 or boundary or evaluating or stopping:
                     flush()  # before any eval record, so metrics.jsonl stays in step order
                 if evaluating:
                     ev = evaluate()
                     log.write([{"step": done, **ev}])
                     console.print(f"step {done}: eval accuracy {ev['eval_accuracy']:.4f} loss {ev['eval_loss']:.4f}")
-                if boundary or stop.is_set():
-                    if ckpt.latest_step() != done:
-                        save(done)
+                if (boundary or stopping) and ckpt.latest_step() != done:
+                    save(done)
                 if on_step is not None:
                     on_step(done)
-                if stop.is_set() and done < cfg.steps:
+                if stopping and done < cfg.steps:
                     break
             flush()
             if done == cfg.steps:
