@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mixer_convert.tools.extras import cli_errors, require
+
 
 def build_parser() -> argparse.ArgumentParser:
     from mixer_jax.configs import CONFIGS
@@ -22,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors("mixer-train")
 def main(argv: list[str] | None = None) -> int:
+    require("train")
     args = build_parser().parse_args(argv)
     from mixer_jax.configs import get_config, override
 
