@@ -19,10 +19,11 @@ Pipelines (``preprocess(image, pipeline, image_size)``; both end in ``(x - 127.5
 Image reading (:func:`read_image`): any file Pillow opens, as uint8 RGB. EXIF orientation is
 applied (the picture as a viewer shows it; TensorFlow's decoders ignore it, pass
 ``exif_orientation=False`` to match them); alpha is dropped, as ``tf.io.decode_image(channels=3)``
-does; grayscale, palette and CMYK become RGB; 16-bit images are scaled to 8 bits (x / 257), not
-clipped; the first frame of an animation is used, as ``decode_image(expand_animations=False)``.
-JPEG decoding itself may differ from TensorFlow's by a grey level here and there (TF's default
-DCT method is libjpeg's fast integer one, Pillow's the accurate one).
+does; grayscale, palette and CMYK become RGB; 16-bit images are scaled to 8 bits, never clipped
+(grey x / 257 here; 16-bit RGB Pillow itself reduces to the high byte); an animation gives its
+first frame, as ``decode_image(expand_animations=False)``. JPEG decoding may still differ from
+TensorFlow's by a grey level here and there: TF's default DCT method is not PIL's (big_vision's
+``decode(precise=True)`` exists to match PIL).
 """
 from __future__ import annotations
 
