@@ -5,6 +5,8 @@ import argparse
 import shlex
 import sys
 
+from mixer_convert.tools.extras import cli_errors, require
+
 
 def build_parser() -> argparse.ArgumentParser:
     from mixer_jax.configs import CONFIGS
@@ -31,8 +33,10 @@ def _error(msg: str, code: int = 2) -> int:
     return code
 
 
+@cli_errors("mixer-train")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    require("train")
     args = build_parser().parse_args(argv)
     from mixer_jax.configs import get_config, override
 

@@ -76,5 +76,35 @@ def test_report_accepts_a_weights_file(tmp_path, capsys):
     np.savez(tmp_path / "w.npz", **random_params(cfg, 2))
     assert main(["--variant", "S/32", "--weights", str(tmp_path / "w.npz"), "--no-timm", "--no-grads"]) == 0
     assert "w.npz" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--variant", "S/32", "--variant", "B/16", "--weights", str(tmp_path / "w.npz")])
+
+
+def test_weights_alone_fix_the_architecture_even_a_non_standard_one(tmp_path, capsys):
+    """As `mixer-parity --weights runs/digits/model.npz`: the digits model is no published variant."""
+    from mixer_convert.spec import MixerConfig
+    from mixer_convert.tools.parity_report import main
+
+    cfg = MixerConfig(patch_size=4, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=64,
+                      image_size=(16, 24), num_classes=10)  # non-square too
+    np.savez(tmp_path / "model.npz", **random_params(cfg, 3))
+    assert main(["--weights", str(tmp_path / "model.npz"), "--image-size", "16", "24", "--no-timm"]) == 0
+    captured = capsys.readouterr()
+    assert "== custom  weights:" in captured.out and "at 16x24" in captured.out and "custom: PASS" in captured.out
+    stages = [line.split(": ", 1)[1] for line in captured.err.splitlines() if line.startswith("[1/1] ")]
+    assert stages[:4] == ["loading weights", "fp32 forward", "bf16 forward", "gradients"] and "PASS" in stages[-1]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--variant", "S/32", "--variant", "B/16", "--weights", "{w}"], "--weights takes at most one --variant"),
+    (["--variant", "X/7"], "unknown Mixer variant 'X/7'"),
+    (["--weights", "{missing}"], "no such checkpoint"),
+    (["--weights", "{w}", "--variant", "B/16"], "checkpoint is S/32, not B/16"),
+    (["--variant", "S/32", "--batch", "0"], "--batch must be positive"),
+])
+def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, match):
+    from mixer_convert.tools.parity_report import main
+
+    np.savez(tmp_path / "w.npz", **random_params(config_for("S/32", image_size=64, num_classes=5), 2))
+    argv = [a.format(w=tmp_path / "w.npz", missing=tmp_path / "missing.npz") for a in argv]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
+    assert len(err) == 1 and err[0].startswith("mixer-parity: error: ") and match in err[0], err

@@ -2,7 +2,6 @@
 metrics log's repair, the non-finite guard, checkpoint fallback, resume-config rule, Ctrl-C."""
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mixer_convert.io import DTYPES, CheckpointError
+from mixer_convert.io import DTYPES, CheckpointError, detect_format, format_for_output
 from mixer_convert.params import ParamMismatchError
+from mixer_convert.tools.extras import cli_errors, require
+
+# The extra a checkpoint format needs to be read or written (npz and safetensors need none).
+FORMAT_EXTRA = {"torch": "torch", "msgpack": "jax", "orbax": "jax"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors("mixer-convert")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mixer_convert.tools.bridge import convert_checkpoint
 
     try:
+        # Before reading anything: a missing extra for either side is one line, not a traceback.
+        fmts = (detect_format(args.src), format_for_output(args.dst, args.to)[0])
+        require(*(FORMAT_EXTRA[f] for f in fmts if f in FORMAT_EXTRA))
         report = convert_checkpoint(args.src, args.dst, args.to, variant=args.variant, dtype=args.dtype,
                                     force=args.force, verify=args.verify, allow_nonfinite=args.allow_nonfinite,
                                     image_size=tuple(args.image_size) if args.image_size else None,

@@ -14,12 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
+from mixer_convert.tools.extras import cli_errors, require
+
+
+@cli_errors("mixer-demo")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mixer-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/digits")
     p.add_argument("--steps", type=int, help="training steps (default: the digits config's)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    require("train", "torch")
 
     from mixer_convert.tools.bridge import convert_checkpoint
     from mixer_convert.tools.parity import (FP32_LOGITS_MAX_ABS, FP32_REL, compare, first_divergence, flax_forward,

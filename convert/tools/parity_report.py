@@ -19,50 +19,76 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from mixer_convert.tools.parity import (BF16_REL, Diff, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL, TIMM_NAMES, compare,
-                            compare_params, first_divergence, flax_forward, flax_grads, format_table, timm_python,
-                            torch_device, torch_forward, torch_grads)
-from mixer_convert.spec import VARIANTS, MixerConfig, config_for
+from mixer_convert.io import CheckpointError
+from mixer_convert.params import ParamMismatchError
+from mixer_convert.spec import VARIANTS, MixerConfig, config_for, parse_variant, variant_name
+from mixer_convert.tools.extras import cli_errors, require
+from mixer_convert.tools.parity import (BF16_REL, Diff, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL,
+                                        TIMM_NAMES, compare, compare_params, first_divergence, flax_forward,
+                                        flax_grads, format_table, timm_python, torch_device, torch_forward,
+                                        torch_grads)
 
 
 def _rows(rows) -> list[dict]:
     return [{"name": r.name, "max_abs": r.max_abs, "rel": r.rel, "scale": r.scale} for r in rows]
 
 
-def run_variant(variant: str, weights: str | None = None, batch: int = 2, image_size: int | None = None,
-                device: str | None = None, grads: bool = True, timm: bool = True, seed: int = 0) -> dict:
-    """``device``: None/'auto' lets each framework pick (GPU/TPU when present); 'cpu' pins both to
-    the CPU; 'gpu'/'cuda' puts PyTorch on CUDA (JAX uses its default backend)."""
+def load_case(variant: str | None, weights: str | None = None, image_size: tuple[int, ...] | None = None,
+              seed: int = 0) -> tuple[str, MixerConfig, dict[str, np.ndarray]]:
+    """(label, config, float32 params): the checkpoint's own architecture when ``weights`` is given
+    (``variant``, if also given, must match it; ``image_size`` only for non-square grids), else
+    random weights for ``variant`` at ``image_size`` (default 224)."""
+    from mixer_convert.params import random_params
+
+    size = None if not image_size else (image_size[0], image_size[-1])
+    if weights:
+        from mixer_convert.load import load_checkpoint
+        flat, cfg = load_checkpoint(weights, variant=variant, image_size=size)
+        return variant or variant_name(cfg) or "custom", cfg, {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    cfg = config_for(variant, **({"image_size": size} if size else {}))
+    return variant, cfg, random_params(cfg, seed)
+
+
+def run_variant(variant: str | None, weights: str | None = None, batch: int = 2, image_size=None,
+                device: str | None = None, grads: bool = True, timm: bool = True, seed: int = 0,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """:func:`load_case` then :func:`run_case`."""
+    if isinstance(image_size, int):
+        image_size = (image_size,)
+    label, cfg, flat = load_case(variant, weights, image_size, seed)
+    return run_case(label, cfg, flat, weights or f"random (seed {seed})", batch, device, grads, timm, seed, progress)
+
+
+def run_case(label: str, cfg: MixerConfig, flat: dict[str, np.ndarray], source: str, batch: int = 2,
+             device: str | None = None, grads: bool = True, timm: bool = True, seed: int = 0,
+             progress: Callable[[str], None] | None = None) -> dict:
+    """Every check on one model. ``device``: None/'auto' lets each framework pick (GPU/TPU when
+    present); 'cpu' pins both to the CPU; 'gpu'/'cuda' puts PyTorch on CUDA (JAX uses its default
+    backend). ``progress`` is called with the name of each stage as it starts."""
     import contextlib
 
     import jax
 
     pin = jax.default_device(jax.devices("cpu")[0]) if device == "cpu" else contextlib.nullcontext()
     with pin:
-        return _run_variant(variant, weights, batch, image_size, device, grads, timm, seed)
+        return _run(label, cfg, flat, source, batch, device, grads, timm, seed, progress or (lambda stage: None))
 
 
-def _run_variant(variant, weights, batch, image_size, device, grads, timm, seed) -> dict:
-    from mixer_convert.params import random_params
-
-    if weights:
-        from mixer_convert.load import load_checkpoint
-        flat, cfg = load_checkpoint(weights, variant=variant)
-        flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
-    else:
-        cfg = config_for(variant, **({"image_size": image_size} if image_size else {}))
-        flat = random_params(cfg, seed)
+def _run(label, cfg, flat, source, batch, device, grads, timm, seed, progress) -> dict:
     rng = np.random.default_rng(seed + 1)
     x = rng.uniform(-1, 1, (batch, *cfg.image_size, cfg.in_chans)).astype(np.float32)
-    out: dict = {"variant": variant, "weights": weights or f"random (seed {seed})", "batch": batch,
+    out: dict = {"variant": label, "weights": source, "batch": batch,
                  "image_size": list(cfg.image_size), "torch_device": torch_device(device), "checks": {}}
     import jax
     out["jax_backend"] = "cpu" if device == "cpu" else jax.default_backend()
 
+    progress("fp32 forward")
     ref = flax_forward(cfg, flat, x)
     fp32 = compare(ref, torch_forward(cfg, flat, x, device=device), cfg)
     bad = first_divergence(fp32, FP32_REL)
@@ -70,6 +96,7 @@ def _run_variant(variant, weights, batch, image_size, device, grads, timm, seed)
     out["checks"]["forward_fp32"] = bad is None and fp32[-1].max_abs <= FP32_LOGITS_MAX_ABS
     out["first_divergence_fp32"] = bad.name if bad else None
 
+    progress("bf16 forward")
     jb, tb = flax_forward(cfg, flat, x, "bfloat16"), torch_forward(cfg, flat, x, "bfloat16", device)
     bf16 = compare(jb, tb, cfg)
     out["forward_bf16"] = _rows(bf16)
@@ -77,6 +104,7 @@ def _run_variant(variant, weights, batch, image_size, device, grads, timm, seed)
                                         for a, b in ((jb, tb), (ref, jb), (ref, tb)))
 
     if grads and cfg.num_classes:
+        progress("gradients")
         labels = rng.integers(0, cfg.num_classes, batch)
         g = compare_params(flax_grads(cfg, flat, x, labels), torch_grads(cfg, flat, x, labels, device))
         big = max(r.scale for r in g)
@@ -86,17 +114,19 @@ def _run_variant(variant, weights, batch, image_size, device, grads, timm, seed)
         out["checks"]["grads_fp32"] = all(r.max_abs <= GRAD_RTOL * r.scale + GRAD_ATOL_GLOBAL * big for r in g)
 
     if timm:
-        out["timm"] = _timm(variant, cfg, flat, x, ref)
+        progress("timm")
+        out["timm"] = _timm(cfg, flat, x, ref)
         if "tanh_max_abs" in out["timm"]:
             out["checks"]["timm_tanh"] = out["timm"]["tanh_max_abs"] <= FP32_LOGITS_MAX_ABS
     out["pass"] = all(out["checks"].values())
     return out
 
 
-def _timm(variant: str, cfg: MixerConfig, flat, x, ref) -> dict:
+def _timm(cfg: MixerConfig, flat, x, ref) -> dict:
+    variant = variant_name(cfg)
     name = TIMM_NAMES.get(variant)
     if name is None:
-        return {"skipped": f"timm has no {variant}"}
+        return {"skipped": f"timm has no {variant or 'model of this shape'}"}
     if tuple(cfg.image_size) != (224, 224):
         return {"skipped": "timm's models are for 224x224"}
     exe = timm_python()
@@ -147,27 +177,55 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _usage_error(msg: str) -> int:
+    print(f"mixer-parity: error: {msg}", file=sys.stderr)
+    return 2
+
+
+@cli_errors("mixer-parity")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mixer-parity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", action="append", help=f"one of {', '.join(VARIANTS)}, or 'all' (repeatable)")
-    p.add_argument("--weights", help="a checkpoint in any format the bridge reads (default: random weights)")
+    p.add_argument("--variant", action="append", help=f"one of {', '.join(VARIANTS)}, or 'all' (repeatable; "
+                                                      "default B/16, or what --weights holds)")
+    p.add_argument("--weights", help="a checkpoint in any format the bridge reads; its architecture (any image "
+                                     "size or shape) is read from it (default: random weights)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--image-size", type=int, help="default 224 (random weights only)")
+    p.add_argument("--image-size", type=int, nargs="+", metavar="H [W]",
+                   help="random weights: default 224; --weights: only for a non-square patch grid")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
                    help="PyTorch device; JAX uses its default backend")
     p.add_argument("--no-grads", action="store_true")
     p.add_argument("--no-timm", action="store_true")
     p.add_argument("--json", help="write the full report as JSON here")
     args = p.parse_args(argv)
-    variants = args.variant or ["B/16"]
+    variants = args.variant or ([None] if args.weights else ["B/16"])
     if variants == ["all"]:
         variants = list(VARIANTS)
     if args.weights and len(variants) != 1:
-        p.error("--weights takes exactly one --variant")
+        return _usage_error("--weights takes at most one --variant (the file fixes the architecture)")
+    if args.batch < 1 or (args.image_size and (len(args.image_size) > 2 or min(args.image_size) < 1)):
+        return _usage_error("--batch must be positive and --image-size one or two positive ints")
+    try:
+        for v in variants:
+            if v is not None:
+                parse_variant(v)
+    except ValueError as e:
+        return _usage_error(str(e))
+    require("jax", "torch")
     reports = []
-    for v in variants:
-        r = run_variant(v, args.weights, args.batch, args.image_size, args.device, not args.no_grads,
-                        not args.no_timm)
+    for i, v in enumerate(variants, 1):
+        t0, tag = time.perf_counter(), f"[{i}/{len(variants)}] {v or args.weights}"
+
+        def stage(name: str) -> None:
+            print(f"{tag}: {name}", file=sys.stderr, flush=True)
+        stage("loading weights" if args.weights else "random weights")
+        try:
+            label, cfg, flat = load_case(v, args.weights, args.image_size)
+        except (CheckpointError, ParamMismatchError, ValueError, OSError) as e:
+            return _usage_error(str(e))
+        r = run_case(label, cfg, flat, args.weights or "random (seed 0)", args.batch, args.device,
+                     not args.no_grads, not args.no_timm, progress=stage)
+        stage(f"{'PASS' if r['pass'] else 'FAIL'} ({time.perf_counter() - t0:.1f} s)")
         print(format_report(r), flush=True)
         reports.append(r)
     if args.json:

@@ -1,0 +1,328 @@
+"""mixer-predict and mixer-eval: the right classes, the right labels, the same answers in both
+frameworks as in the float64 numpy reference, on real images; and one-line errors."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import has_module
+from mixer_convert import config_for, random_params
+from mixer_convert.classes import imagenet_classes, read_class_names
+from mixer_convert.preprocess import load_image, preprocess
+from mixer_convert.reference import forward
+from mixer_convert.tools import evaluate, predict
+
+pytestmark = pytest.mark.skipif(not (has_module("torch") or has_module("flax")), reason="needs torch or flax")
+INSTALLED = [fw for fw, mod in (("torch", "torch"), ("flax", "flax")) if has_module(mod)]
+
+# A small non-standard Mixer with an ImageNet-1k head (random weights, random head).
+TINY_1K = config_for("S/16", image_size=32, patch_size=8, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16,
+                     channels_mlp_dim=64, num_classes=1000)
+
+
+def _photos():
+    try:
+        from sklearn.datasets import load_sample_images
+        return load_sample_images().images  # two real photos, 427 x 640
+    except ImportError:
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, 256, (427, 640, 3), dtype=np.uint8) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i, img in enumerate(_photos()):
+        paths.append(d / f"photo{i}.jpg")
+        Image.fromarray(img).save(paths[-1], quality=90)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def weights_1k(tmp_path_factory):
+    flat = random_params(TINY_1K, 0)
+    path = tmp_path_factory.mktemp("w") / "tiny_1k.npz"
+    np.savez(path, **flat)
+    return path, flat
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    """An image folder of random crops of the sample photos: three classes, five images each."""
+    d = tmp_path_factory.mktemp("crops")
+    rng, imgs = np.random.default_rng(1), _photos()
+    for c in range(3):
+        (d / f"class{c}").mkdir()
+        for j in range(5):
+            img = imgs[(c + j) % 2]
+            h, w = rng.integers(60, 300, 2)
+            y, x = rng.integers(0, img.shape[0] - h), rng.integers(0, img.shape[1] - w)
+            Image.fromarray(img[y:y + h, x:x + w]).save(d / f"class{c}" / f"{j}.jpg", quality=90)
+    return d
+
+
+def _reference_top1(flat, cfg, paths, pipeline):
+    x = np.stack([load_image(p, pipeline, cfg.image_size) for p in paths])
+    return forward(flat, cfg, x).argmax(-1)
+
+
+# ---- class names --------------------------------------------------------------------------------
+
+
+def test_imagenet_class_names_are_shipped_for_1k_and_21k_heads():
+    k1, k21 = imagenet_classes(1000), imagenet_classes(21843)
+    assert len(k1) == 1000 and k1.names[0] == "tench, Tinca tinca" and k1.names[281] == "tabby, tabby cat"
+    assert list(k1.synsets) == sorted(set(k1.synsets))  # the standard order: sorted synset ids
+    assert len(k21) == 21843 and len(set(k21.synsets)) == 21843
+    assert imagenet_classes(10) is None
+
+
+def test_class_names_file_skips_comments_and_blank_lines(tmp_path):
+    (tmp_path / "n.txt").write_text("# my classes\ncat\n\ndog\n")
+    assert read_class_names(tmp_path / "n.txt").names == ("cat", "dog")
+    (tmp_path / "e.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no class names"):
+        read_class_names(tmp_path / "e.txt")
+
+
+# ---- mixer-predict ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framework", INSTALLED)
+@pytest.mark.parametrize("pipeline", ["vit_jax", "big_vision"])
+def test_predictions_match_the_float64_reference_with_imagenet_names(weights_1k, photos, framework, pipeline):
+    path, flat = weights_1k
+    out = predict.predict([str(p) for p in photos], str(path), framework, pipeline, k=3)
+    want = _reference_top1(flat, TINY_1K, photos, pipeline)
+    names = imagenet_classes(1000)
+    for r, w in zip(out["predictions"], want):
+        top = r["top"]
+        assert top[0]["index"] == w and top[0]["label"] == names.names[w] and top[0]["synset"] == names.synsets[w]
+        assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"] > 0
+
+
+def test_predict_cli_prints_each_image_and_json(weights_1k, photos, capsys):
+    path, _ = weights_1k
+    assert predict.main([str(photos[0]), str(photos[1]), "--weights", str(path), "--topk", "2"]) == 0
+    text = capsys.readouterr().out
+    assert str(photos[0]) in text and str(photos[1]) in text and "%" in text
+    assert predict.main([str(photos[0]), "--weights", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["labels"].endswith("imagenet1k_classes.txt") and len(doc["predictions"][0]["top"]) == 5
+
+
+def test_heads_without_shipped_names_show_indices_or_given_labels(tmp_path, photos, capsys):
+    cfg = TINY_1K.replace(num_classes=3)
+    np.savez(tmp_path / "w3.npz", **random_params(cfg, 1))
+    assert predict.main([str(photos[0]), "--weights", str(tmp_path / "w3.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "no class names for this head" in out and out.count("%") == 3  # top-5 of 3 classes: 3
+    (tmp_path / "names.txt").write_text("ant\nbee\ncat\n")
+    assert predict.main([str(photos[0]), "--weights", str(tmp_path / "w3.npz"), "--labels",
+                         str(tmp_path / "names.txt"), "--json"]) == 0
+    assert {t["label"] for t in json.loads(capsys.readouterr().out)["predictions"][0]["top"]} == {"ant", "bee", "cat"}
+
+
+@pytest.mark.parametrize("case, match", [
+    ("bad_image", "not an image"), ("no_weights", "no such checkpoint"), ("headless", "no classification head"),
+    ("labels_count", "2 class names for a 1000-class head"), ("framework", "--framework must be torch or flax"),
+    ("topk", "--topk and --batch must be positive"),
+])
+def test_predict_errors_are_one_line_and_exit_2(tmp_path, weights_1k, photos, capsys, case, match):
+    path, flat = weights_1k
+    argv = [str(photos[0]), "--weights", str(path)]
+    if case == "bad_image":
+        (tmp_path / "x.jpg").write_text("not a picture")
+        argv[0] = str(tmp_path / "x.jpg")
+    elif case == "no_weights":
+        argv[2] = str(tmp_path / "none.npz")
+    elif case == "headless":
+        np.savez(tmp_path / "h.npz", **{k: v for k, v in flat.items() if not k.startswith("head/")})
+        argv[2] = str(tmp_path / "h.npz")
+    elif case == "labels_count":
+        (tmp_path / "n.txt").write_text("a\nb\n")
+        argv += ["--labels", str(tmp_path / "n.txt")]
+    elif case == "framework":
+        argv += ["--framework", "torch,flax"]
+    elif case == "topk":
+        argv += ["--topk", "0"]
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mixer-predict: error: ") and match in err and "\n" not in err
+    if case == "bad_image":
+        assert str(tmp_path / "x.jpg") in err
+
+
+# ---- mixer-eval ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipeline", ["vit_jax", "big_vision"])
+def test_eval_reports_accuracy_per_framework_and_their_agreement(crops, tmp_path, pipeline):
+    cfg3 = TINY_1K.replace(num_classes=3)  # a 3-class head on the 3-class folder of real crops
+    flat3 = random_params(cfg3, 5)
+    np.savez(tmp_path / "w3.npz", **flat3)
+    out = evaluate.evaluate(str(tmp_path / "w3.npz"), f"imagefolder:{crops}", None, pipeline, batch=4,
+                            progress=False)
+    paths = sorted(crops.glob("*/*.jpg"))
+    labels = np.array([int(p.parent.name[-1]) for p in paths])
+    ref = _reference_top1(flat3, cfg3, paths, pipeline)
+    assert out["images"] == len(paths) == 15 and out["labels"] == "sorted class folder index"
+    for fw in INSTALLED:
+        r = out["results"][fw]
+        assert abs(r["correct_top1"] - int((ref == labels).sum())) <= 1  # float32 vs float64: at most one flip
+        assert r["top5"] == 1.0  # 3 classes: top-3 always hits
+    if len(INSTALLED) == 2:
+        assert out["identical_top1"]["count"] >= len(paths) - 1 and out["logits_max_abs_difference"] < 1e-4
+
+
+def test_synset_folders_are_labelled_by_their_imagenet_index(tmp_path, photos):
+    flat = random_params(TINY_1K, 0)
+    flat["head/kernel"][:] = 0
+    flat["head/bias"][:] = 0
+    flat["head/bias"][999] = 10.0  # always predicts class 999 (n15075141, toilet tissue)
+    np.savez(tmp_path / "w.npz", **flat)
+    for synset, n in (("n01443537", 1), ("n15075141", 2)):  # classes 1 and 999; sorted index would say 0 and 1
+        (tmp_path / "data" / synset).mkdir(parents=True)
+        for i in range(n):
+            Image.open(photos[i]).save(tmp_path / "data" / synset / f"{i}.png")
+    out = evaluate.evaluate(str(tmp_path / "w.npz"), f"imagefolder:{tmp_path / 'data'}", progress=False)
+    assert out["labels"].startswith("synset folder names")
+    for r in out["results"].values():
+        assert r["correct_top1"] == 2 and r["top1"] == 2 / 3
+
+
+def test_eval_cli_prints_a_table_or_json(weights_1k, crops, capsys):
+    path, _ = weights_1k
+    assert evaluate.main(["--weights", str(path), "--data", f"imagefolder:{crops}", "--quiet", "--limit", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "top-1" in text and all(fw in text for fw in INSTALLED) and "4 images" in text
+    if len(INSTALLED) == 2:
+        assert "identical top-1, torch vs flax" in text
+    assert evaluate.main(["--weights", str(path), "--data", f"imagefolder:{crops}", "--json", "--quiet",
+                          "--framework", INSTALLED[0]]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert list(doc["results"]) == INSTALLED[:1] and doc["images"] == 15 and "identical_top1" not in doc
+
+
+@pytest.mark.parametrize("case, match", [
+    ("spec", "--data must be imagefolder:DIR or tfds:NAME"), ("not_dir", "is not a directory"),
+    ("no_classes", "has no class folders"), ("no_images", "no image files"),
+    ("too_many_classes", "4 class folders but the model has 3 classes"), ("bad_image", "corrupt or truncated"),
+    ("unknown_synset", "not in the model's 1000-class head"), ("tfds_unknown", "unknown dataset"),
+])
+def test_eval_errors_are_one_line_and_exit_2(tmp_path, photos, capsys, case, match):
+    cfg = TINY_1K.replace(num_classes=1000 if case == "unknown_synset" else 3)
+    np.savez(tmp_path / "w.npz", **random_params(cfg, 0))
+    data = tmp_path / "data"
+    data.mkdir()
+    if case == "too_many_classes":
+        for c in "abcd":
+            (data / c).mkdir()
+            Image.open(photos[0]).save(data / c / "0.png")
+    elif case == "no_images":
+        (data / "a").mkdir()
+        (data / "a" / "notes.txt").write_text("x")
+    elif case == "bad_image":
+        (data / "a").mkdir()
+        (data / "a" / "bad.jpg").write_bytes(photos[0].read_bytes()[:2000])
+    elif case == "unknown_synset":
+        (data / "n99999999").mkdir()
+        Image.open(photos[0]).save(data / "n99999999" / "0.png")
+    spec = {"spec": f"folder:{data}", "not_dir": f"imagefolder:{tmp_path / 'nope'}",
+            "tfds_unknown": "tfds:no_such_dataset_xyz"}.get(case, f"imagefolder:{data}")
+    if case == "tfds_unknown" and not has_module("tensorflow_datasets"):
+        match = "needs the 'train' extra (no module 'tensorflow_datasets')"
+    assert evaluate.main(["--weights", str(tmp_path / "w.npz"), "--data", spec, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixer-eval: error: ") and match in err[0], err
+    if case == "bad_image":
+        assert str(data / "a" / "bad.jpg") in err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["vit_jax", "big_vision"])
+def test_eval_of_a_model_trained_on_the_fly_matches_its_in_memory_accuracy(tmp_path, pipeline):
+    """A small Mixer trained (PyTorch, seconds) on scikit-learn's handwritten digits, saved in the
+    official layout; mixer-eval on the held-out digits written out as 24x24 greyscale PNGs (resized to
+    the model's 16x16 on the way in) must find what the float64 reference finds on the same files."""
+    torch = pytest.importorskip("torch")
+    sklearn = pytest.importorskip("sklearn.datasets")
+    from mixer_torch.model import MlpMixer, to_flat
+
+    d = sklearn.load_digits()
+    big = np.kron(d.images, np.ones((3, 3))) * (255 / 16)  # 8x8 -> 24x24, 0..255
+    imgs = np.repeat(np.rint(big).astype(np.uint8)[..., None], 3, axis=-1)
+    test = np.arange(len(imgs)) % 5 == 0
+    cfg = config_for("S/16", image_size=16, patch_size=4, hidden_dim=64, num_blocks=2, tokens_mlp_dim=32,
+                     channels_mlp_dim=128, num_classes=10)
+    x = np.stack([preprocess(im, "vit_jax", 16) for im in imgs[~test]])
+    y = d.target[~test]
+    torch.manual_seed(0)
+    model = MlpMixer(cfg)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    xt, yt = torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(y).long()
+    g, threads = np.random.default_rng(0), torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add synchronisation
+    try:
+        for _ in range(200):
+            i = torch.from_numpy(g.integers(0, len(y), 128))
+            loss = torch.nn.functional.cross_entropy(model(xt[i]), yt[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    flat = {k: np.asarray(v, np.float32) for k, v in to_flat(model.eval()).items()}
+    np.savez(tmp_path / "digits.npz", **flat)
+    folder, paths = tmp_path / "digits", []
+    for i in np.flatnonzero(test):
+        (folder / str(d.target[i])).mkdir(parents=True, exist_ok=True)
+        paths.append(folder / str(d.target[i]) / f"{i}.png")
+        Image.fromarray(imgs[i, ..., 0]).save(paths[-1])  # greyscale PNG
+    out = evaluate.evaluate(str(tmp_path / "digits.npz"), f"imagefolder:{folder}", None, pipeline, progress=False)
+    ref = _reference_top1(flat, cfg, sorted(paths), pipeline)
+    labels = np.array([int(p.parent.name) for p in sorted(paths)])
+    n, ref_correct = len(paths), int((ref == labels).sum())
+    assert out["images"] == n
+    for fw in INSTALLED:
+        assert abs(out["results"][fw]["correct_top1"] - ref_correct) <= 1
+    assert ref_correct / n > (0.85 if pipeline == "vit_jax" else 0.3)
+    if len(INSTALLED) == 2:
+        assert out["identical_top1"]["count"] >= n - 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (has_module("tensorflow_datasets") and has_module("tensorflow")),
+                    reason="building a tfds dataset needs tensorflow-datasets and TensorFlow")
+def test_eval_reads_a_tfds_dataset_with_its_labels(tmp_path):
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(0)
+    records = [(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8), i % 3) for i in range(7)]
+
+    class MixerTestImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3)}))
+
+        def _split_generators(self, dl_manager):
+            return {"validation": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (img, label) in enumerate(records):
+                yield i, {"image": img, "label": label}
+
+    MixerTestImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    cfg = TINY_1K.replace(num_classes=3)
+    flat = random_params(cfg, 4)
+    np.savez(tmp_path / "w.npz", **flat)
+    out = evaluate.evaluate(str(tmp_path / "w.npz"), "tfds:mixer_test_images", data_dir=str(tmp_path), progress=False)
+    assert out["data"] == "tfds:mixer_test_images:validation" and out["images"] == 7
+    x = np.stack([preprocess(img, "vit_jax", cfg.image_size) for img, _ in records])
+    ref_correct = int((forward(flat, cfg, x).argmax(-1) == [label for _, label in records]).sum())
+    for r in out["results"].values():
+        assert abs(r["correct_top1"] - ref_correct) <= 1
