@@ -25,6 +25,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mixer_convert.hub import is_remote
 from mixer_convert.spec import MixerConfig, config_for
 from mixer_jax.data import Batches, DataConfig, eval_batches, make_source
 from mixer_jax.model import MlpMixer, params_from_flat
@@ -63,7 +64,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 1000  # 0: only at the end
     keep_checkpoints: int = 2
-    init_from: str | None = None  # any checkpoint the bridge reads (.npz, .msgpack, ...); head replaced
+    init_from: str | None = None  # any checkpoint the bridge reads (.npz, ..., or B/16-i21k); head replaced
     resize_scale: int = 1  # fine-tune at K x the checkpoint's resolution (paper appendix C)
     export_torch: bool = False  # write model.pt (our PyTorch naming) at the end; needs torch
     eval_batch_size: int = 0  # 0: batch_size / accum_steps
@@ -92,8 +93,8 @@ def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None
         errors.append(f"compute_dtype must be 'float32' or 'bfloat16', got {cfg.compute_dtype!r}")
     if not 0 <= cfg.label_smoothing < 1 or cfg.mixup_alpha < 0:
         errors.append("label_smoothing must be in [0, 1) and mixup_alpha >= 0")
-    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
-        errors.append(f"init_from {cfg.init_from!r} does not exist")
+    if cfg.init_from is not None and not os.path.exists(cfg.init_from) and not is_remote(cfg.init_from):
+        errors.append(f"init_from {cfg.init_from!r} does not exist (nor names a published checkpoint)")
     if cfg.resize_scale < 1:
         errors.append("resize_scale must be a positive integer")
     eb = cfg.eval_batch_size or cfg.batch_size // max(cfg.accum_steps, 1)

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from mixer_convert.spec import MixerConfig, intermediate_names
+from mixer_convert.spec import TIMM_NAMES, MixerConfig, intermediate_names  # noqa: F401 (TIMM_NAMES re-exported)
 
 # The agreement bounds, used by the tests, mixer-parity and mixer-demo alike.
 # fp32: the bound on logits, and a relative bound on every intermediate.
@@ -24,10 +24,6 @@ BF16_REL = 5e-2
 # Gradients: max-abs <= GRAD_RTOL x that parameter's largest gradient + GRAD_ATOL_GLOBAL x the
 # largest gradient of any parameter (see convert/tools/parity_report.py for why the second term).
 GRAD_RTOL, GRAD_ATOL_GLOBAL = 1e-4, 1e-6
-
-# timm's names for the variants it has (no S/8, no H/14).
-TIMM_NAMES = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224", "B/16": "mixer_b16_224",
-              "L/32": "mixer_l32_224", "L/16": "mixer_l16_224"}
 
 
 def timm_python() -> str | None:
