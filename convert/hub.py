@@ -228,7 +228,7 @@ def is_remote(source: str | os.PathLike) -> bool:
 
 def resolve(source: str | os.PathLike, progress: bool | None = None) -> Path:
     """A local path for any checkpoint source, downloading a published file into the cache first
-    if needed (``progress``: None = a bar when stderr is a terminal). An existing local path is
+    if needed (with a progress bar on stderr unless ``progress`` is False). An existing local path is
     returned as it is; anything else that is neither a catalogue name nor an hf-hub name is
     returned as a path too (its reader reports it missing)."""
     s = os.fspath(source)
@@ -377,10 +377,8 @@ def _manual_hint(entry: Published, url: str) -> str:
 def _download(entry: Published, dst: Path, progress: bool | None) -> None:
     url = entry.url()
     part = dst.with_name(dst.name + ".part")
-    if progress is not False:
-        print(f"downloading {url} ({entry.mib:.0f} MiB) to {dst}", file=sys.stderr)
     try:
-        _fetch_to(url, part, progress, entry.name)
+        _fetch_to(url, part, _Progress(f"downloading {url} ({entry.mib:.0f} MiB) to {dst}", entry.name, progress))
     except OSError as e:  # network: keep the .part so the next call resumes it
         raise DownloadError(f"cannot download {url}: {_reason(e)}; {_manual_hint(entry, url)}") from None
     try:
@@ -407,13 +405,39 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _fetch_to(url: str, part: Path, progress: bool | None, desc: str) -> None:
+class _Progress:
+    """A line saying what is downloaded and a byte bar, both shown only once the server answers
+    (so a failed connection prints nothing but its one-line error); none if ``enabled`` is False."""
+
+    def __init__(self, announce: str, desc: str, enabled: bool | None) -> None:
+        self.announce, self.desc, self.enabled, self.bar = announce, desc, enabled is not False, None
+
+    def start(self, total: int | None, done: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            print(self.announce, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=self.desc, file=sys.stderr)
+        else:  # a resumed attempt
+            self.bar.reset(total=total)
+            self.bar.update(done)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fetch_to(url: str, part: Path, bar: _Progress) -> None:
     """Download ``url`` into ``part``, resuming what is there; retried while each attempt makes
     progress (a cut connection), raised as soon as one makes none."""
-    from tqdm.auto import tqdm
-
-    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
-              disable=None if progress is None else not progress) as bar:
+    try:
         while True:
             before = part.stat().st_size if part.exists() else 0
             try:
@@ -428,9 +452,11 @@ def _fetch_to(url: str, part: Path, progress: bool | None, desc: str) -> None:
                 if (part.stat().st_size if part.exists() else 0) <= before:
                     raise
                 time.sleep(0.2)
+    finally:
+        bar.close()
 
 
-def _fetch_once(url: str, part: Path, offset: int, bar) -> None:
+def _fetch_once(url: str, part: Path, offset: int, bar: _Progress) -> None:
     headers = {"User-Agent": "mixer-toolkit"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -443,8 +469,7 @@ def _fetch_once(url: str, part: Path, offset: int, bar) -> None:
         else:  # no range asked, or the server ignored it: the body is the whole file
             mode, offset = "wb", 0
             total = int(length) if length is not None else None
-        bar.reset(total=total)
-        bar.update(offset)
+        bar.start(total, offset)
         with open(part, mode) as f:
             while chunk := r.read(_CHUNK):
                 f.write(chunk)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import has_module, images, requires_jax, requires_torch, subprocess_env
+from conftest import has_module, images, import_blocker, requires_jax, requires_torch, subprocess_env
 from mixer_convert import config_for, hub, random_params
 from mixer_convert.io import CheckpointError, write_params
 from mixer_convert.reference import forward
@@ -304,20 +304,11 @@ def test_a_file_put_in_the_cache_by_hand_is_verified_then_used(bucket, s32_file,
         hub.resolve("S/16-gsam")
 
 
-# Downloading needs neither framework nor huggingface_hub (the standard library's urllib).
-_BLOCK_FRAMEWORKS = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {'torch', 'jax', 'jaxlib', 'flax', 'huggingface_hub', 'requests'}:
-            raise ImportError('blocked for this test: ' + name)
-sys.meta_path.insert(0, _Block())
-"""
-
-
 def test_two_processes_download_the_same_file_once_without_any_framework(bucket, s32_file):
     bucket.delay = 0.04  # about 3 s for the whole file, so the second process arrives mid-download
-    code = _BLOCK_FRAMEWORKS + "from mixer_convert.hub import resolve; print(resolve('S/32-gsam', progress=False))"
+    # downloading needs neither framework nor huggingface_hub (the standard library's urllib)
+    code = import_blocker("torch", "jax", "jaxlib", "flax", "huggingface_hub", "requests") + \
+        "from mixer_convert.hub import resolve; print(resolve('S/32-gsam', progress=False))"
     env = subprocess_env(MIXER_CACHE=os.environ["MIXER_CACHE"], MIXER_CHECKPOINT_BASE_URL=bucket.url)
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -339,7 +330,7 @@ def test_an_unreachable_server_is_one_line_naming_the_url_and_the_manual_way(tmp
     monkeypatch.setenv("MIXER_CACHE", str(tmp_path / "cache"))
     from mixer_convert.tools.cli import main
 
-    assert main(["S/32-gsam", str(tmp_path / "out.safetensors"), "--quiet"]) == 2
+    assert main(["S/32-gsam", str(tmp_path / "out.safetensors")]) == 2  # progress on: still one line
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith(f"mixer-convert: error: cannot download http://127.0.0.1:{port}/gsam/Mixer-S_32: ")
@@ -443,13 +434,7 @@ def test_hf_hub_names_load_through_huggingface_hubs_cache_offline(tmp_path):
 
 
 def test_hf_hub_names_without_huggingface_hub_say_which_extra_to_install(tmp_path):
-    code = f"""
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] == 'huggingface_hub':
-            raise ImportError('blocked for this test')
-sys.meta_path.insert(0, _Block())
+    code = import_blocker("huggingface_hub") + f"""
 from mixer_convert.tools.cli import main
 sys.exit(main(['hf-hub:timm/mixer_b16_224.goog_in21k', {str(tmp_path / 'o.npz')!r}]))
 """
