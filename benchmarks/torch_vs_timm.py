@@ -8,8 +8,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _checkout  # noqa: E402,F401  (mixer_convert from this checkout; the timm interpreter lacks the toolkit)
 
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from common import timeit  # noqa: E402
 from mixer_convert import config_for, random_params  # noqa: E402
 from mixer_convert.layouts import LAYOUTS  # noqa: E402
-from mixer_convert.tools.parity import TIMM_NAMES  # noqa: E402
+from mixer_convert.spec import TIMM_NAMES  # noqa: E402
 from mixer_torch import MlpMixer, load_flat  # noqa: E402
 
 

@@ -1,7 +1,8 @@
 """The one loading path every consumer shares (both ``from_checkpoint``s, ``init_from``, the
 converter, the parity report):
 
-    read (any format) -> canonical names (one strict map) -> infer config from shapes and check
+    resolve the source (a path, or a published name/URL fetched into the cache: mixer_convert.hub)
+    -> read (any format) -> canonical names (one strict map) -> infer config from shapes and check
     every key (before any data is read) -> materialise float tensors -> transform (resize, new head)
 
 Framework-free: numpy in, numpy out; each model turns the result into its own parameters.
@@ -13,8 +14,8 @@ from typing import Literal
 
 import numpy as np
 
-from mixer_convert.io import LazyParams, cast, read_params, shape_view
-from mixer_convert.params import check_params, check_variant, infer_config
+from mixer_convert.hub import resolve
+from mixer_convert.io import LazyParams, cast, open_params
 from mixer_convert.resize import new_head, resize_token_mixing
 from mixer_convert.spec import MixerConfig
 
@@ -22,20 +23,11 @@ Keep = Literal["keep"]
 
 
 def open_checkpoint(path: str | os.PathLike, variant: str | None = None, image_size=None,
-                    prefix: str | None = None) -> tuple[LazyParams, MixerConfig]:
+                    prefix: str | None = None, progress: bool | None = None) -> tuple[LazyParams, MixerConfig]:
     """Lazy canonical params and their config; every name and shape is checked, no data read.
-    The caller closes the params (``.close()``)."""
-    params = read_params(path, prefix=prefix)
-    try:
-        shapes = shape_view(params)
-        cfg = infer_config(shapes, image_size=image_size)
-        if variant:
-            check_variant(cfg, variant)
-        check_params(shapes, cfg, what=str(path))
-    except Exception:
-        params.close()
-        raise
-    return params, cfg
+    ``path`` may also be a published name or URL (:func:`mixer_convert.hub.resolve`; ``progress``
+    is its download bar). The caller closes the params (``.close()``)."""
+    return open_params(resolve(path, progress), variant, image_size, prefix)
 
 
 def load_checkpoint(path: str | os.PathLike, num_classes: int | None | Keep = "keep", scale: int = 1,
@@ -54,3 +46,16 @@ def load_checkpoint(path: str | os.PathLike, num_classes: int | None | Keep = "k
     if num_classes != "keep":
         flat, cfg = new_head(flat, cfg, num_classes)
     return flat, cfg
+
+
+# Fields a loaded checkpoint leaves free; every other field is fixed by its shapes.
+FREE_FIELDS = ("stoch_depth", "dropout_rate")
+
+
+def with_overrides(cfg: MixerConfig, overrides: dict) -> MixerConfig:
+    """``cfg`` with regularisation overrides; a shape field is refused with what to use instead."""
+    fixed = sorted(set(overrides) - set(FREE_FIELDS))
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)} cannot be overridden: the checkpoint's shapes fix it "
+                         "(use num_classes=... for a new head, scale=K for K x larger images)")
+    return cfg.replace(**overrides)

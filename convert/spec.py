@@ -23,7 +23,12 @@ VARIANTS: tuple[str, ...] = ("S/32", "S/16", "S/8", "B/32", "B/16", "L/32", "L/1
 
 LAYERNORM_EPS = 1e-6  # flax.linen.LayerNorm default; the official checkpoints were trained with it.
 
-_NAME_RE = re.compile(r"^(?:mixer[-_])?([SBLH])[/_-]?(\d+)$", re.IGNORECASE)
+# 'B/16', 'Mixer-B_16', timm's 'mixer_b16_224' (timm's Mixer models are all 224).
+_NAME_RE = re.compile(r"^(?:mixer[-_])?([SBLH])[/_-]?(\d+)(?:_224)?$", re.IGNORECASE)
+
+# timm's names for the variants it has (no S/8, no H/14).
+TIMM_NAMES = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224", "B/16": "mixer_b16_224",
+              "L/32": "mixer_l32_224", "L/16": "mixer_l16_224"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +100,11 @@ def _pair(value, what: str) -> tuple[int, int]:
 
 
 def parse_variant(name: str) -> tuple[str, int]:
-    """'B/16', 'Mixer-B_16', 'mixer_b16'-less forms -> ('B', 16). Unknown names raise ValueError."""
+    """'B/16', 'Mixer-B_16', timm's 'mixer_b16_224' -> ('B', 16). Unknown names raise ValueError."""
     m = _NAME_RE.match(name.strip()) if isinstance(name, str) else None
     if m is None:
         raise ValueError(f"unknown Mixer variant {name!r}; expected one of {', '.join(VARIANTS)} "
-                         "(also written like 'Mixer-B_16')")
+                         "(also written like 'Mixer-B_16' or 'mixer_b16_224')")
     size, patch = m.group(1).upper(), int(m.group(2))
     if f"{size}/{patch}" not in VARIANTS:
         raise ValueError(f"unknown Mixer variant {name!r} ({size}/{patch}); expected one of {', '.join(VARIANTS)}")

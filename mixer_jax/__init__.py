@@ -1,6 +1,6 @@
 """MLP-Mixer in Flax, parameter tree identical to the official checkpoints."""
 
-__all__ = ["MixerBlock", "MlpBlock", "MlpMixer", "create_model", "from_checkpoint", "init_params",
+__all__ = ["MixerBlock", "MlpBlock", "MlpMixer", "create_model", "from_checkpoint", "from_pretrained", "init_params",
            "params_from_flat", "params_to_flat"]
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 
+from mixer_convert.hub import is_remote
 from mixer_convert.spec import MixerConfig, config_for
 
 AUGMENTS = ("inception_crop_flip", "inception_crop", "none")
@@ -57,7 +58,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 1000  # 0: only at the end
     keep_checkpoints: int = 2
-    init_from: str | None = None  # any checkpoint the bridge reads (.npz, .msgpack, ...); head replaced
+    init_from: str | None = None  # any checkpoint the bridge reads (.npz, ..., or a name like B/16-i21k)
     resize_scale: int = 1  # fine-tune at K x the checkpoint's resolution (paper appendix C)
     export_torch: bool = False  # write model.pt (our PyTorch naming) at the end; needs torch
     eval_batch_size: int = 0  # 0: batch_size / accum_steps
@@ -128,6 +129,10 @@ def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None
         value = _get(cfg, key)
         if not ok(value):
             errors.append(f"{key} must be {allowed}, got {value!r}")
+    if isinstance(cfg.init_from, str) and cfg.init_from and not is_remote(cfg.init_from) \
+            and not os.path.exists(os.path.expanduser(cfg.init_from)):
+        errors.append(f"init_from {cfg.init_from!r} does not exist (a checkpoint file, or a published name such as "
+                      "B/16-i21k: mixer-convert --list)")
     if not errors:
         micro = cfg.batch_size // cfg.accum_steps
         if cfg.batch_size % cfg.accum_steps:

@@ -107,7 +107,11 @@ class MlpMixer(nn.Module):
 
 
 def create_model(variant: str | MixerConfig = "B/16", dtype: Any = jnp.float32, **overrides) -> MlpMixer:
-    """``create_model('B/16', num_classes=10)``; overrides are MixerConfig fields."""
+    """``create_model('B/16', num_classes=10)``; overrides are MixerConfig fields. A Flax module
+    holds no weights: published ones come with it from :func:`from_pretrained`."""
+    if "pretrained" in overrides:
+        raise TypeError("a Flax module holds no weights; use mixer_jax.from_pretrained(variant, tag) "
+                        "-> (model, params)")
     cfg = variant.replace(**overrides) if isinstance(variant, MixerConfig) else config_for(variant, **overrides)
     return MlpMixer(cfg, dtype=dtype)
 
@@ -142,10 +146,25 @@ def params_to_flat(params: Mapping) -> dict[str, np.ndarray]:
 def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
                     dtype: Any = jnp.float32, **overrides) -> tuple[MlpMixer, dict]:
     """(model, params) from any checkpoint the bridge reads (official .npz, Flax, PyTorch,
-    timm, safetensors): optionally a fresh head for ``num_classes`` and token-mixing resized
-    for ``scale`` x larger images. ``overrides`` (e.g. stoch_depth) change non-shape fields."""
-    from mixer_convert.load import load_checkpoint
+    timm, safetensors), a path or a published name/URL (``B/16-i21k``, ``gs://mixer_models/...``,
+    ``hf-hub:timm/...``; downloaded into the cache): optionally a fresh head for ``num_classes``
+    and token-mixing resized for ``scale`` x larger images. The params are built straight from
+    the checkpoint (no ``model.init``). ``overrides`` (stoch_depth, dropout_rate) change
+    non-shape fields."""
+    from mixer_convert.load import load_checkpoint, with_overrides
 
     flat, cfg = load_checkpoint(path, num_classes, scale, variant)
-    cfg = cfg.replace(**overrides)
+    cfg = with_overrides(cfg, overrides)
     return MlpMixer(cfg, dtype=dtype), params_from_flat(flat, cfg)
+
+
+def from_pretrained(model: str, pretrained: bool | str = True, num_classes: int | None | str = "keep",
+                    scale: int = 1, dtype: Any = jnp.float32, **overrides) -> tuple[MlpMixer, dict]:
+    """(model, params) for published weights by name: ``from_pretrained('B/16-i21k')``,
+    ``from_pretrained('B/16', 'imagenet21k')``, ``from_pretrained('mixer_b16_224')`` (the
+    variant's default file), ``from_pretrained('hf-hub:timm/...')``, or any path or URL.
+    Tags and defaults: :func:`mixer_convert.hub.pretrained_source`."""
+    from mixer_convert.hub import pretrained_source
+
+    source, variant = pretrained_source(model, pretrained)
+    return from_checkpoint(source, num_classes, scale, variant, dtype, **overrides)

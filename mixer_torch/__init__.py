@@ -1,7 +1,9 @@
 """MLP-Mixer in PyTorch, same function and (by one rule) same parameter names as the official Flax model."""
-from mixer_torch.model import MixerBlock, MlpBlock, MlpMixer, create_model, from_checkpoint, load_flat, to_flat
+from mixer_torch.model import (MixerBlock, MlpBlock, MlpMixer, create_model, from_checkpoint, from_pretrained, load_flat,
+                               model_from_flat, to_flat)
 
-__all__ = ["MLP_Mixer", "MixerBlock", "MlpBlock", "MlpMixer", "create_model", "from_checkpoint", "load_flat", "to_flat"]
+__all__ = ["MLP_Mixer", "MixerBlock", "MlpBlock", "MlpMixer", "create_model", "from_checkpoint", "from_pretrained",
+           "load_flat", "model_from_flat", "to_flat"]
 
 
 def __getattr__(name: str):

@@ -11,6 +11,7 @@ State-dict naming, the one rule (``mixer_convert.layouts.torch_key``): take the 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Mapping
 
 import numpy as np
@@ -79,7 +80,8 @@ class MlpMixer(nn.Module):
                                                           cfg.channels_mlp_dim, drop_p, cfg.dropout_rate))
         self.pre_head_layer_norm = nn.LayerNorm(cfg.hidden_dim, eps=LAYERNORM_EPS)
         self.head = nn.Linear(cfg.hidden_dim, cfg.num_classes) if cfg.num_classes is not None else None
-        self.reset_parameters()
+        if not self.stem.weight.is_meta:  # built on the meta device only to have weights assigned
+            self.reset_parameters()
 
     @property
     def blocks(self) -> list[MixerBlock]:
@@ -123,8 +125,11 @@ class MlpMixer(nn.Module):
             inter["logits"] = x = self.head(x)
         return (x, inter) if return_intermediates else x
 
-    def reset_classifier(self, num_classes: int | None) -> None:
-        """Replace the head with a fresh zero-initialised one (None or 0 removes it)."""
+    def reset_classifier(self, num_classes: int | None, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh zero-initialised one (None or 0 removes it). timm's
+        signature; the pooling is always the mean over tokens ('avg')."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"MLP-Mixer pools by the mean over tokens only (global_pool='avg'), got {global_pool!r}")
         num_classes = num_classes or None
         self.config = self.config.replace(num_classes=num_classes)
         ref = self.pre_head_layer_norm.weight
@@ -132,6 +137,40 @@ class MlpMixer(nn.Module):
         if self.head is not None:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+
+    # What timm users reach for (timm's attribute names and meanings: 0 classes = no head).
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes or 0
+
+    @property
+    def num_features(self) -> int:
+        return self.config.hidden_dim
+
+    def get_classifier(self) -> nn.Module:
+        return self.head if self.head is not None else nn.Identity()
+
+    def __prepare_scriptable__(self) -> nn.Sequential:
+        """What ``torch.jit.script(model)`` compiles: the inference forward as an ``nn.Sequential``
+        of this model's own modules under their own names (so the same parameters and the same
+        state-dict keys), without the Python-only parts (the shape check's messages,
+        ``return_intermediates``)."""
+        layers = [("stem", self.stem), ("to_tokens", _ToTokens())]
+        layers += [(f"MixerBlock_{i}", b) for i, b in enumerate(self.blocks)]
+        layers += [("pre_head_layer_norm", self.pre_head_layer_norm), ("pool", _MeanTokens())]
+        if self.head is not None:
+            layers.append(("head", self.head))
+        return nn.Sequential(OrderedDict(layers)).train(self.training)
+
+
+class _ToTokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class _MeanTokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
 
 
 def lecun_normal_(w: torch.Tensor) -> None:
@@ -146,8 +185,14 @@ def lecun_normal_(w: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def create_model(variant: str | MixerConfig = "B/16", **overrides) -> MlpMixer:
-    """``create_model('B/16', num_classes=10)``; overrides are MixerConfig fields."""
+def create_model(variant: str | MixerConfig = "B/16", pretrained: bool | str = False, **overrides) -> MlpMixer:
+    """``create_model('B/16', num_classes=10)``; overrides are MixerConfig fields. ``variant`` may
+    also be timm's name (``mixer_b16_224``). With ``pretrained`` (True, a tag such as
+    ``'imagenet21k'``, or a checkpoint source) the weights are loaded: see :func:`from_pretrained`."""
+    if pretrained:
+        if isinstance(variant, MixerConfig):
+            raise ValueError("pretrained=... needs a variant name such as 'B/16', not a MixerConfig")
+        return from_pretrained(variant, pretrained, **overrides)
     cfg = variant.replace(**overrides) if isinstance(variant, MixerConfig) else config_for(variant, **overrides)
     return MlpMixer(cfg)
 
@@ -160,23 +205,51 @@ def create_model(variant: str | MixerConfig = "B/16", **overrides) -> MlpMixer:
 def load_flat(model: MlpMixer, flat: Mapping[str, np.ndarray]) -> MlpMixer:
     """Load canonical (official-layout) numpy weights; strict: any missing, unexpected or
     mis-shaped key raises ``ParamMismatchError`` listing all of them, and nothing is loaded."""
+    model.load_state_dict(_state_dict(flat, model.config), strict=True)
+    return model
+
+
+def _state_dict(flat: Mapping[str, np.ndarray], cfg: MixerConfig) -> dict[str, torch.Tensor]:
     from mixer_convert.io import numpy_to_torch
     from mixer_convert.layouts import canonical_to_torch
 
-    sd = {k: numpy_to_torch(v) for k, v in canonical_to_torch(flat, model.config).items()}
-    model.load_state_dict(sd, strict=True)
+    return {k: numpy_to_torch(v) for k, v in canonical_to_torch(flat, cfg).items()}
+
+
+def model_from_flat(flat: Mapping[str, np.ndarray], cfg: MixerConfig) -> MlpMixer:
+    """A float32 model holding ``flat`` (strictly checked), built without the random
+    initialisation that loading would overwrite: the modules are made on the meta device and
+    the checkpoint's tensors become the parameters (``assign=True``, no second copy)."""
+    sd = {k: v if v.dtype == torch.float32 else v.float() for k, v in _state_dict(flat, cfg).items()}
+    with torch.device("meta"):
+        model = MlpMixer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
     return model
 
 
 def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
                     **overrides) -> MlpMixer:
     """A model from any checkpoint the bridge reads (official .npz, Flax, PyTorch, timm,
-    safetensors): optionally a fresh head for ``num_classes`` and token-mixing resized for
-    ``scale`` x larger images. ``overrides`` (e.g. stoch_depth) change non-shape fields."""
-    from mixer_convert.load import load_checkpoint
+    safetensors), a path or a published name/URL (``B/16-i21k``, ``gs://mixer_models/...``,
+    ``hf-hub:timm/...``; downloaded into the cache): optionally a fresh head for ``num_classes``
+    and token-mixing resized for ``scale`` x larger images. ``overrides`` (stoch_depth,
+    dropout_rate) change non-shape fields."""
+    from mixer_convert.load import load_checkpoint, with_overrides
 
     flat, cfg = load_checkpoint(path, num_classes, scale, variant)
-    return load_flat(MlpMixer(cfg.replace(**overrides)), flat)
+    return model_from_flat(flat, with_overrides(cfg, overrides))
+
+
+def from_pretrained(model: str, pretrained: bool | str = True, num_classes: int | None | str = "keep",
+                    scale: int = 1, **overrides) -> MlpMixer:
+    """Published weights by name: ``from_pretrained('B/16-i21k')``, ``from_pretrained('B/16',
+    'imagenet21k')``, ``from_pretrained('mixer_b16_224')`` (the variant's default file),
+    ``from_pretrained('hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k')``, or any path or URL.
+    Tags and defaults: :func:`mixer_convert.hub.pretrained_source`."""
+    from mixer_convert.hub import pretrained_source
+
+    source, variant = pretrained_source(model, pretrained)
+    return from_checkpoint(source, num_classes, scale, variant, **overrides)
 
 
 def to_flat(model: MlpMixer) -> dict[str, np.ndarray]:

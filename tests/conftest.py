@@ -43,6 +43,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def import_blocker(*names: str) -> str:
+    """Python source that makes importing any of the top-level packages ``names`` fail; prepend it
+    to a child interpreter's code to prove that code path does not need them."""
+    return f"""
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {set(names)!r}:
+            raise ImportError('blocked for this test: ' + name)
+sys.meta_path.insert(0, _Block())
+"""
+
+
 def images(batch: int, h: int, w: int, seed: int = 1, c: int = 3) -> np.ndarray:
     """Images already preprocessed to [-1, 1], NHWC."""
     return np.random.default_rng(seed).uniform(-1, 1, (batch, h, w, c)).astype(np.float32)

@@ -17,6 +17,7 @@ import numpy as np
 
 from mixer_convert.io import (CheckpointError, LazyParams, cast, check_destination, format_for_output, nonfinite, np_dtype, read_params,
                               write_params)
+from mixer_convert.hub import resolve
 from mixer_convert.load import open_checkpoint
 from mixer_convert.spec import MixerConfig, param_shapes
 
@@ -93,11 +94,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str |
                        variant: str | None = None, dtype: str = "keep", force: bool = False, verify: bool = False,
                        allow_nonfinite: bool = False, image_size=None, progress: bool | None = None,
                        prefix: str | None = None) -> ConversionReport:
-    """Convert ``src`` to ``dst``. ``to``: torch | timm | flax | npz | msgpack | orbax (default:
-    from dst's suffix). The source is only read; dst is written atomically and never
-    overwritten without ``force``; on any error no dst is left behind."""
-    src, dst = Path(src), Path(dst)
-    check_destination(dst, force)  # before any reading: fail fast
+    """Convert ``src`` (a path, or a published name or URL: :func:`mixer_convert.hub.resolve`) to
+    ``dst``. ``to``: torch | timm | flax | npz | msgpack | orbax (default: from dst's suffix). The
+    source is only read; dst is written atomically and never overwritten without ``force``; on
+    any error no dst is left behind."""
+    dst = Path(dst)
+    check_destination(dst, force)  # before any reading or downloading: fail fast
+    src = resolve(src, progress)  # a published name or URL: fetched into the cache first
     if dst.resolve() == src.resolve():
         raise ValueError("source and destination are the same file; the source is never modified")
     fmt, layout = format_for_output(dst, to)

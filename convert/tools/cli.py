@@ -1,7 +1,8 @@
-"""mixer-convert SRC DST [--to torch|timm|flax|npz|msgpack|orbax] [--verify] ..."""
+"""mixer-convert SRC DST [--to torch|timm|flax|npz|msgpack|orbax] [--verify] ...; mixer-convert --list"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mixer_convert.io import DTYPES, CheckpointError, detect_format, format_for_output
@@ -16,9 +17,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixer-convert", description=(
         "Convert MLP-Mixer checkpoints between Google's official .npz, Flax (msgpack, orbax), PyTorch "
         "(.pt/.pth/.bin) and safetensors, in our naming or timm's. The architecture is read from the "
-        "tensor shapes; the source is never modified."))
-    p.add_argument("src", help="checkpoint to read (.npz, .msgpack, orbax dir, .pt/.pth/.bin, .safetensors)")
-    p.add_argument("dst", help="file to write (its suffix picks the format unless --to is given)")
+        "tensor shapes; the source is never modified. SRC may name a published checkpoint (see --list), "
+        "which is downloaded into the cache ($MIXER_CACHE) first."))
+    p.add_argument("src", nargs="?", help="checkpoint to read (.npz, .msgpack, orbax dir, .pt/.pth/.bin, "
+                   ".safetensors), or a published one: B/16-i21k, B-i21k/16, gs://mixer_models/..., its https "
+                   "URL, hf-hub:timm/...")
+    p.add_argument("dst", nargs="?", help="file to write (its suffix picks the format unless --to is given)")
+    p.add_argument("--list", action="store_true",
+                   help="list the published checkpoints (name, bucket path, variant, head, MiB, cached) and exit")
     p.add_argument("--to", choices=["torch", "timm", "flax", "npz", "msgpack", "orbax"],
                    help="timm: keys for timm's mlp_mixer (.pth or .safetensors); flax: .npz/.msgpack/orbax dir")
     p.add_argument("--variant", help="expected variant, e.g. B/16; an error if the weights say otherwise")
@@ -37,12 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors("mixer-convert")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        from mixer_convert.hub import catalogue_table
+        print(catalogue_table())
+        return 0
+    if args.src is None or args.dst is None:
+        parser.error("SRC and DST are required (or --list)")
     from mixer_convert.tools.bridge import convert_checkpoint
 
     try:
         # Before reading anything: a missing extra for either side is one line, not a traceback.
-        fmts = (detect_format(args.src), format_for_output(args.dst, args.to)[0])
+        # (A published name or URL is fetched first; its format is known only then.)
+        fmts = (detect_format(args.src) if os.path.exists(args.src) else None,
+                format_for_output(args.dst, args.to)[0])
         require(*(FORMAT_EXTRA[f] for f in fmts if f in FORMAT_EXTRA))
         report = convert_checkpoint(args.src, args.dst, args.to, variant=args.variant, dtype=args.dtype,
                                     force=args.force, verify=args.verify, allow_nonfinite=args.allow_nonfinite,

@@ -25,10 +25,6 @@ BF16_REL = 5e-2
 # largest gradient of any parameter (see convert/tools/parity_report.py for why the second term).
 GRAD_RTOL, GRAD_ATOL_GLOBAL = 1e-4, 1e-6
 
-# timm's names for the variants it has (no S/8, no H/14).
-TIMM_NAMES = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224", "B/16": "mixer_b16_224",
-              "L/32": "mixer_l32_224", "L/16": "mixer_l16_224"}
-
 
 def timm_python() -> str | None:
     """An interpreter that has timm: $MIXER_TIMM_PYTHON, else this one if timm imports here.

@@ -27,10 +27,10 @@ import numpy as np
 
 from mixer_convert.io import CheckpointError
 from mixer_convert.params import ParamMismatchError
-from mixer_convert.spec import VARIANTS, MixerConfig, config_for, parse_variant, variant_name
+from mixer_convert.spec import TIMM_NAMES, VARIANTS, MixerConfig, config_for, parse_variant, variant_name
 from mixer_convert.tools.extras import cli_errors, require
 from mixer_convert.tools.parity import (BF16_REL, Diff, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL,
-                                        TIMM_NAMES, compare, compare_params, first_divergence, flax_forward,
+                                        compare, compare_params, first_divergence, flax_forward,
                                         flax_grads, format_table, timm_python, torch_device, torch_forward,
                                         torch_grads)
 
