@@ -140,12 +140,13 @@ def params_to_flat(params: Mapping) -> dict[str, np.ndarray]:
 
 
 def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
-                    dtype: Any = jnp.float32, **overrides) -> tuple[MlpMixer, dict]:
+                    dtype: Any = jnp.float32, prefix: str | None = None, **overrides) -> tuple[MlpMixer, dict]:
     """(model, params) from any checkpoint the bridge reads (official .npz, Flax, PyTorch,
     timm, safetensors): optionally a fresh head for ``num_classes`` and token-mixing resized
-    for ``scale`` x larger images. ``overrides`` (e.g. stoch_depth) change non-shape fields."""
+    for ``scale`` x larger images. ``overrides`` (e.g. stoch_depth) change non-shape fields;
+    ``prefix`` picks the parameter tree of a file that holds several (e.g. 'params/')."""
     from mixer_convert.load import load_checkpoint
 
-    flat, cfg = load_checkpoint(path, num_classes, scale, variant)
+    flat, cfg = load_checkpoint(path, num_classes, scale, variant, prefix=prefix)
     cfg = cfg.replace(**overrides)
     return MlpMixer(cfg, dtype=dtype), params_from_flat(flat, cfg)

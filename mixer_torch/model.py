@@ -169,13 +169,14 @@ def load_flat(model: MlpMixer, flat: Mapping[str, np.ndarray]) -> MlpMixer:
 
 
 def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
-                    **overrides) -> MlpMixer:
+                    prefix: str | None = None, **overrides) -> MlpMixer:
     """A model from any checkpoint the bridge reads (official .npz, Flax, PyTorch, timm,
     safetensors): optionally a fresh head for ``num_classes`` and token-mixing resized for
-    ``scale`` x larger images. ``overrides`` (e.g. stoch_depth) change non-shape fields."""
+    ``scale`` x larger images. ``overrides`` (e.g. stoch_depth) change non-shape fields;
+    ``prefix`` picks the parameter tree of a file that holds several (e.g. 'params/')."""
     from mixer_convert.load import load_checkpoint
 
-    flat, cfg = load_checkpoint(path, num_classes, scale, variant)
+    flat, cfg = load_checkpoint(path, num_classes, scale, variant, prefix=prefix)
     return load_flat(MlpMixer(cfg.replace(**overrides)), flat)
 
 
