@@ -1109,6 +1109,7 @@ def _write(fmt: str, flat: Mapping[str, np.ndarray], lay, items: Iterator[tuple[
         tmp.write_bytes(serialization.msgpack_serialize(_nest({k: np.asarray(v) for k, v in items})))
     elif fmt == "orbax":
         ocp = _needs("orbax.checkpoint", "train", "writing an orbax checkpoint")
+        _drop_closed_loop_noise()
         tree = _nest({k: np.asarray(v) for k, v in items})
         try:
             with _quiet_orbax():

@@ -206,6 +206,19 @@ def _pt_edit(d: Path, name: str, key: str, change) -> Path:
     return _pt(d, name, sd)
 
 
+def _pt_without_crcs(d: Path) -> Path:
+    """torch.save with compute_crc32=False writes 0 for every CRC: nothing to check, still readable."""
+    from torch.utils.serialization import config
+
+    config.save.compute_crc32 = False
+    try:
+        path = _pt(d, "nocrc.pt", _torch_sd(FLAT))
+    finally:
+        config.save.compute_crc32 = True
+    assert not any(i.CRC for i in zipfile.ZipFile(path).infolist())
+    return path
+
+
 def _first_storage(path: Path) -> str:
     return next(n for n in zipfile.ZipFile(path).namelist() if "/data/" in n)
 
@@ -608,6 +621,7 @@ CASES = {
                                 (), FLAT),
     "semantic/fortran-order-npz": (None, lambda b, d: _npz(d, "f.npz", {k: np.asfortranarray(v) for k, v in
                                                                         FLAT.items()}), (), FLAT),
+    "semantic/pt-saved-without-crcs": (T, lambda b, d: _pt_without_crcs(d), (), FLAT),
     "semantic/tied-tensors-in-pt": (T, lambda b, d: _pt(d, "tied.pt", _tied(_torch_sd(FLAT))), (), _tied_flat()),
     "semantic/msgpack-train-state": (J, lambda b, d: _msgpack_with(b, d, "ts.msgpack", lambda t: {
         "params": t, "opt_state": {"1": {"mu": t}}, "step": 7}), (), FLAT),
@@ -841,16 +855,18 @@ def test_permission_errors_are_one_line(bases, tmp_path, what):
     assert os.listdir(work) == []
 
 
-@cases(4)
+@cases(5)
 @linux_only
-@pytest.mark.parametrize("fmt", ["npz", pytest.param("pt", marks=requires_torch),
-                                 pytest.param("safetensors"), pytest.param("msgpack", marks=requires_jax)])
+@pytest.mark.parametrize("fmt", ["npz", pytest.param("pt", marks=requires_torch), "safetensors",
+                                 pytest.param("msgpack", marks=requires_jax),
+                                 pytest.param("orbax", marks=requires_orbax)])
 def test_a_full_disk_is_one_line_and_leaves_nothing(bases, tmp_path, fmt):
     work = fresh_dir(tmp_path, "work")
-    dst = work / "new" / f"out.{fmt}"
-    out, _ = run_cli_process([str(bases["npz"]), str(dst), "--quiet"], setup=disk_full_after(20_000))
+    dst = work / "new" / (f"out.{fmt}" if fmt != "orbax" else "ckpt")
+    to = ["--to", "orbax"] if fmt == "orbax" else []
+    out, _ = run_cli_process([str(bases["npz"]), str(dst), "--quiet", *to], setup=disk_full_after(20_000))
     assert out.rc == 2 and len(out.lines) == 1, out.stderr
-    assert re.search(r"cannot write .*(File too large|torch.save failed)", out.lines[0]), out.lines[0]
+    assert re.search(r"cannot write .*(File too large|torch.save failed|orbax failed)", out.lines[0]), out.lines[0]
     assert os.listdir(work) == []
 
 
