@@ -33,6 +33,7 @@ import stat
 import struct
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
 from collections import Counter
@@ -940,8 +941,9 @@ def remove_stale_temps(dst: Path) -> list[Path]:
         if m is None or (m.group(1) and _pid_alive(int(m.group(1)))):
             continue
         folder = dst.parent / name
-        try:
-            if folder.is_symlink() or not folder.is_dir() or not set(os.listdir(folder)) <= {dst.name, "replaced"}:
+        try:  # what atomic_path makes: a real folder holding the partial output (orbax: its own temp)
+            if folder.is_symlink() or not folder.is_dir() or not all(
+                    n == "replaced" or n.startswith(dst.name) for n in os.listdir(folder)):
                 continue
         except OSError:
             continue
@@ -1114,8 +1116,27 @@ def _write(fmt: str, flat: Mapping[str, np.ndarray], lay, items: Iterator[tuple[
         try:
             with _quiet_orbax():
                 ocp.PyTreeCheckpointer().save(tmp.absolute(), tree)
-        except (CheckpointError, OSError):
-            raise
-        except Exception as e:  # tensorstore reports a failed write as ValueError
+        except BaseException as e:
+            # orbax returns on the first failed write while tensorstore finishes the others, which
+            # would recreate files under the temporary after it is removed: let them land first.
+            _wait_until_quiet(tmp.parent)
+            if isinstance(e, (CheckpointError, OSError)) or not isinstance(e, Exception):
+                raise
             raise CheckpointError(f"cannot write {shown}: orbax failed ({_why(e)}); disk full or "
                                   "not writable?") from None
+
+
+def _wait_until_quiet(folder: Path, quiet: float = 0.25, limit: float = 10.0) -> None:
+    """Return once nothing under ``folder`` has changed for ``quiet`` seconds (at most ``limit``)."""
+    def state():
+        try:
+            return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+        except OSError:
+            return None
+    deadline, last = time.monotonic() + limit, state()
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = state()
+        if now == last:
+            return
+        last = now
