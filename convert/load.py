@@ -3,7 +3,8 @@ converter, the parity report):
 
     resolve the source (a path, or a published name/URL fetched into the cache: mixer_convert.hub)
     -> read (any format) -> canonical names (one strict map) -> infer config from shapes and check
-    every key (before any data is read) -> materialise float tensors -> transform (resize, new head)
+    every key, shape and dtype, and the total size (before any data is read) -> materialise float
+    tensors -> transform (resize, new head)
 
 Framework-free: numpy in, numpy out; each model turns the result into its own parameters.
 """
@@ -15,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from mixer_convert.hub import resolve
-from mixer_convert.io import LazyParams, cast, open_params
+from mixer_convert.io import MAX_BYTES, LazyParams, cast, open_params
 from mixer_convert.resize import new_head, resize_token_mixing
 from mixer_convert.spec import MixerConfig
 
@@ -23,20 +24,22 @@ Keep = Literal["keep"]
 
 
 def open_checkpoint(path: str | os.PathLike, variant: str | None = None, image_size=None,
-                    prefix: str | None = None, progress: bool | None = None) -> tuple[LazyParams, MixerConfig]:
-    """Lazy canonical params and their config; every name and shape is checked, no data read.
-    ``path`` may also be a published name or URL (:func:`mixer_convert.hub.resolve`; ``progress``
-    is its download bar). The caller closes the params (``.close()``)."""
-    return open_params(resolve(path, progress), variant, image_size, prefix)
+                    prefix: str | None = None, progress: bool | None = None,
+                    max_bytes: int | None = MAX_BYTES) -> tuple[LazyParams, MixerConfig]:
+    """Lazy canonical params and their config; every name, shape and dtype is checked, no data
+    read (:func:`mixer_convert.io.open_params`; more than ``max_bytes`` declared is refused, None:
+    no limit). ``path`` may also be a published name or URL (:func:`mixer_convert.hub.resolve`;
+    ``progress`` is its download bar). The caller closes the params (``.close()``)."""
+    return open_params(resolve(path, progress), variant, image_size, prefix, max_bytes)
 
 
 def load_checkpoint(path: str | os.PathLike, num_classes: int | None | Keep = "keep", scale: int = 1,
-                    variant: str | None = None, image_size=None, prefix: str | None = None
-                    ) -> tuple[dict[str, np.ndarray], MixerConfig]:
+                    variant: str | None = None, image_size=None, prefix: str | None = None,
+                    max_bytes: int | None = MAX_BYTES) -> tuple[dict[str, np.ndarray], MixerConfig]:
     """Canonical numpy params and config from any supported checkpoint, optionally resized
     ``scale`` x (paper appendix C) and with a fresh head for ``num_classes`` ('keep' keeps the
     checkpoint's head, None removes it). Non-float tensors are refused."""
-    params, cfg = open_checkpoint(path, variant, image_size, prefix)
+    params, cfg = open_checkpoint(path, variant, image_size, prefix, max_bytes=max_bytes)
     try:
         flat = {k: cast(k, np.asarray(params[k]), "keep") for k in params}
     finally:

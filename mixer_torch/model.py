@@ -228,15 +228,16 @@ def model_from_flat(flat: Mapping[str, np.ndarray], cfg: MixerConfig) -> MlpMixe
 
 
 def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
-                    **overrides) -> MlpMixer:
+                    prefix: str | None = None, **overrides) -> MlpMixer:
     """A model from any checkpoint the bridge reads (official .npz, Flax, PyTorch, timm,
     safetensors), a path or a published name/URL (``B/16-i21k``, ``gs://mixer_models/...``,
     ``hf-hub:timm/...``; downloaded into the cache): optionally a fresh head for ``num_classes``
     and token-mixing resized for ``scale`` x larger images. ``overrides`` (stoch_depth,
-    dropout_rate) change non-shape fields."""
+    dropout_rate) change non-shape fields; ``prefix`` picks the parameter tree of a file that
+    holds several (e.g. 'params/')."""
     from mixer_convert.load import load_checkpoint, with_overrides
 
-    flat, cfg = load_checkpoint(path, num_classes, scale, variant)
+    flat, cfg = load_checkpoint(path, num_classes, scale, variant, prefix=prefix)
     return model_from_flat(flat, with_overrides(cfg, overrides))
 
 

@@ -421,3 +421,90 @@ def test_verify_with_allowed_nan_warns_once_per_tensor(tmp_path):
         rep = convert_checkpoint(tmp_path / "inf.npz", tmp_path / "o.safetensors", allow_nonfinite=True, verify=True,
                                  progress=False)
     assert rep.warnings == ["stem/bias: 1 of 24 values are NaN or Inf"] and rep.readback_exact
+
+
+# ---- one canonical name per tensor, one tree per file (layouts.canonicalize / select_root) -----------
+
+
+@pytest.mark.parametrize("layout, extra, names", [
+    ("torch", {"module.stem.weight": "stem.weight"}, ("stem.weight", "module.stem.weight")),
+    ("torch", {"pre_head_layer_norm.scale": "pre_head_layer_norm.weight"},
+     ("pre_head_layer_norm.weight", "pre_head_layer_norm.scale")),
+    ("timm", {"module.norm.weight": "norm.weight"}, ("norm.weight", "module.norm.weight")),
+    ("flax", {"Mixer/encoder_norm/scale": "pre_head_layer_norm/scale"},
+     ("Mixer/encoder_norm/scale", "pre_head_layer_norm/scale")),
+])
+def test_one_tensor_under_two_names_is_an_error_naming_both(layout, extra, names):
+    from mixer_convert.layouts import LAYOUTS, canonicalize, entries_of
+
+    lay = LAYOUTS[layout]
+    flat = random_params(TINY, 0)
+    named = {lay.key_to(k): lay.value_to(k, v) for k, v in flat.items()}
+    named.update({new: np.zeros_like(named[old]) for new, old in extra.items()})  # zeros: last-wins would be silent
+    with pytest.raises(ParamMismatchError) as e:
+        canonicalize(entries_of(named), layout)
+    assert all(repr(n) in str(e.value) for n in names) and "given 2 times" in str(e.value)
+    assert e.value.duplicated and not e.value.missing
+
+
+def test_the_param_tree_is_chosen_by_name_never_by_path_length():
+    from mixer_convert.layouts import AmbiguousParamsError, entries_of, select_root
+
+    flat = random_params(TINY, 0)
+    zeros = {k: np.zeros_like(v) for k, v in flat.items()}
+
+    def tree(**parts):
+        return entries_of({f"{p.replace('__', '/')}/{k}": v for p, vals in parts.items() for k, v in vals.items()})
+
+    for beside in ("opt/1", "opt_state/0/mu", "o"):  # optimizer slots, whatever their length
+        chosen = select_root(tree(params=flat, **{beside.replace("/", "__"): zeros}))
+        assert set(chosen) == set(flat) and np.array_equal(chosen["stem/kernel"][2](), flat["stem/kernel"])
+    chosen = select_root(tree(opt__target=flat, opt__1=zeros))
+    assert np.array_equal(chosen["stem/kernel"][2](), flat["stem/kernel"])
+    with pytest.raises(AmbiguousParamsError, match=r"'opt/target/', 'params/'; pick one with --prefix") as e:
+        select_root(tree(params=zeros, opt__target=flat))
+    assert e.value.roots == ["opt/target/", "params/"]
+    picked = select_root(tree(params=zeros, opt__target=flat), prefix="opt/target")
+    assert np.array_equal(picked["stem/kernel"][2](), flat["stem/kernel"])
+    with pytest.raises(ValueError, match=r"no parameter tree under prefix 'nope/'"):
+        select_root(tree(params=flat), prefix="nope/")
+
+
+def test_read_params_and_open_checkpoint_take_a_prefix(tmp_path):
+    from mixer_convert.load import open_checkpoint
+
+    flat = random_params(TINY, 0)
+    np.savez(tmp_path / "two.npz", **{f"params/{k}": np.zeros_like(v) for k, v in flat.items()},
+             **{f"opt/target/{k}": v for k, v in flat.items()})
+    with pytest.raises(ValueError, match="2 parameter trees"):
+        read_params(tmp_path / "two.npz")
+    assert np.array_equal(read_params(tmp_path / "two.npz", prefix="opt/target/")["stem/kernel"], flat["stem/kernel"])
+    params, cfg = open_checkpoint(tmp_path / "two.npz", prefix="params")
+    assert cfg == TINY and not params["stem/kernel"].any()
+    params.close()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.complex64, np.uint8])
+def test_loading_refuses_non_float_tensors_before_reading_them(tmp_path, dtype):
+    from mixer_convert.load import load_checkpoint, open_checkpoint
+
+    flat = random_params(TINY, 0)
+    flat["MixerBlock_1/LayerNorm_0/scale"] = flat["MixerBlock_1/LayerNorm_0/scale"].astype(dtype)
+    np.savez(tmp_path / "odd.npz", **flat)
+    for load in (load_checkpoint, open_checkpoint):
+        with pytest.raises(CheckpointError, match=rf"'MixerBlock_1/LayerNorm_0/scale' has unsupported dtype "
+                                                  rf"{np.dtype(dtype)}"):
+            load(tmp_path / "odd.npz")
+
+
+def test_verify_prints_its_tolerance_and_fails_beyond_it(official, tmp_path, monkeypatch):
+    from mixer_convert.tools import bridge
+
+    src, _ = official
+    rep = convert_checkpoint(src, tmp_path / "a.safetensors", verify=True, progress=False)
+    assert f"(tolerance {rep.logits_tolerance:.1e})" in rep.summary() and rep.logits_tolerance >= 1e-4
+    real = bridge._framework_forward
+    monkeypatch.setattr(bridge, "_framework_forward", lambda *a: (real(*a)[0] + 1e-2, "a forward off by 1e-2"))
+    with pytest.raises(bridge.VerificationError, match=r"differ by 1.00\de-02, more than the tolerance 1.0e-04"):
+        convert_checkpoint(src, tmp_path / "b.safetensors", verify=True, progress=False)
+    assert not (tmp_path / "b.safetensors").exists()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mixer_convert.io import (CheckpointError, LazyParams, cast, check_destination, format_for_output, nonfinite, np_dtype, read_params,
-                              write_params)
+from mixer_convert.io import (MAX_BYTES, CheckpointError, LazyParams, cast, check_destination, check_source,
+                              format_for_output, nonfinite, np_dtype, read_params, write_params)
 from mixer_convert.hub import resolve
 from mixer_convert.load import open_checkpoint
 from mixer_convert.spec import MixerConfig, param_shapes
@@ -24,6 +24,10 @@ from mixer_convert.spec import MixerConfig, param_shapes
 
 class NonFiniteWeightsError(CheckpointError):
     pass
+
+
+class VerificationError(CheckpointError):
+    """--verify found the written file wrong; nothing was written."""
 
 
 class _Checked(Mapping):
@@ -65,6 +69,8 @@ class ConversionReport:
     nbytes: int
     readback_exact: bool | None = None
     logits_max_abs: float | None = None
+    logits_tolerance: float | None = None
+    logits_nonfinite: int = 0
     verified_with: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -74,7 +80,9 @@ class ConversionReport:
         if self.readback_exact is not None:
             lines.append(f"  read back: {'bit-identical' if self.readback_exact else 'DIFFERENT'}")
         if self.logits_max_abs is not None:
-            lines.append(f"  probe logits max-abs difference ({self.verified_with}): {self.logits_max_abs:.3e}")
+            lines.append(f"  probe logits max-abs difference ({self.verified_with}): {self.logits_max_abs:.3e} "
+                         f"(tolerance {self.logits_tolerance:.1e})"
+                         + (f"; {self.logits_nonfinite} logits NaN/Inf (allowed)" if self.logits_nonfinite else ""))
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -93,18 +101,19 @@ def _progress(total_bytes: int, enabled: bool | None):
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None, *,
                        variant: str | None = None, dtype: str = "keep", force: bool = False, verify: bool = False,
                        allow_nonfinite: bool = False, image_size=None, progress: bool | None = None,
-                       prefix: str | None = None) -> ConversionReport:
+                       prefix: str | None = None, max_bytes: int | None = MAX_BYTES) -> ConversionReport:
     """Convert ``src`` (a path, or a published name or URL: :func:`mixer_convert.hub.resolve`) to
     ``dst``. ``to``: torch | timm | flax | npz | msgpack | orbax (default: from dst's suffix). The
     source is only read; dst is written atomically and never overwritten without ``force``; on
-    any error no dst is left behind."""
+    any error no dst is left behind. Sources declaring more than ``max_bytes`` of tensors
+    (default: 4x H/14) are refused unless it is None."""
     dst = Path(dst)
-    check_destination(dst, force)  # before any reading or downloading: fail fast
-    src = resolve(src, progress)  # a published name or URL: fetched into the cache first
-    if dst.resolve() == src.resolve():
-        raise ValueError("source and destination are the same file; the source is never modified")
     fmt, layout = format_for_output(dst, to)
-    params, cfg = open_checkpoint(src, variant, image_size, prefix)
+    check_destination(dst, force, is_dir=(fmt == "orbax"))  # before any reading or downloading: fail fast
+    src = resolve(src, progress)  # a published name or URL: fetched into the cache first
+    check_source(src)
+    _check_not_overlapping(src, dst)
+    params, cfg = open_checkpoint(src, variant, image_size, prefix, max_bytes=max_bytes)
     try:
         checked = _Checked(params, cfg, dtype, allow_nonfinite)
         nbytes = sum(int(np.prod(s)) * checked.dtypes[k].itemsize for k, s in checked.shapes.items())
@@ -115,32 +124,72 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str |
         with bar:
             # Verification runs on the temporary file, so a failed check leaves no dst behind.
             write_params(checked, dst, fmt=fmt, layout=layout, force=force, progress=step,
-                         before_commit=(lambda tmp: verify_conversion(checked, tmp, cfg, layout, report))
+                         before_commit=(lambda tmp: verify_conversion(checked, tmp, cfg, layout, report,
+                                                                      allow_nonfinite=allow_nonfinite))
                          if verify else None)
     finally:
         params.close()
     return report
 
 
+def _check_not_overlapping(src: Path, dst: Path) -> None:
+    """The source is never modified: dst may not be src (by any path), lie inside a source
+    directory (orbax), or be a directory holding the source (replacing it would delete it)."""
+    try:
+        s, d = src.resolve(), dst.resolve()
+        same = d == s or (os.path.lexists(dst) and src.exists() and os.path.samefile(src, dst))
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on Python < 3.13
+        raise CheckpointError(f"cannot resolve {src} or {dst} ({e})") from None
+    if same:
+        raise ValueError("source and destination are the same file; the source is never modified")
+    if s in d.parents:
+        raise ValueError(f"destination {dst} lies inside the source {src}; the source is never modified")
+    if d in s.parents:
+        raise ValueError(f"destination {dst} contains the source {src}; replacing it would delete the source")
+
+
 def verify_conversion(source: Mapping[str, np.ndarray], dst: Path, cfg: MixerConfig, layout: str,
-                      report: ConversionReport, batch: int = 2) -> None:
+                      report: ConversionReport, batch: int = 2, allow_nonfinite: bool = False) -> None:
     """Read dst back (tensors must be bit-identical to what was written) and run the model
     of the destination's framework from dst against the float64 numpy reference on the
-    source weights, on a random probe batch."""
+    source weights, on a random probe batch. Raises :class:`VerificationError` when the logits
+    differ by more than the fp32 bound (scaled by their largest magnitude when that exceeds 1)
+    or are not finite; only weights converted with ``allow_nonfinite`` that hold NaN/Inf may give
+    non-finite logits (then the finite ones are compared)."""
     from mixer_convert import reference
+    from mixer_convert.tools.parity import FP32_LOGITS_MAX_ABS
 
-    back = read_params(dst)
+    back = read_params(dst, max_bytes=None)
     try:
         report.readback_exact = set(back) == set(source) and all(
             back.dtypes[k] == source.dtypes[k] and _same_bits(back[k], source[k]) for k in source)
         if not report.readback_exact:
-            raise CheckpointError(f"verification failed: {dst.name} does not read back bit-identical to the source")
+            raise VerificationError(f"verification failed: {dst.name} does not read back bit-identical to the source")
         probe = np.random.default_rng(0).uniform(-1, 1, (batch, *cfg.image_size, cfg.in_chans)).astype(np.float32)
-        ref = reference.forward(source, cfg, probe)
-        got, report.verified_with = _framework_forward(back, cfg, layout, probe)
-        report.logits_max_abs = float(np.max(np.abs(got - ref)))
+        with np.errstate(all="ignore"):  # overflow is judged below, not warned about
+            ref = reference.forward(source, cfg, probe)
+            got, report.verified_with = _framework_forward(back, cfg, layout, probe)
     finally:
         back.close()
+    _judge_logits(got, ref, report, allow_nonfinite and bool(report.warnings), FP32_LOGITS_MAX_ABS)
+
+
+def _judge_logits(got: np.ndarray, ref: np.ndarray, report: ConversionReport, nonfinite_weights: bool,
+                  bound: float) -> None:
+    finite_ref, finite_got = np.isfinite(ref), np.isfinite(got)
+    with np.errstate(all="ignore"):
+        scale = float(np.max(np.abs(ref[finite_ref]), initial=0.0))
+        report.logits_tolerance = bound * max(1.0, scale)
+        diff = np.abs(got.astype(np.float64) - ref)[finite_ref & finite_got]
+    report.logits_max_abs = float(np.max(diff, initial=0.0)) if diff.size else float("nan")
+    bad = int(np.count_nonzero(~(finite_ref & finite_got)))
+    if bad and not nonfinite_weights:
+        raise VerificationError(f"verification failed: {bad} of {got.size} probe logits are NaN or Inf "
+                                f"({report.verified_with}); do the weights overflow float32?")
+    report.logits_nonfinite = bad
+    if report.logits_max_abs > report.logits_tolerance:
+        raise VerificationError(f"verification failed: probe logits differ by {report.logits_max_abs:.3e}, more "
+                                f"than the tolerance {report.logits_tolerance:.1e} ({report.verified_with})")
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:

@@ -1,20 +1,30 @@
-"""mixer-convert SRC DST [--to torch|timm|flax|npz|msgpack|orbax] [--verify] ...; mixer-convert --list"""
+"""mixer-convert SRC DST [--to torch|timm|flax|npz|msgpack|orbax] [--verify] ...; mixer-convert --list
+
+Every failure is one line on stderr, ``mixer-convert: error: ...``, exit status 2; SIGINT and
+SIGTERM remove the temporary output and exit with 128 + the signal number.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+import warnings
 
-from mixer_convert.io import DTYPES, CheckpointError, detect_format, format_for_output
+from mixer_convert.io import DTYPES, MAX_BYTES, CheckpointError, detect_format, format_for_output
 from mixer_convert.params import ParamMismatchError
-from mixer_convert.tools.extras import cli_errors, require
+from mixer_convert.tools.extras import MissingExtraError, cli_errors, require
 
 # The extra a checkpoint format needs to be read or written (npz and safetensors need none).
 FORMAT_EXTRA = {"torch": "torch", "msgpack": "jax", "orbax": "jax"}
 
+PROG = "mixer-convert"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixer-convert", description=(
+    p = argparse.ArgumentParser(prog=PROG, description=(
         "Convert MLP-Mixer checkpoints between Google's official .npz, Flax (msgpack, orbax), PyTorch "
         "(.pt/.pth/.bin) and safetensors, in our naming or timm's. The architecture is read from the "
         "tensor shapes; the source is never modified. SRC may name a published checkpoint (see --list), "
@@ -34,14 +44,54 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(e.g. params/ beside opt/target/); the error lists them")
     p.add_argument("--dtype", choices=DTYPES, default="keep", help="cast floating weights (default: keep)")
     p.add_argument("--verify", action="store_true",
-                   help="read the output back and compare probe-batch logits against a float64 reference")
+                   help="read the output back and compare probe-batch logits against a float64 reference; "
+                        "fails (and writes nothing) on NaN/Inf or over-tolerance logits")
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert weights with NaN/Inf (with a warning)")
+    p.add_argument("--allow-large", action="store_true",
+                   help="read checkpoints declaring more than 4x the size of H/14 (refused by default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-@cli_errors("mixer-convert")
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM: unwinds like KeyboardInterrupt, so every ``finally`` removes its temporaries."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Turn SIGINT/SIGTERM into :class:`Interrupted`; a second signal during the clean-up is ignored."""
+    def handler(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _one_line(e: BaseException) -> str:
+    """Multi-line messages (a ParamMismatchError lists keys) joined into one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] + (" " + "; ".join(lines[1:]) if lines[1:] else "") if lines else type(e).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {_one_line(Warning(str(message)))}", file=sys.stderr)
+
+
+@cli_errors(PROG)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,21 +101,41 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.src is None or args.dst is None:
         parser.error("SRC and DST are required (or --list)")
-    from mixer_convert.tools.bridge import convert_checkpoint
 
+    def error(msg: str) -> None:
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+
+    old_show = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         # Before reading anything: a missing extra for either side is one line, not a traceback.
         # (A published name or URL is fetched first; its format is known only then.)
         fmts = (detect_format(args.src) if os.path.exists(args.src) else None,
                 format_for_output(args.dst, args.to)[0])
         require(*(FORMAT_EXTRA[f] for f in fmts if f in FORMAT_EXTRA))
-        report = convert_checkpoint(args.src, args.dst, args.to, variant=args.variant, dtype=args.dtype,
-                                    force=args.force, verify=args.verify, allow_nonfinite=args.allow_nonfinite,
-                                    image_size=tuple(args.image_size) if args.image_size else None,
-                                    progress=False if args.quiet else None, prefix=args.prefix)
-    except (CheckpointError, ParamMismatchError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"mixer-convert: error: {e}", file=sys.stderr)
+        with _interruptible():
+            from mixer_convert.tools.bridge import convert_checkpoint
+            report = convert_checkpoint(args.src, args.dst, args.to, variant=args.variant, dtype=args.dtype,
+                                        force=args.force, verify=args.verify, allow_nonfinite=args.allow_nonfinite,
+                                        image_size=tuple(args.image_size) if args.image_size else None,
+                                        progress=False if args.quiet else None, prefix=args.prefix,
+                                        max_bytes=None if args.allow_large else MAX_BYTES)
+    except Interrupted as e:
+        error(f"interrupted by {e}; nothing was written")
+        return 128 + e.signum
+    except (CheckpointError, ParamMismatchError, OSError, ValueError) as e:
+        error(_one_line(e))
         return 2
+    except (MissingExtraError, ModuleNotFoundError):
+        raise  # cli_errors names the extra to install
+    except MemoryError:
+        error("out of memory")
+        return 2
+    except Exception as e:  # a bug, not bad input: still one line, but say so
+        error(f"internal error ({type(e).__name__}: {_one_line(e)}); please report this")
+        return 2
+    finally:
+        warnings.showwarning = old_show
     print(report.summary())
     return 0
 
