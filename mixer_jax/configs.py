@@ -21,6 +21,16 @@ class DataConfig:
     # 'inception_crop_flip' is the official train preprocessing; flips are wrong for digits.
     train_augment: str = "inception_crop_flip"
     crop_area: tuple[float, float] = (0.05, 1.0)
+    # Input workers (mixer_jax/input_pipeline.py): None = one per core; 0 = in the training
+    # thread (for debugging). Threads: Pillow and OpenCV release the GIL while decoding and
+    # resizing, and threads cost no start-up or copies (benchmarks/RESULTS.md, "Input pipeline").
+    workers: int | None = None
+    worker_type: str = "thread"  # 'thread' | 'process'
+    # Decode a JPEG at 1/2, 1/4 or 1/8 scale when the kept region is downscaled at least that much.
+    jpeg_draft: bool = True
+    # Unreadable examples: False stops the run naming the file; True replaces each (training) by
+    # the next readable example, or leaves it out (eval), and reports and counts it.
+    skip_bad: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +78,8 @@ class TrainConfig:
 def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None:
     """Every config error we can find, before any data is read or anything is compiled."""
     errors = []
-    if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.steps < 1:
-        errors.append("batch_size, accum_steps and steps must be positive")
+    if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.steps < 0:
+        errors.append("batch_size and accum_steps must be positive, steps >= 0 (0: evaluate only)")
     elif cfg.batch_size % cfg.accum_steps:
         errors.append(f"batch_size {cfg.batch_size} is not divisible by accum_steps {cfg.accum_steps}")
     elif (cfg.batch_size // cfg.accum_steps) % num_devices:
@@ -92,9 +102,24 @@ def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None
     eb = cfg.eval_batch_size or cfg.batch_size // max(cfg.accum_steps, 1)
     if eb % num_devices or eb % process_count:
         errors.append(f"eval batch {eb} is not divisible by the {num_devices} devices")
+    errors += data_errors(cfg.data)
     if errors:
         raise ValueError("bad training config:\n  " + "\n  ".join(errors))
 
+
+
+def data_errors(d: DataConfig) -> list[str]:
+    errors = []
+    if d.workers is not None and d.workers < 0:
+        errors.append(f"data.workers must be >= 0 (0: in the training thread) or none (one per core), got {d.workers}")
+    if d.worker_type not in ("thread", "process"):
+        errors.append(f"data.worker_type must be 'thread' or 'process', got {d.worker_type!r}")
+    if d.train_augment not in AUGMENTS:
+        errors.append(f"data.train_augment must be one of {AUGMENTS}, got {d.train_augment!r}")
+    lo, hi = d.crop_area
+    if not 0 < lo <= hi <= 1:
+        errors.append(f"data.crop_area must satisfy 0 < min <= max <= 1, got {d.crop_area}")
+    return errors
 
 
 # ---- named recipes --------------------------------------------------------------------------

@@ -1,0 +1,258 @@
+"""Input pipeline speed, side by side in one run on one machine.
+
+    python benchmarks/bench_input.py [--images 600] [--batch 64] [--json F]
+
+On a folder of ImageNet-sized JPEGs that this script writes (random crops of scikit-learn's two
+sample photos, resized to 500x375 or 375x500, JPEG quality 90), at 224 with inception crop + flip:
+
+(1) input img/s of the new pipeline (mixer_jax.input_pipeline on Grain) for 1, 2 and N
+    workers, threads and processes, and its start-up time;
+(2) per-core img/s against the OLD single-thread loop (a verbatim copy of the pre-Grain
+    ``Batches`` below, labelled BASELINE);
+(3) training img/s with real JPEGs (new pipeline; and the old loop with its one prefetch
+    thread, as train.py had it) against synthetic data (one batch already on the device),
+    for a tiny input-bound Mixer and for S/32.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from mixer_jax.configs import DataConfig, TrainConfig  # noqa: E402
+from mixer_jax.data import make_source  # noqa: E402
+from mixer_jax.input_pipeline import default_workers, make_train_iterator  # noqa: E402
+
+
+def make_jpeg_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
+    """``root/train/class_k/*.jpg``: n ImageNet-sized JPEGs cut from scikit-learn's sample photos."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(p) for p in load_sample_images().images]  # 427x640 each
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        ph = photos[i % len(photos)]
+        w, h = ph.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        size = (500, 375) if rng.random() < 0.75 else (375, 500)
+        img = ph.crop((x0, y0, x0 + cw, y0 + ch)).resize(size, Image.BILINEAR)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        d = root / "train" / f"class_{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+# ==== BASELINE: the old single-thread input path, copied verbatim from mixer_jax/data.py before
+# ==== the Grain pipeline (ImageFolderSource.get + train_preprocess + Batches.__call__). Not used
+# ==== anywhere else; kept here only as the reference the new pipeline is measured against.
+
+
+def old_normalize(img):
+    return (img.astype(np.float32) - 127.5) / 127.5
+
+
+def old_train_preprocess(img, image_size, rng, augment, area=(0.05, 1.0)):
+    h, w = image_size
+    H, W = img.shape[:2]
+    box = (0.0, 0.0, float(W), float(H))
+    for _ in range(10):
+        target = rng.uniform(*area) * H * W
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = np.sqrt(target * aspect), np.sqrt(target / aspect)
+        if cw <= W and ch <= H:
+            x0, y0 = rng.uniform(0, W - cw), rng.uniform(0, H - ch)
+            box = (x0, y0, x0 + cw, y0 + ch)
+            break
+    out = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR, box=box))
+    if augment == "inception_crop_flip" and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return old_normalize(out)
+
+
+class OldBatches:
+    def __init__(self, files, labels, image_size, global_batch, seed):
+        self.files, self.labels, self.image_size = files, labels, image_size
+        self.global_batch, self.seed = global_batch, seed
+        self.steps_per_epoch = len(files) // global_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def __call__(self, step):
+        epoch, start = step // self.steps_per_epoch, (step % self.steps_per_epoch) * self.global_batch
+        if epoch != self._perm_epoch:
+            self._perm_epoch = epoch
+            self._perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.files))
+        images, labels = [], []
+        for j in range(self.global_batch):
+            i = int(self._perm[start + j])
+            with Image.open(self.files[i]) as im:
+                img = np.asarray(im.convert("RGB"))
+            rng = np.random.default_rng((self.seed, epoch, start + j))
+            images.append(old_train_preprocess(img, self.image_size, rng, "inception_crop_flip"))
+            labels.append(int(self.labels[i]))
+        return np.stack(images), np.asarray(labels, np.int32)
+
+
+def old_prefetched(batches, start, steps):
+    """train.py's old loop: one thread prepares batch step+1 while step runs."""
+    pool = ThreadPoolExecutor(1)
+    upcoming = pool.submit(batches, start)
+    try:
+        for step in range(start, steps):
+            x = upcoming.result()
+            if step + 1 < steps:
+                upcoming = pool.submit(batches, step + 1)
+            yield x
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+# ==== end of BASELINE ===========================================================================
+
+
+def _train_cfg(folder: Path, batch: int, steps: int, workers: int, kind: str) -> TrainConfig:
+    data = DataConfig(name="imagefolder", data_dir=str(folder), image_size=224, workers=workers, worker_type=kind)
+    return TrainConfig(data=data, batch_size=batch, steps=steps, seed=0)
+
+
+def bench_new(folder: Path, batch: int, steps: int, workers: int, kind: str) -> dict:
+    cfg = _train_cfg(folder, batch, steps, workers, kind)
+    src = make_source(cfg.data, "train")
+    t0 = time.perf_counter()
+    it = make_train_iterator(cfg, src)
+    next(it)
+    t1 = time.perf_counter()
+    for _ in range(steps - 1):
+        next(it)
+    t2 = time.perf_counter()
+    it.close()
+    return {"img_s": (steps - 1) * batch / (t2 - t1), "startup_s": t1 - t0}
+
+
+def bench_old(folder: Path, batch: int, steps: int) -> dict:
+    src = make_source(DataConfig(name="imagefolder", data_dir=str(folder)), "train")
+    old = OldBatches([src.path(i) for i in range(len(src))], src.labels, (224, 224), batch, 0)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        old(s)
+        if s == 0:
+            t1 = time.perf_counter()
+    t2 = time.perf_counter()
+    return {"img_s": (steps - 1) * batch / (t2 - t1), "startup_s": t1 - t0}
+
+
+def tiny_mixer():
+    from mixer_convert.spec import MixerConfig
+    # 224 input, 32x32 patches, one narrow block: its step costs far less than decoding its batch
+    return MixerConfig(patch_size=32, hidden_dim=64, num_blocks=1, tokens_mlp_dim=32, channels_mlp_dim=128,
+                       image_size=224, num_classes=10)
+
+
+def bench_training(folder: Path, model_cfg, batch: int, steps: int, workers: int, kind: str) -> dict:
+    """img/s of train.py's step fed (a) one synthetic batch already on the device, (b) the new
+    pipeline, (c) the old single-thread loop with its one prefetch thread (float32 batches)."""
+    import jax
+    import jax.numpy as jnp
+    from functools import partial
+
+    from mixer_jax.model import MlpMixer
+    from mixer_jax.train import create_train_state, make_optimizer, train_step
+
+    model = MlpMixer(model_cfg)
+    tx, _ = make_optimizer(TrainConfig().optim, steps)
+    step_fn = jax.jit(partial(train_step, model=model, num_classes=model_cfg.num_classes), donate_argnums=(0,))
+    rng = jax.random.PRNGKey(0)
+
+    def run(batches) -> float:
+        state = create_train_state(model, tx, rng)
+        x, y = next(batches)
+        state, m = step_fn(state, jnp.asarray(x)[None], jnp.asarray(y)[None], rng)  # compile
+        jax.block_until_ready(m)
+        t = time.perf_counter()
+        for _ in range(steps):
+            x, y = next(batches)
+            state, m = step_fn(state, jnp.asarray(x)[None], jnp.asarray(y)[None], rng)
+        jax.block_until_ready(m)
+        return steps * batch / (time.perf_counter() - t)
+
+    def synthetic():
+        x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8))
+        y = jnp.zeros(batch, jnp.int32)
+        while True:
+            yield x, y
+
+    cfg = _train_cfg(folder, batch, steps + 1, workers, kind)
+    src = make_source(cfg.data, "train")
+    out = {"synthetic": run(synthetic())}
+    it = make_train_iterator(cfg, src)
+    out["real_new"] = run(it)
+    it.close()
+    old = OldBatches([src.path(i) for i in range(len(src))], src.labels, (224, 224), batch, 0)
+    out["real_old"] = run(old_prefetched(old, 0, steps + 1))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=600, help="JPEGs to generate")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=8, help="batches per input measurement")
+    p.add_argument("--train-steps", type=int, default=8)
+    p.add_argument("--workers", type=int, nargs="+", help="worker counts (default: 1, 2 and the cores)")
+    p.add_argument("--folder", help="reuse this folder instead of generating one")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    cores = default_workers()
+    counts = args.workers or sorted({1, 2, cores})
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+                 f"{cores} cores", "python": sys.version.split()[0], "batch": args.batch}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.folder) if args.folder else make_jpeg_folder(Path(tmp), args.images)
+        print(f"{args.images} JPEGs in {folder}; batch {args.batch}, 224x224, inception crop + flip; {cores} cores")
+
+        old = bench_old(folder, args.batch, args.steps)
+        res["old_single_thread"] = old
+        print(f"BASELINE old single-thread loop: {old['img_s']:.0f} img/s")
+        res["input"] = {}
+        for kind in ("thread", "process"):
+            for n in counts:
+                r = bench_new(folder, args.batch, args.steps, n, kind)
+                res["input"][f"{kind}x{n}"] = r
+                print(f"new, {n} {kind}{'s' if n > 1 else ''}: {r['img_s']:.0f} img/s "
+                      f"({r['img_s'] / old['img_s']:.2f}x old, {r['img_s'] / n / old['img_s']:.2f}x old per core), "
+                      f"start-up {r['startup_s']:.2f} s")
+        r = bench_new(folder, args.batch, args.steps, 0, "thread")
+        res["input"]["in-process"] = r
+        print(f"new, workers=0 (in-process): {r['img_s']:.0f} img/s ({r['img_s'] / old['img_s']:.2f}x old)")
+
+        from mixer_convert.spec import config_for
+
+        res["training"] = {}
+        for name, mcfg in (("tiny", tiny_mixer()), ("S/32", config_for("S/32", num_classes=10))):
+            r = bench_training(folder, mcfg, args.batch, args.train_steps, cores, "thread")
+            res["training"][name] = r
+            print(f"training {name}: synthetic {r['synthetic']:.0f} img/s, real JPEGs new {r['real_new']:.0f} "
+                  f"(real/synthetic {r['real_new'] / r['synthetic']:.2f}), old loop {r['real_old']:.0f} "
+                  f"(new/old {r['real_new'] / r['real_old']:.2f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
