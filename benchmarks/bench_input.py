@@ -1,6 +1,6 @@
 """Input pipeline speed, side by side in one run on one machine.
 
-    python benchmarks/bench_input.py [--images 600] [--batch 64] [--json F]
+    python benchmarks/bench_input.py [--images 600] [--batch 64] [--repeat 3] [--json F]
 
 On a folder of ImageNet-sized JPEGs that this script writes (random crops of scikit-learn's two
 sample photos, resized to 500x375 or 375x500, JPEG quality 90), at 224 with inception crop + flip:
@@ -12,14 +12,16 @@ sample photos, resized to 500x375 or 375x500, JPEG quality 90), at 224 with ince
 (3) training img/s with real JPEGs (new pipeline; and the old loop with its one prefetch
     thread, as train.py had it) against synthetic data (one batch already on the device),
     for a tiny input-bound Mixer and for S/32.
+Every input configuration runs ``--repeat`` times, interleaved with the others, and the median
+is reported (other load on the machine hits all configurations alike).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -156,6 +158,10 @@ def bench_old(folder: Path, batch: int, steps: int) -> dict:
     return {"img_s": (steps - 1) * batch / (t2 - t1), "startup_s": t1 - t0}
 
 
+def _median(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"runs": [r["img_s"] for r in runs]}
+
+
 def tiny_mixer():
     from mixer_convert.spec import MixerConfig
     # 224 input, 32x32 patches, one narrow block: its step costs far less than decoding its batch
@@ -163,7 +169,7 @@ def tiny_mixer():
                        image_size=224, num_classes=10)
 
 
-def bench_training(folder: Path, model_cfg, batch: int, steps: int, workers: int, kind: str) -> dict:
+def bench_training(folder: Path, model_cfg, batch: int, steps: int, workers: int, kind: str, repeat: int) -> dict:
     """img/s of train.py's step fed (a) one synthetic batch already on the device, (b) the new
     pipeline, (c) the old single-thread loop with its one prefetch thread (float32 batches)."""
     import jax
@@ -198,13 +204,15 @@ def bench_training(folder: Path, model_cfg, batch: int, steps: int, workers: int
 
     cfg = _train_cfg(folder, batch, steps + 1, workers, kind)
     src = make_source(cfg.data, "train")
-    out = {"synthetic": run(synthetic())}
-    it = make_train_iterator(cfg, src)
-    out["real_new"] = run(it)
-    it.close()
-    old = OldBatches([src.path(i) for i in range(len(src))], src.labels, (224, 224), batch, 0)
-    out["real_old"] = run(old_prefetched(old, 0, steps + 1))
-    return out
+    runs: dict[str, list[float]] = {"synthetic": [], "real_new": [], "real_old": []}
+    for _ in range(repeat):
+        runs["synthetic"].append(run(synthetic()))
+        it = make_train_iterator(cfg, src)
+        runs["real_new"].append(run(it))
+        it.close()
+        old = OldBatches([src.path(i) for i in range(len(src))], src.labels, (224, 224), batch, 0)
+        runs["real_old"].append(run(old_prefetched(old, 0, steps + 1)))
+    return {k: statistics.median(v) for k, v in runs.items()} | {"runs": runs}
 
 
 def main(argv=None) -> int:
@@ -212,7 +220,10 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=600, help="JPEGs to generate")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=8, help="batches per input measurement")
-    p.add_argument("--train-steps", type=int, default=8)
+    p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--train-steps", type=int, default=6, help="timed steps per training measurement")
+    p.add_argument("--s32-steps", type=int, default=2, help="timed steps for S/32 (slow on a CPU)")
+    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", help="worker counts (default: 1, 2 and the cores)")
     p.add_argument("--folder", help="reuse this folder instead of generating one")
     p.add_argument("--json")
@@ -225,30 +236,40 @@ def main(argv=None) -> int:
         folder = Path(args.folder) if args.folder else make_jpeg_folder(Path(tmp), args.images)
         print(f"{args.images} JPEGs in {folder}; batch {args.batch}, 224x224, inception crop + flip; {cores} cores")
 
-        old = bench_old(folder, args.batch, args.steps)
+        configs = [("old", 1)] + [(kind, n) for kind in ("thread", "process") for n in counts] + [("in-process", 0)]
+        runs: dict = {c: [] for c in configs}
+        for _ in range(args.repeat):  # interleaved, so load from elsewhere hits every configuration alike
+            for kind, n in configs:
+                if kind == "old":
+                    runs[(kind, n)].append(bench_old(folder, args.batch, args.steps))
+                else:
+                    runs[(kind, n)].append(bench_new(folder, args.batch, args.steps, n, "thread" if n == 0 else kind))
+        old = _median(runs[("old", 1)])
         res["old_single_thread"] = old
         print(f"BASELINE old single-thread loop: {old['img_s']:.0f} img/s")
         res["input"] = {}
+        for kind, n in configs[1:]:
+            r = _median(runs[(kind, n)])
+            res["input"][f"{kind}x{n}"] = r
+            label = "workers=0 (in the calling thread)" if n == 0 else f"{n} {kind}{'s' if n > 1 else ''}"
+            per_core = f", {r['img_s'] / n / old['img_s']:.2f}x old per core" if n else ""
+            print(f"new, {label}: {r['img_s']:.0f} img/s ({r['img_s'] / old['img_s']:.2f}x old{per_core}), "
+                  f"start-up {r['startup_s']:.2f} s; runs {[round(x) for x in r['runs']]}")
         for kind in ("thread", "process"):
-            for n in counts:
-                r = bench_new(folder, args.batch, args.steps, n, kind)
-                res["input"][f"{kind}x{n}"] = r
-                print(f"new, {n} {kind}{'s' if n > 1 else ''}: {r['img_s']:.0f} img/s "
-                      f"({r['img_s'] / old['img_s']:.2f}x old, {r['img_s'] / n / old['img_s']:.2f}x old per core), "
-                      f"start-up {r['startup_s']:.2f} s")
-        r = bench_new(folder, args.batch, args.steps, 0, "thread")
-        res["input"]["in-process"] = r
-        print(f"new, workers=0 (in-process): {r['img_s']:.0f} img/s ({r['img_s'] / old['img_s']:.2f}x old)")
+            if 1 in counts and 2 in counts:
+                two = res["input"][f"{kind}x2"]["img_s"] / res["input"][f"{kind}x1"]["img_s"]
+                print(f"{kind}s: 2 workers / 1 worker = {two:.2f}")
 
         from mixer_convert.spec import config_for
 
         res["training"] = {}
-        for name, mcfg in (("tiny", tiny_mixer()), ("S/32", config_for("S/32", num_classes=10))):
-            r = bench_training(folder, mcfg, args.batch, args.train_steps, cores, "thread")
+        for name, mcfg, steps in (("tiny", tiny_mixer(), args.train_steps),
+                                  ("S/32", config_for("S/32", num_classes=10), args.s32_steps)):
+            r = bench_training(folder, mcfg, args.train_batch, steps, cores, "thread", args.repeat)
             res["training"][name] = r
-            print(f"training {name}: synthetic {r['synthetic']:.0f} img/s, real JPEGs new {r['real_new']:.0f} "
-                  f"(real/synthetic {r['real_new'] / r['synthetic']:.2f}), old loop {r['real_old']:.0f} "
-                  f"(new/old {r['real_new'] / r['real_old']:.2f})")
+            print(f"training {name} (batch {args.train_batch}): synthetic {r['synthetic']:.1f} img/s, real JPEGs new "
+                  f"{r['real_new']:.1f} (real/synthetic {r['real_new'] / r['synthetic']:.2f}), old loop "
+                  f"{r['real_old']:.1f} (new/old {r['real_new'] / r['real_old']:.2f})")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

@@ -1,7 +1,7 @@
 """One image, from file/bytes/array to a (H, W, 3) uint8 crop: decoding, mode conversion, crops.
 
 Pure functions, no framework imports (the input pipeline runs them in worker threads or
-processes). Pillow releases the GIL while it decodes and resamples, so threads scale.
+processes). Pillow and OpenCV release the GIL while they decode and resample, so threads scale.
 
 * ``read_image``: decode with Pillow; a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
   DCT scaling, ``Image.draft``) when the region we keep will be downscaled at least that much.
@@ -9,7 +9,7 @@ processes). Pillow releases the GIL while it decodes and resamples, so threads s
   alpha is dropped (as ``tf.io.decode_png(channels=3)`` does).
 * ``crop_resize``: the box to the output size with bilinear interpolation **without
   antialiasing** (half-pixel centres, edge-clamped), the resize of the official pipelines
-  (``tf.image.resize``), done by Pillow's affine transform; a horizontal flip is free.
+  (``tf.image.resize``), in one OpenCV ``warpAffine``; a horizontal flip is free.
 * ``inception_box``: the random crop of the official train preprocessing (area, aspect 3/4-4/3).
 
 Every failure to read an image is a ``BadImageError`` naming the file.
@@ -39,6 +39,9 @@ class BadImageError(ValueError):
         super().__init__(f"bad image {name}: {reason}")
         self.name, self.reason = name, reason
 
+    def __reduce__(self):  # pickled back from worker processes
+        return type(self), (self.name, self.reason)
+
 
 def describe(payload: Payload, name: str | None = None) -> str:
     if name is not None:
@@ -50,11 +53,6 @@ def describe(payload: Payload, name: str | None = None) -> str:
 
 def open_image(payload: Payload, name: str | None = None) -> Image.Image:
     """Header only (nothing decoded yet), so the size is known before deciding how to decode."""
-    if isinstance(payload, np.ndarray):
-        arr = payload if payload.ndim == 3 else payload[..., None]
-        if arr.dtype != np.uint8 or arr.shape[-1] not in (1, 3, 4):
-            raise BadImageError(describe(payload, name), f"array of {arr.dtype} {arr.shape}, expected uint8 HxWx1|3|4")
-        return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     label = describe(payload, name)
     src = io.BytesIO(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else payload
     try:
@@ -99,6 +97,10 @@ def read_image(payload: Payload, box_fn=None, out_hw: tuple[int, int] | None = N
     at the reduced scale and the box is mapped to it. The box depends only on the original
     size, so a draft decode changes pixel values slightly but never which region is taken.
     """
+    if isinstance(payload, np.ndarray):  # already decoded (digits, tfds test mocks): no Pillow round trip
+        rgb = array_to_rgb(payload, name)
+        h, w = rgb.shape[:2]
+        return rgb, box_fn(w, h) if box_fn is not None else (0.0, 0.0, float(w), float(h))
     im = open_image(payload, name)
     label = describe(payload, name)
     w, h = im.size
@@ -120,6 +122,16 @@ def read_image(payload: Payload, box_fn=None, out_hw: tuple[int, int] | None = N
     finally:
         im.close()
     return rgb, box
+
+
+def array_to_rgb(arr: np.ndarray, name: str | None = None) -> np.ndarray:
+    """A decoded (H, W[, 1|3|4]) uint8 array as (H, W, 3): grey repeated, alpha dropped."""
+    a = arr[..., None] if arr.ndim == 2 else arr
+    if a.ndim != 3 or a.dtype != np.uint8 or a.shape[-1] not in (1, 3, 4) or 0 in a.shape:
+        raise BadImageError(describe(arr, name), f"array of {arr.dtype} {arr.shape}, expected uint8 HxW[x1|3|4]")
+    if a.shape[-1] == 1:
+        return np.repeat(a, 3, axis=-1)
+    return a[..., :3]
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -153,7 +165,7 @@ def crop_resize(im: np.ndarray | Image.Image, box: Box, out_hw: tuple[int, int],
     # destination pixel (u, v) -> source (a u + c, e v + f) in OpenCV's pixel-centre coordinates
     a, c = (-sx, x1 - 0.5 * sx - 0.5) if flip else (sx, x0 + 0.5 * sx - 0.5)
     m = np.array([[a, 0.0, c], [0.0, sy, y0 + 0.5 * sy - 0.5]])
-    return cv2.warpAffine(np.asarray(im), m, (ow, oh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+    return cv2.warpAffine(np.ascontiguousarray(im), m, (ow, oh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REPLICATE)
 
 

@@ -241,13 +241,9 @@ class BatchIterator:
             self._it = _grain_iter(*self._args)
         try:
             batch = next(self._it)
-        except BadImageError:
-            raise
-        except StopIteration:
-            raise
         except Exception as e:  # a worker's error may come back wrapped; find the bad image in it
             cause = _find_bad_image(e)
-            if cause is None:
+            if cause is None or cause is e:
                 raise
             raise cause from None
         for b in batch.bad:

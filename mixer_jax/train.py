@@ -202,7 +202,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
 
     ckpt_dir = workdir / "checkpoints"
     mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, create=True, enable_async_checkpointing=False))
+        max_to_keep=cfg.keep_checkpoints, create=cfg.steps > 0, enable_async_checkpointing=False))
     start = 0
     if mngr.latest_step() is not None:
         start = mngr.latest_step()

@@ -258,6 +258,20 @@ def test_grayscale_rgba_palette_cmyk_and_16bit_images_become_8bit_rgb(tmp_path):
     assert list(g[0, :, 0]) == [156, 156, 156, 255, 255, 255]  # 40000/257, not saturated at 255
 
 
+def test_decoded_arrays_become_rgb_and_bad_arrays_are_bad_images():
+    from mixer_jax.images import BadImageError, read_image
+
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rgba = np.dstack([np.full((3, 4, 3), 9, np.uint8), np.zeros((3, 4), np.uint8)])
+    np.testing.assert_array_equal(read_image(grey)[0], np.repeat(grey[..., None], 3, -1))
+    np.testing.assert_array_equal(read_image(grey[..., None])[0], np.repeat(grey[..., None], 3, -1))
+    np.testing.assert_array_equal(read_image(rgba)[0], rgba[..., :3])
+    assert read_image(rgba, lambda w, h: (0, 0, w / 2, h))[1] == (0, 0, 2.0, 3)
+    for bad in (np.zeros((3, 4, 2), np.uint8), np.zeros((3, 4, 3), np.float32), np.zeros((0, 4, 3), np.uint8)):
+        with pytest.raises(BadImageError, match="expected uint8"):
+            read_image(bad, name="rec[7]")
+
+
 # ---- bad data ------------------------------------------------------------------------------------
 
 
@@ -357,6 +371,7 @@ def test_a_bad_file_from_a_worker_thread_reaches_the_caller_as_one_line(tmp_path
     assert it.skipped == 2 and len(reports) == 1  # once per epoch (2 steps = 2 epochs), reported once
 
 
+@pytest.mark.slow
 def test_cli_stops_on_a_bad_file_with_exit_2_and_one_line(tmp_path, capsys):
     from mixer_jax.cli import main
 

@@ -388,6 +388,7 @@ def test_bf16_compute_follows_the_float32_run_with_float32_parameters(reference_
     assert {x.dtype for x in jax.tree_util.tree_leaves(res["params"])} == {np.dtype("float32")}
 
 
+@pytest.mark.slow
 def test_steps_0_evaluates_the_latest_checkpoint_or_init_from_and_reports_top5(reference_run, tmp_path, capsys):
     import shutil
 
@@ -410,5 +411,6 @@ def test_steps_0_evaluates_the_latest_checkpoint_or_init_from_and_reports_top5(r
                  f"init_from={tmp_path / 'm.npz'}", "--set", "data.image_size=16"]) == 0
     out = capsys.readouterr().out
     assert f"evaluated {tmp_path / 'm.npz'} on digits test: top-1 " in out and ", top-5 " in out
+    assert not (tmp_path / "e").exists()  # nothing written
     with pytest.raises(ValueError, match="steps=0 evaluates init_from or the latest checkpoint"):
         train_and_evaluate(tiny(steps=0), tmp_path / "empty", progress=False)
