@@ -97,6 +97,8 @@ def read_image(payload: Payload, box_fn=None, out_hw: tuple[int, int] | None = N
     at the reduced scale and the box is mapped to it. The box depends only on the original
     size, so a draft decode changes pixel values slightly but never which region is taken.
     """
+    if isinstance(payload, np.ndarray) and payload.dtype.kind in "SO" and payload.size == 1:
+        payload = payload.item()  # encoded bytes wrapped in a numpy scalar array
     if isinstance(payload, np.ndarray):  # already decoded (digits, tfds test mocks): no Pillow round trip
         rgb = array_to_rgb(payload, name)
         h, w = rgb.shape[:2]

@@ -201,16 +201,15 @@ def _grain_iter(fn: Callable[[int], Batch], start: int, stop: int, workers: int,
     ds = grain.MapDataset.range(start, stop).map(fn)
     if workers == 0:  # in the calling thread: simplest to debug
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
-    if worker_type == "thread":
+    if worker_type == "thread":  # each thread computes whole batches; Grain hands them back in order
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)))
-    if worker_type == "process":
-        from absl import flags
+    from absl import flags
 
-        if not flags.FLAGS.is_parsed():  # Grain reads its absl flags when it starts processes; we define none
-            flags.FLAGS.mark_as_parsed()
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        return iter(it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)))
-    raise ValueError(f"data.worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
+    if not flags.FLAGS.is_parsed():  # Grain reads its absl flags when it starts processes; we define none
+        flags.FLAGS.mark_as_parsed()
+    # process w computes steps start+w, start+w+workers, ...; Grain interleaves them back in order
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    return iter(it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)))
 
 
 def _report_stderr(message: str) -> None:
@@ -226,7 +225,8 @@ class BatchIterator:
                  report: Callable[[str], None] = _report_stderr, what: str = "replaced") -> None:
         self.workers = default_workers() if cfg.workers is None else cfg.workers
         if self.workers < 0 or cfg.worker_type not in WORKER_TYPES:
-            raise ValueError(f"data.workers must be >= 0 and data.worker_type one of {WORKER_TYPES}")
+            raise ValueError(f"data.workers must be >= 0 and data.worker_type one of {WORKER_TYPES}, got "
+                             f"{cfg.workers} and {cfg.worker_type!r}")
         self._args = (fn, start, stop, self.workers, cfg.worker_type)
         self._it = None
         self._report, self._what = report, what

@@ -267,6 +267,16 @@ def test_decoded_arrays_become_rgb_and_bad_arrays_are_bad_images():
     np.testing.assert_array_equal(read_image(grey[..., None])[0], np.repeat(grey[..., None], 3, -1))
     np.testing.assert_array_equal(read_image(rgba)[0], rgba[..., :3])
     assert read_image(rgba, lambda w, h: (0, 0, w / 2, h))[1] == (0, 0, 2.0, 3)
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.repeat(grey[..., None], 3, -1)).save(buf, "PNG")  # tfds serves encoded bytes
+    for encoded in (buf.getvalue(), np.array(buf.getvalue(), dtype=object)):
+        np.testing.assert_array_equal(read_image(encoded)[0], np.repeat(grey[..., None], 3, -1))
+    with pytest.raises(BadImageError, match=r"bad image cifar10/train\[3\]: cannot identify"):
+        read_image(b"not an image", name="cifar10/train[3]")
     for bad in (np.zeros((3, 4, 2), np.uint8), np.zeros((3, 4, 3), np.float32), np.zeros((0, 4, 3), np.uint8)):
         with pytest.raises(BadImageError, match="expected uint8"):
             read_image(bad, name="rec[7]")
