@@ -21,7 +21,7 @@ import numpy as np
 
 # Config keys a resumed run may change without changing what it computes.
 RESUMABLE_KEYS = frozenset({"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "export_torch",
-                            "eval_batch_size", "data.workers"})
+                            "eval_batch_size", "data.workers", "data.worker_type"})
 
 
 class CheckpointError(RuntimeError):
@@ -94,15 +94,17 @@ def check_resume_config(saved: dict | None, now: dict, step: int, allow_change: 
 class Checkpointer:
     """orbax CheckpointManager for ``ckpt_dir`` with fingerprinted saves and safe restores."""
 
-    def __init__(self, ckpt_dir: Path, keep: int, is_main: bool, report: Callable[[str], None] = print) -> None:
+    def __init__(self, ckpt_dir: Path, keep: int, is_main: bool, report: Callable[[str], None] = print,
+                 create: bool = True) -> None:
         self.dir, self.keep, self.is_main, self.report = Path(ckpt_dir), keep, is_main, report
+        self.create = create
         self._mngr = self._open()
 
     def _open(self):
         import orbax.checkpoint as ocp
 
         return ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep, create=True, enable_async_checkpointing=False))
+            max_to_keep=self.keep, create=self.create, enable_async_checkpointing=False))
 
     def steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())

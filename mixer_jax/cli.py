@@ -13,8 +13,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="mixer-train", description="Train or fine-tune an MLP-Mixer in Flax.")
     p.add_argument("--config", default="digits", choices=sorted(CONFIGS), help="named config (mixer_jax/configs.py)")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, metrics.png, model.npz; "
-                                                    "an existing run there is resumed")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, metrics.png, model.npz, "
+                                                    "classes.json; an existing run there is resumed "
+                                                    "(--set steps=0: only evaluate its latest checkpoint, "
+                                                    "or init_from, reporting top-1 and top-5)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set steps=200 --set optim.lr=0.01 "
                         "--set data.data_dir=/data --set init_from=Mixer-B_16.npz")
@@ -66,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixer-train: interrupted at step {result.step}; checkpoint saved in {args.workdir}/checkpoints. "
               f"Resume with: {shlex.join(['mixer-train', *argv])}", file=sys.stderr)
         return 130
-    acc = result.eval.get("eval_accuracy", float("nan"))
-    print(f"done: step {result.step}, eval accuracy {acc:.4f}; outputs in {args.workdir}")
+    ev = (f"top-1 {result.eval.get('eval_accuracy', float('nan')):.4f}, "
+          f"top-5 {result.eval.get('eval_top5', float('nan')):.4f}")
+    if cfg.steps == 0:
+        what = f"step {result.step} of {args.workdir}" if result.step else cfg.init_from
+        print(f"evaluated {what} on {cfg.data.name} {cfg.data.eval_split}: {ev}")
+    else:
+        print(f"done: step {result.step}, eval {ev}; outputs in {args.workdir}")
     return 0
 
 

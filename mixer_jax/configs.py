@@ -23,6 +23,16 @@ class DataConfig:
     # 'inception_crop_flip' is the official train preprocessing; flips are wrong for digits.
     train_augment: str = "inception_crop_flip"
     crop_area: tuple[float, float] = (0.05, 1.0)
+    # Input workers (mixer_jax/input_pipeline.py): None = one per core; 0 = in the training
+    # thread (for debugging). Threads: Pillow and OpenCV release the GIL while decoding and
+    # resizing, and threads cost no start-up or copies (benchmarks/RESULTS.md, "Input pipeline").
+    workers: int | None = None
+    worker_type: str = "thread"  # 'thread' | 'process'
+    # Decode a JPEG at 1/2, 1/4 or 1/8 scale when the kept region is downscaled at least that much.
+    jpeg_draft: bool = True
+    # Unreadable examples: False stops the run naming the file; True replaces each (training) by
+    # the next readable example, or leaves it out (eval), and reports and counts it.
+    skip_bad: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +89,7 @@ def _int_at_least(lo: int):
 _CHECKS: tuple[tuple[str, object, str], ...] = (
     ("batch_size", _int_at_least(1), "an integer >= 1"),
     ("accum_steps", _int_at_least(1), "an integer >= 1"),
-    ("steps", _int_at_least(1), "an integer >= 1"),
+    ("steps", _int_at_least(0), "an integer >= 0 (0: evaluate init_from or the latest checkpoint)"),
     ("label_smoothing", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
     ("mixup_alpha", lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 disables)"),
     ("compute_dtype", lambda x: x in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
@@ -103,6 +113,10 @@ _CHECKS: tuple[tuple[str, object, str], ...] = (
     ("optim.grad_clip", lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 disables)"),
     ("data.name", lambda x: isinstance(x, str) and x != "", "'digits', 'imagefolder' or a tfds dataset name"),
     ("data.train_augment", lambda x: x in AUGMENTS, " or ".join(map(repr, AUGMENTS))),
+    ("data.workers", lambda x: x is None or _int_at_least(0)(x), "an integer >= 0 (0: in-process) or none (one per core)"),
+    ("data.worker_type", lambda x: x in ("thread", "process"), "'thread' or 'process'"),
+    ("data.jpeg_draft", lambda x: isinstance(x, bool), "true or false"),
+    ("data.skip_bad", lambda x: isinstance(x, bool), "true or false"),
     ("data.crop_area", lambda x: isinstance(x, tuple) and len(x) == 2 and all(map(_finite, x))
      and 0 < x[0] <= x[1] <= 1, "two numbers lo,hi with 0 < lo <= hi <= 1"),
     ("data.image_size", lambda x: _int_at_least(1)(x) or (isinstance(x, tuple) and len(x) == 2
@@ -151,6 +165,20 @@ def expand_paths(cfg: TrainConfig) -> TrainConfig:
     init = os.path.expanduser(cfg.init_from) if cfg.init_from else cfg.init_from
     data_dir = os.path.expanduser(cfg.data.data_dir) if cfg.data.data_dir else cfg.data.data_dir
     return dataclasses.replace(cfg, init_from=init, data=dataclasses.replace(cfg.data, data_dir=data_dir))
+
+
+def data_errors(d: DataConfig) -> list[str]:
+    errors = []
+    if d.workers is not None and d.workers < 0:
+        errors.append(f"data.workers must be >= 0 (0: in the training thread) or none (one per core), got {d.workers}")
+    if d.worker_type not in ("thread", "process"):
+        errors.append(f"data.worker_type must be 'thread' or 'process', got {d.worker_type!r}")
+    if d.train_augment not in AUGMENTS:
+        errors.append(f"data.train_augment must be one of {AUGMENTS}, got {d.train_augment!r}")
+    lo, hi = d.crop_area
+    if not 0 < lo <= hi <= 1:
+        errors.append(f"data.crop_area must satisfy 0 < min <= max <= 1, got {d.crop_area}")
+    return errors
 
 
 # ---- named recipes --------------------------------------------------------------------------

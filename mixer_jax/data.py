@@ -1,44 +1,56 @@
-"""Input pipelines: random-access sources + official preprocessing, deterministic per seed.
+"""Data sources: random access to (image, label) pairs, and the class names that go with them.
 
-Order and augmentation are pure functions of (seed, step), so a resumed run sees exactly
-the batches an uninterrupted one would, and every process of a multi-host run can take its
-own slice of each global batch without talking to the others.
+A source is what Grain calls a random-access data source (``len(src)``, ``src[i]``); its
+records are ``(payload, label)`` where the payload is a file path, encoded bytes or a decoded
+uint8 array (``mixer_jax.images`` turns any of them into pixels). ``src.name(i)`` says which
+file or record ``i`` is, for error messages.
 
-Sources: ``digits`` (scikit-learn's 1797 real handwritten digits, embedded, works offline),
-any tfds dataset already prepared in a data dir (``tfds.data_source``, no TensorFlow
-needed), and ``imagefolder`` (``DIR/<split>/<class>/*.jpg|png``, read with Pillow).
+* ``digits``: scikit-learn's 1797 real handwritten digits (embedded, works offline).
+* ``imagefolder``: ``DIR/<split>/<class>/*.jpg|png|...``; listed once, up front.
+* any tfds dataset already prepared in array_record format (``tfds.data_source``, no TensorFlow),
+  its images read as encoded bytes and decoded by us (draft decoding, the same mode conversions).
+
+The batching, augmentation and parallel workers are in ``mixer_jax.input_pipeline``.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
-from PIL import Image
 
 from mixer_jax.configs import AUGMENTS, DataConfig
+from mixer_jax.images import BadImageError, Payload
 
 
 class Source(Protocol):
     num_classes: int
 
     def __len__(self) -> int: ...
-    def get(self, index: int) -> tuple[np.ndarray, int]: ...  # (H, W, 3) uint8, label
+    def __getitem__(self, index: int) -> tuple[Payload, int]: ...
+    def name(self, index: int) -> str: ...
 
 
 # ---- sources --------------------------------------------------------------------------------
 
 
 class ArraySource:
-    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, title: str = "array",
+                 classes: Sequence[str] | None = None) -> None:
         self.images, self.labels, self.num_classes = images, labels, num_classes
+        self.title, self.classes = title, list(classes) if classes is not None else None
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def get(self, index: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.images[index], int(self.labels[index])
+
+    def name(self, index: int) -> str:
+        return f"{self.title}[{index}]"
 
 
 def digits_source(split: str) -> ArraySource:
@@ -56,12 +68,12 @@ def digits_source(split: str) -> ArraySource:
     if split not in ("train", "test"):
         raise ValueError(f"digits has splits 'train' and 'test', not {split!r}")
     keep = test_mask if split == "test" else ~test_mask
-    return ArraySource(imgs[keep], d.target[keep], 10)
+    return ArraySource(imgs[keep], d.target[keep], 10, f"digits/{split}", [str(c) for c in range(10)])
 
 
 class TfdsSource:
     """A tfds dataset prepared in array_record format (``tfds build --file_format=array_record``),
-    read by random access without TensorFlow."""
+    read by random access without TensorFlow. Images come as the stored (encoded) bytes."""
 
     def __init__(self, name: str, split: str, data_dir: str | None) -> None:
         import tensorflow_datasets as tfds
@@ -71,53 +83,90 @@ class TfdsSource:
         except Exception as e:  # DatasetNotFoundError lists every registered name; keep the first line
             raise ValueError(f"unknown dataset {name!r}: {str(e).splitlines()[0]}") from None
         try:
-            self._src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+            src = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                   decoders={"image": tfds.decode.SkipDecoding()})
+            try:
+                src[0]
+            except Exception:  # tfds's test mocks cannot serve encoded images without TensorFlow
+                src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:
             raise ValueError(f"dataset {name!r} split {split!r} cannot be read from {builder.data_dir!r}: "
                              f"{str(e).splitlines()[0]} (prepare it with `tfds build {name} "
                              "--file_format=array_record`, or convert a TFRecord copy with `tfds convert_format "
                              "--out_file_format=array_record`; both need TensorFlow once, training does not; "
                              "or set data.data_dir)") from None
-        self.num_classes = builder.info.features["label"].num_classes
+        self._src, self._title = src, f"{name}/{split}"
+        label = builder.info.features["label"]
+        self.num_classes = label.num_classes
+        self.classes = list(label.names) if getattr(label, "names", None) else None
 
     def __len__(self) -> int:
         return len(self._src)
 
-    def get(self, index: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, index: int) -> tuple[Payload, int]:
         ex = self._src[index]
-        img = np.asarray(ex["image"])
-        if img.ndim == 2 or img.shape[-1] == 1:
-            img = np.repeat(img.reshape(img.shape[0], img.shape[1], 1), 3, axis=-1)
-        return img, int(ex["label"])
+        return ex["image"], int(ex["label"])
+
+    def name(self, index: int) -> str:
+        return f"{self._title}[{index}]"
 
 
 class ImageFolderSource:
-    EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    """``root/<split>/<class>/<image>``, listed once (sorted, so indices are the same on every
+    host). A directory named like an image is an error found here, before any training
+    (``skip_bad``: left out, and said so); unreadable files are found when they are read."""
 
-    def __init__(self, root: str, split: str, classes: Sequence[str] | None = None) -> None:
+    EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+    def __init__(self, root: str, split: str, classes: Sequence[str] | None = None, skip_bad: bool = False) -> None:
         base = Path(root) / split
         if not base.is_dir():
             raise ValueError(f"imagefolder: no directory {str(base)!r} (expected DIR/{split}/<class>/*.jpg)")
+        self.root = base
         self.classes = list(classes) if classes else sorted(p.name for p in base.iterdir() if p.is_dir())
         if not self.classes:
             raise ValueError(f"imagefolder: {str(base)!r} has no class folders")
-        self.files, labels = [], []
-        for c, name in enumerate(self.classes):
-            for f in sorted((base / name).iterdir()) if (base / name).is_dir() else ():
-                if f.suffix.lower() in self.EXTS:
-                    self.files.append(f)
-                    labels.append(c)
-        if not self.files:
+        files, labels, not_files = [], [], []
+        for c, cname in enumerate(self.classes):
+            if not (base / cname).is_dir():
+                continue
+            with os.scandir(base / cname) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for e in entries:
+                if os.path.splitext(e.name)[1].lower() not in self.EXTS:
+                    continue
+                if not e.is_file():
+                    not_files.append(os.path.join(cname, e.name))
+                    continue
+                files.append(os.path.join(cname, e.name))
+                labels.append(c)
+        if not_files:
+            first = str(base / not_files[0])
+            if not skip_bad:
+                raise BadImageError(repr(first), f"is a directory (or not a regular file), not an image; "
+                                                 f"{len(not_files)} such entries under {str(base)!r} "
+                                                 "(data.skip_bad=true leaves them out)")
+            print(f"imagefolder: left out {len(not_files)} {'entry' if len(not_files) == 1 else 'entries'} named "
+                  f"like images that are not files, e.g. {first!r}", file=sys.stderr)
+        if not files:
             raise ValueError(f"imagefolder: no images under {str(base)!r}")
-        self.labels = np.asarray(labels)
+        # One bytes array, not a list of Paths: cheap to pickle into worker processes (ImageNet: 1.28M).
+        self.files = np.array([os.fsencode(f) for f in files])
+        self.labels = np.asarray(labels, np.int32)
         self.num_classes = len(self.classes)
+        self.left_out = len(not_files)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def get(self, index: int) -> tuple[np.ndarray, int]:
-        with Image.open(self.files[index]) as im:
-            return np.asarray(im.convert("RGB")), int(self.labels[index])
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self.files[index]))
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        return self.path(index), int(self.labels[index])
+
+    def name(self, index: int) -> str:
+        return repr(self.path(index))
 
 
 def make_source(cfg: DataConfig, split: str) -> Source:
@@ -131,107 +180,37 @@ def make_source(cfg: DataConfig, split: str) -> Source:
     if cfg.name == "imagefolder":
         if cfg.data_dir is None:
             raise ValueError("imagefolder needs data_dir (DIR/<split>/<class>/*.jpg)")
-        classes = None if split == cfg.train_split else ImageFolderSource(cfg.data_dir, cfg.train_split).classes
-        return ImageFolderSource(cfg.data_dir, split, classes)
+        # every split takes its class list (and so its label numbers) from the train split
+        classes = None if split == cfg.train_split else _folder_classes(cfg.data_dir, cfg.train_split)
+        return ImageFolderSource(cfg.data_dir, split, classes, cfg.skip_bad)
     return TfdsSource(cfg.name, split, cfg.data_dir)
 
 
-# ---- preprocessing ----------------------------------------------------------------------------
+def _folder_classes(root: str, split: str) -> list[str]:
+    base = Path(root) / split
+    if not base.is_dir():
+        raise ValueError(f"imagefolder: no directory {str(base)!r} (the train split names the classes)")
+    return sorted(p.name for p in base.iterdir() if p.is_dir())
 
 
-def _size(image_size) -> tuple[int, int]:
-    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+# ---- class names ------------------------------------------------------------------------------
 
 
-def normalize(img: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1], the official (x - 127.5) / 127.5."""
-    return (img.astype(np.float32) - 127.5) / 127.5
+def class_names(source: Any) -> list[str] | None:
+    """The name of each label, in label order, where the source knows them."""
+    names = getattr(source, "classes", None)
+    return list(names) if names else None
 
 
-def eval_preprocess(img: np.ndarray, image_size) -> np.ndarray:
-    """Official eval: bilinear resize to the model size (no crop), then [-1, 1]."""
-    h, w = _size(image_size)
-    if img.shape[:2] != (h, w):
-        img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
-    return normalize(img)
+def save_class_names(source: Any, workdir: str | os.PathLike) -> Path | None:
+    """``workdir/classes.json`` (a JSON list, label i -> name), written atomically; None when
+    the source has no names."""
+    from mixer_convert.io import atomic_path
 
-
-def train_preprocess(img: np.ndarray, image_size, rng: np.random.Generator, augment: str,
-                     area: tuple[float, float] = (0.05, 1.0)) -> np.ndarray:
-    """Inception crop (random area and aspect 3/4..4/3, as tf.image.sample_distorted_bounding_box)
-    resized bilinearly, optional horizontal flip, then [-1, 1]."""
-    if augment == "none":
-        return eval_preprocess(img, image_size)
-    h, w = _size(image_size)
-    H, W = img.shape[:2]
-    box = (0.0, 0.0, float(W), float(H))
-    for _ in range(10):
-        target = rng.uniform(*area) * H * W
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        cw, ch = np.sqrt(target * aspect), np.sqrt(target / aspect)
-        if cw <= W and ch <= H:
-            x0, y0 = rng.uniform(0, W - cw), rng.uniform(0, H - ch)
-            box = (x0, y0, x0 + cw, y0 + ch)
-            break
-    out = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR, box=box))
-    if augment == "inception_crop_flip" and rng.random() < 0.5:
-        out = out[:, ::-1]
-    return normalize(out)
-
-
-# ---- deterministic batching -------------------------------------------------------------------
-
-
-class Batches:
-    """Global batch ``step`` of a training run, as this process's slice. Epoch e uses the
-    permutation drawn from (seed, e); example augmentation uses (seed, e, position)."""
-
-    def __init__(self, source: Source, cfg: DataConfig, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1) -> None:
-        if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
-        if global_batch > len(source):
-            raise ValueError(f"batch size {global_batch} is larger than the dataset ({len(source)} examples)")
-        self.source, self.cfg, self.seed = source, cfg, seed
-        self.global_batch, self.local_batch = global_batch, global_batch // process_count
-        self.offset = process_index * self.local_batch
-        self.steps_per_epoch = len(source) // global_batch  # drop the remainder: every batch is full
-        self._perm_epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm_epoch = epoch
-            self._perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.source))
-        return self._perm
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, first example index within the epoch) of global batch ``step``."""
-        return divmod(step, self.steps_per_epoch)[0], (step % self.steps_per_epoch) * self.global_batch
-
-    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        epoch, start = self.position(step)
-        perm = self._permutation(epoch)
-        images, labels = [], []
-        for j in range(self.offset, self.offset + self.local_batch):
-            img, label = self.source.get(int(perm[start + j]))
-            rng = np.random.default_rng((self.seed, epoch, start + j))
-            images.append(train_preprocess(img, self.cfg.image_size, rng, self.cfg.train_augment,
-                                           self.cfg.crop_area))
-            labels.append(label)
-        return np.stack(images), np.asarray(labels, np.int32)
-
-
-def eval_batches(source: Source, cfg: DataConfig, batch: int, process_index: int = 0, process_count: int = 1):
-    """The whole split in order, in global batches of ``batch`` (the last one padded); yields
-    this process's slice of each as (images, labels, mask), the mask saying what is real."""
-    local = batch // process_count
-    for start in range(0, len(source), batch):
-        lo = start + process_index * local
-        idx = range(lo, min(lo + local, len(source)))
-        pairs = [source.get(i) for i in idx]
-        x = np.zeros((local, *_size(cfg.image_size), 3), np.float32)
-        y = np.zeros(local, np.int32)
-        mask = np.zeros(local, bool)
-        for j, (img, label) in enumerate(pairs):
-            x[j], y[j], mask[j] = eval_preprocess(img, cfg.image_size), label, True
-        yield x, y, mask
+    names = class_names(source)
+    if names is None:
+        return None
+    dst = Path(workdir) / "classes.json"
+    with atomic_path(dst, force=True) as tmp:
+        tmp.write_text(json.dumps(names, indent=0, ensure_ascii=False) + "\n")
+    return dst

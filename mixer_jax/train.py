@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +31,8 @@ from jax.sharding import PartitionSpec as P
 from mixer_convert.spec import MixerConfig
 from mixer_jax.checkpointing import Checkpointer, check_resume_config, jsonable, to_host
 from mixer_jax.configs import OptimConfig, TrainConfig, expand_paths, validate
-from mixer_jax.data import Batches, eval_batches, make_source
+from mixer_jax.data import make_source, save_class_names
+from mixer_jax.input_pipeline import eval_iterator, make_train_iterator, normalize
 from mixer_jax.metrics import MetricsLog, NonFiniteLossError, check_finite, last_good_text, plot_metrics
 from mixer_jax.model import MlpMixer, params_from_flat
 
@@ -103,7 +103,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax
                num_classes: int, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
                schedule: Callable | None = None) -> tuple[TrainState, dict]:
     """One optimizer step over ``images`` of shape (accum, micro_batch, H, W, C): gradients
-    of the micro-batches are averaged (lax.scan, so memory is one micro-batch's)."""
+    of the micro-batches are averaged (lax.scan, so memory is one micro-batch's). uint8 images
+    (the input pipeline's) are normalised here, on the device."""
+    images = normalize(images)
     grad_fn = jax.value_and_grad(_loss, has_aux=True)
     rng = jax.random.fold_in(rng, state.step)
 
@@ -132,9 +134,11 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
               model: MlpMixer) -> dict:
-    logits = model.apply({"params": state.params}, images)
+    logits = model.apply({"params": state.params}, normalize(images))
     loss = cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     return {"correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "correct5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
             "loss_sum": jnp.sum(loss * mask), "count": jnp.sum(mask)}
 
 
@@ -274,7 +278,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
     rng = jax.random.PRNGKey(cfg.seed)
     state = jax.jit(partial(create_train_state, model, tx), out_shardings=repl)(rng, init_params)
 
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, is_main, report=console.print)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, is_main, report=console.print,
+                        create=cfg.steps > 0)  # evaluating (steps=0) leaves the workdir as it was
     start, last_good = 0, None
     try:
         restored = ckpt.restore_latest(jax.tree_util.tree_map(_abstract, state))
@@ -283,12 +288,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
         raise
     if restored is not None:
         start, state, meta = restored
-        check_resume_config(meta.get("config"), jsonable(cfg), start, allow_config_change, report=console.print)
+        if cfg.steps > 0:  # evaluating a checkpoint under another config is fine
+            check_resume_config(meta.get("config"), jsonable(cfg), start, allow_config_change, report=console.print)
         last_good = start
         console.print(f"resumed from step {start} ({ckpt.dir}); data position {meta['data_position']}")
     console.start_bar(cfg.steps, start)
 
-    batches = Batches(train_src, cfg.data, cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
     step_fn = jax.jit(partial(train_step, model=model, num_classes=model_cfg.num_classes,
                               label_smoothing=cfg.label_smoothing, mixup_alpha=cfg.mixup_alpha, schedule=sched),
                       in_shardings=(repl, batch_sh, batch_sh, repl), out_shardings=(repl, repl),
@@ -300,12 +305,26 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
     eval_bs = cfg.eval_batch_size or cfg.batch_size // cfg.accum_steps
 
     def evaluate() -> dict:
-        tot = {"correct": 0, "loss_sum": 0.0, "count": 0}
-        for x, y, m in eval_batches(eval_src, cfg.data, eval_bs, jax.process_index(), jax.process_count()):
+        tot = {"correct": 0, "correct5": 0, "loss_sum": 0.0, "count": 0}
+        for x, y, m in eval_iterator(cfg.data, eval_src, eval_bs, jax.process_index(), jax.process_count()):
             out = eval_fn(state, *(_global_array(a, eval_sh) for a in (x, y, m)))
             for k in tot:
                 tot[k] += float(out[k])
-        return {"eval_accuracy": tot["correct"] / tot["count"], "eval_loss": tot["loss_sum"] / tot["count"]}
+        n = max(tot["count"], 1)
+        return {"eval_accuracy": tot["correct"] / n, "eval_top5": tot["correct5"] / n, "eval_loss": tot["loss_sum"] / n}
+
+    if cfg.steps == 0:  # evaluate only: init_from, or the workdir's latest checkpoint
+        try:
+            if start == 0 and not cfg.init_from:
+                raise ValueError(f"steps=0 evaluates init_from or the latest checkpoint in {ckpt.dir}; there is neither")
+            result = evaluate()
+        finally:
+            console.close()
+            ckpt.close()
+        return TrainResult(step=start, model_config=model_cfg, params=to_host(state.params), history=[], eval=result)
+
+    # Batch `step` is a pure function of (seed, step): workers prepare the next ones while this one runs.
+    train_batches = make_train_iterator(cfg, train_src, start, jax.process_index(), jax.process_count())
 
     def save(step: int) -> None:
         nonlocal last_good
@@ -313,11 +332,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
         if not math.isfinite(float(to_host(param_norm(state.params)))):
             raise NonFiniteLossError(f"parameters became NaN/Inf at step {step}; stopping. "
                                      f"{last_good_text(last_good, ckpt.dir)}")
-        epoch, pos = batches.position(step)
-        ckpt.save(step, state, {"data_position": {"epoch": epoch, "index": pos}, "config": jsonable(cfg)})
+        ckpt.save(step, state, {"data_position": train_batches.position(step), "config": jsonable(cfg)})
         last_good = step
 
     log = MetricsLog(workdir / "metrics.jsonl", start, is_main, report=console.print)
+    if is_main:
+        save_class_names(train_src, workdir)
     pending: list[tuple[int, dict]] = []
     history: list[dict] = []
     clock = [time.perf_counter(), 0]  # time of the last flush, steps since
@@ -339,15 +359,10 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
 
     result: dict = {}
     done = start
-    # Batches are a pure function of the step, so the next one is prepared while this one runs.
-    pool = ThreadPoolExecutor(1)
-    upcoming = pool.submit(batches, start) if start < cfg.steps else None
     try:
         with stop_requests() as stop:
             for step in range(start, cfg.steps):
-                x, y = upcoming.result()
-                if step + 1 < cfg.steps:
-                    upcoming = pool.submit(batches, step + 1)
+                x, y = next(train_batches)
                 x = x.reshape(cfg.accum_steps, micro, *x.shape[1:])
                 y = y.reshape(cfg.accum_steps, micro)
                 state, m = step_fn(state, _global_array(x, batch_sh), _global_array(y, batch_sh), rng)
@@ -377,7 +392,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
                 if ckpt.latest_step() != cfg.steps:
                     save(cfg.steps)
     finally:
-        pool.shutdown(cancel_futures=True)
+        train_batches.close()
         console.close()
         log.close()
         ckpt.close()

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     from mixer_convert.tools.parity import (FP32_LOGITS_MAX_ABS, FP32_REL, compare, first_divergence, flax_forward,
                                 format_table, torch_forward)
     from mixer_jax.configs import digits
-    from mixer_jax.data import eval_batches, make_source
+    from mixer_jax.data import make_source
+    from mixer_jax.input_pipeline import eval_iterator, normalize
     from mixer_jax.train import train_and_evaluate
 
     cfg = digits()
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     flat, _ = load_checkpoint(work / "model.pt")
     src = make_source(cfg.data, cfg.data.eval_split)
-    xs, ys, ms = zip(*eval_batches(src, cfg.data, 512))
-    x, y = np.concatenate(xs)[np.concatenate(ms)], np.concatenate(ys)[np.concatenate(ms)]
+    xs, ys, ms = zip(*eval_iterator(cfg.data, src, 512))  # uint8, as training sees them
+    x, y = normalize(np.concatenate(xs)[np.concatenate(ms)]), np.concatenate(ys)[np.concatenate(ms)]
     jax_out = flax_forward(model_cfg, flat, x)
     torch_out = torch_forward(model_cfg, flat, x)
     rows = compare(jax_out, torch_out, model_cfg)
