@@ -69,7 +69,7 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = True) -> np.
                 im.load()  # decode now, so truncation and corruption surface here
                 if exif_orientation:
                     im = ImageOps.exif_transpose(im)
-                return _to_rgb8(im, p)
+                return to_rgb8(im, p)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -82,7 +82,10 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = True) -> np.
         raise ImageError(f"{p}: corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
-def _to_rgb8(im, path: Path) -> np.ndarray:
+def to_rgb8(im, path: str | os.PathLike) -> np.ndarray:
+    """A decoded Pillow image of any mode as (H, W, 3) uint8 RGB: 16-bit scaled by 1/257 (Pillow's
+    own conversion clips at 255), alpha dropped (premultiplied alpha undone first); ``path`` names
+    the image in errors."""
     mode = im.mode
     if mode.startswith("I;16") or mode == "I":
         # 16-bit grey (PNG/TIFF; older Pillow opens it as "I"). Pillow's convert("L") clips at 255

@@ -5,8 +5,8 @@ processes). Pillow and OpenCV release the GIL while they decode and resample, so
 
 * ``read_image``: decode with Pillow; a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
   DCT scaling, ``Image.draft``) when the region we keep will be downscaled at least that much.
-* ``to_rgb``: any mode to 8-bit RGB; 16-bit images are scaled (v / 257), not clipped at 255;
-  alpha is dropped (as ``tf.io.decode_png(channels=3)`` does).
+* mode conversion: ``mixer_convert.preprocess.to_rgb8`` (the core's, shared with mixer-predict
+  and mixer-eval): 16-bit images scaled (v / 257), not clipped at 255; alpha dropped.
 * ``crop_resize``: the box to the output size with bilinear interpolation **without
   antialiasing** (half-pixel centres, edge-clamped), the resize of the official pipelines
   (``tf.image.resize``), in one OpenCV ``warpAffine``; a horizontal flip is free.
@@ -25,11 +25,12 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from mixer_convert.preprocess import to_rgb8
+
 # A file path, the encoded bytes of an image, or a decoded (H, W[, C]) array.
 Payload = Union[str, os.PathLike, bytes, np.ndarray]
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels, pixel edges at integers
 
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class BadImageError(ValueError):
@@ -116,7 +117,7 @@ def read_image(payload: Payload, box_fn=None, out_hw: tuple[int, int] | None = N
                     s = w / got[1][2]
                     box = tuple(v / s for v in box)
         im.load()
-        rgb = np.asarray(to_rgb(im))
+        rgb = to_rgb8(im, label)  # the core's mode conversion, shared with mixer-predict/mixer-eval
     except BadImageError:
         raise
     except (OSError, ValueError, SyntaxError, MemoryError) as e:  # truncated, corrupt data
@@ -134,19 +135,6 @@ def array_to_rgb(arr: np.ndarray, name: str | None = None) -> np.ndarray:
     if a.shape[-1] == 1:
         return np.repeat(a, 3, axis=-1)
     return a[..., :3]
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB. Pillow's own 16-bit to 8-bit conversion clips at 255
-    (a 16-bit PNG would come out white), so 16-bit data is scaled by 1/257 here."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in _SIXTEEN_BIT:
-        a = np.asarray(im).astype(np.uint32)
-        return Image.fromarray(((np.minimum(a, 65535) + 128) // 257).astype(np.uint8)).convert("RGB")
-    if im.mode == "F":
-        raise ValueError("32-bit float images have no defined 8-bit range")
-    return im.convert("RGB")
 
 
 def crop_resize(im: np.ndarray | Image.Image, box: Box, out_hw: tuple[int, int], flip: bool = False) -> np.ndarray:
