@@ -236,6 +236,14 @@ def bench_training(folder: Path, model_cfg, batch: int, steps: int, workers: int
     return {k: statistics.median(v) for k, v in runs.items()} | {"runs": runs}
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=600, help="JPEGs to generate")
@@ -251,8 +259,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cores = default_workers()
     counts = args.workers or sorted({1, 2, cores})
-    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-                 f"{cores} cores", "python": sys.version.split()[0], "batch": args.batch,
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{_cpu_name()}, {cores} cores", "python": sys.version.split()[0], "batch": args.batch,
                  "load_average_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else make_jpeg_folder(Path(tmp), args.images)

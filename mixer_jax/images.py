@@ -137,6 +137,21 @@ def array_to_rgb(arr: np.ndarray, name: str | None = None) -> np.ndarray:
     return a[..., :3]
 
 
+_cv2_module = None
+
+
+def _cv2():
+    """OpenCV, single-threaded: the input workers are the parallelism; OpenCV's own thread pool
+    on top of them only costs CPU (measured: 7% more CPU per image, no faster with 2 workers)."""
+    global _cv2_module
+    if _cv2_module is None:
+        import cv2
+
+        cv2.setNumThreads(1)
+        _cv2_module = cv2
+    return _cv2_module
+
+
 def crop_resize(im: np.ndarray | Image.Image, box: Box, out_hw: tuple[int, int], flip: bool = False) -> np.ndarray:
     """``box`` of ``im`` resized to ``out_hw`` with bilinear interpolation, no antialiasing, as
     (H, W, 3) uint8; ``flip`` mirrors it horizontally at no cost.
@@ -147,8 +162,7 @@ def crop_resize(im: np.ndarray | Image.Image, box: Box, out_hw: tuple[int, int],
     level, unbiased). OpenCV's ``warpAffine``, not Pillow: Pillow's ``resize`` antialiases when
     downscaling, and its affine ``transform`` truncates (a -0.5 level bias) at 6x the cost.
     """
-    import cv2
-
+    cv2 = _cv2()
     oh, ow = out_hw
     x0, y0, x1, y1 = box
     sx, sy = (x1 - x0) / ow, (y1 - y0) / oh
