@@ -103,6 +103,7 @@ def test_every_console_command_is_covered():
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # a child interpreter per command and profile
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_each_command_works_or_names_the_missing_extra_in_one_line(profile, files):
     if profile == "torch" and not has_module("torch") or profile == "jax" and not has_module("flax"):

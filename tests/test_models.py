@@ -129,6 +129,7 @@ def test_torch_bad_image_shapes_raise_naming_the_problem(shape, match):
 
 
 @requires_torch
+@pytest.mark.slow
 def test_compat_constructor_keeps_the_original_ports_argument_meanings():
     import torch
     from mixer_torch import MLP_Mixer
