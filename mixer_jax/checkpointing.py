@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
 import warnings
 from pathlib import Path
@@ -162,6 +161,3 @@ class Checkpointer:
     def close(self) -> None:
         self._mngr.close()
 
-
-def read_meta(ckpt_dir: Path, step: int) -> dict:
-    return json.loads((Path(ckpt_dir) / str(step) / "meta" / "metadata").read_text())

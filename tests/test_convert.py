@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import ROOT, images, requires_jax, requires_torch, subprocess_env
+from conftest import ROOT, images, import_blocker, requires_jax, requires_torch, subprocess_env
 from mixer_convert import ParamMismatchError, config_for, random_params
 from mixer_convert.tools.bridge import NonFiniteWeightsError, convert_checkpoint
 from mixer_convert.io import CheckpointError, detect_format, read_params, write_params
@@ -290,19 +290,8 @@ def test_cli_reports_errors_with_exit_code_2(official, tmp_path):
 
 # ---- framework independence ---------------------------------------------------------------------
 
-_BLOCKER = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {blocked!r}:
-            raise ImportError('blocked for this test: ' + name)
-sys.meta_path.insert(0, _Block())
-sys.path.insert(0, {root!r})
-"""
-
-
 def _run_blocked(blocked, code, tmp_path):
-    script = _BLOCKER.format(blocked=set(blocked), root=str(ROOT)) + code
+    script = import_blocker(*blocked) + f"sys.path.insert(0, {str(ROOT)!r})\n" + code
     return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=subprocess_env())
 

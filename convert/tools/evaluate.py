@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from mixer_convert.classes import SYNSET_RE, imagenet_classes
 from mixer_convert.preprocess import PIPELINES, preprocess
 from mixer_convert.spec import MixerConfig
 from mixer_convert.tools.extras import MissingExtraError, cli_errors
-from mixer_convert.tools.infer import (FRAMEWORKS, USER_ERRORS, describe, image_loader, load_batches, load_weights,
+from mixer_convert.tools.infer import (FRAMEWORKS, run_command, describe, image_loader, load_batches, load_weights,
                                        make_classifier, parse_frameworks, topk)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -212,14 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1 or (args.limit is not None and args.limit < 1):
         print("mixer-eval: error: --batch and --limit must be positive", file=sys.stderr)
         return 2
-    try:
-        out = evaluate(args.weights, args.data, args.framework, args.preprocess, args.batch, args.limit,
-                       args.data_dir, args.image_size, args.device, progress=not args.quiet)
-    except USER_ERRORS as e:
-        print(f"mixer-eval: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(out, indent=1) if args.json else format_eval(out))
-    return 0
+    return run_command("mixer-eval", lambda: evaluate(args.weights, args.data, args.framework, args.preprocess,
+                                                      args.batch, args.limit, args.data_dir, args.image_size,
+                                                      args.device, progress=not args.quiet),
+                       args.json, format_eval)
 
 
 if __name__ == "__main__":

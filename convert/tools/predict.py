@@ -7,14 +7,13 @@ classes with their softmax probabilities (ImageNet names for 1k and 21k heads, e
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 
 from mixer_convert.preprocess import PIPELINES
 from mixer_convert.tools.extras import cli_errors
-from mixer_convert.tools.infer import (USER_ERRORS, batched, class_names, describe, image_loader, load_batches,
+from mixer_convert.tools.infer import (batched, run_command, class_names, describe, image_loader, load_batches,
                                        load_weights, make_classifier, parse_frameworks, softmax, topk)
 
 
@@ -77,14 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.topk < 1 or args.batch < 1:
         print(f"{prog}: error: --topk and --batch must be positive", file=sys.stderr)
         return 2
-    try:
-        out = predict(args.images, args.weights, args.framework, args.preprocess, args.topk, args.labels,
-                      args.image_size, args.batch, args.device)
-    except USER_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(out, indent=1) if args.json else format_predictions(out))
-    return 0
+    return run_command(prog, lambda: predict(args.images, args.weights, args.framework, args.preprocess, args.topk,
+                                             args.labels, args.image_size, args.batch, args.device),
+                       args.json, format_predictions)
 
 
 if __name__ == "__main__":
