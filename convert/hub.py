@@ -40,7 +40,9 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
-from mixer_convert.io import CheckpointError, atomic_path, open_params
+from mixer_convert.atomic import atomic_path
+from mixer_convert.errors import CheckpointError
+from mixer_convert.io import open_params
 from mixer_convert.spec import TIMM_NAMES, parse_variant
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/mixer_models"

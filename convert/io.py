@@ -27,12 +27,9 @@ import logging
 import math
 import os
 import pickletools
-import re
-import shutil
 import stat
 import struct
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -43,6 +40,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mixer_convert.atomic import atomic_path, check_destination
+from mixer_convert.errors import CheckpointError
+from mixer_convert.errors import why as _why
 from mixer_convert.layouts import LAYOUTS, canonicalize
 from mixer_convert.params import check_params, check_variant, infer_config
 from mixer_convert.spec import MixerConfig, config_for, num_params
@@ -64,10 +64,6 @@ _MAX_NDIM = 8
 _MAX_FILES = 100_000  # entries in an orbax directory
 
 
-class CheckpointError(ValueError):
-    """The file cannot be read as a Mixer checkpoint (corrupt, truncated, wrong kind, hostile)."""
-
-
 def _bf16():
     import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16)
@@ -76,14 +72,6 @@ def _bf16():
 def _is_bf16(dtype: np.dtype) -> bool:
     # By name, so the float32 paths never import ml_dtypes (a torch-only install may lack it).
     return dtype.name == "bfloat16"
-
-
-def _why(e: BaseException) -> str:
-    """An exception as one short line for an error message."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    if isinstance(e, OSError) and e.strerror:
-        text = e.strerror
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
 def _needs(module: str, extra: str, what: str):
@@ -921,117 +909,6 @@ def open_params(path: str | os.PathLike, variant: str | None = None, image_size=
 # --------------------------------------------------------------------------------------
 # Writing (atomic)
 # --------------------------------------------------------------------------------------
-
-
-def check_destination(dst: Path, force: bool, is_dir: bool = False) -> None:
-    """An existing output is kept unless the caller said to overwrite it; a directory is never
-    replaced by a file."""
-    if os.path.lexists(dst) and not force:
-        raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
-    if not is_dir and dst.is_dir() and not dst.is_symlink():
-        raise CheckpointError(f"{dst} is a directory; refusing to replace a directory with a file")
-
-
-_TMP_SUFFIX = ".tmp"
-
-
-def _temp_prefix(dst: Path) -> str:
-    return f".{dst.name}."
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(dst: Path) -> list[Path]:
-    """Temporaries of ``dst`` left by a killed run are removed: ``.<name>.<pid>.<random>.tmp``
-    folders whose process is gone (and the pid-less ``.<name>.<random>.tmp`` of earlier versions),
-    each holding nothing but a partial ``<name>``. A live run's temporaries are left alone."""
-    ours = re.compile(re.escape(_temp_prefix(dst)) + r"(?:(\d+)\.)?[a-z0-9_]{8}" + re.escape(_TMP_SUFFIX))
-    removed = []
-    try:
-        names = os.listdir(dst.parent)
-    except OSError:
-        return removed
-    for name in names:
-        m = ours.fullmatch(name)
-        if m is None or (m.group(1) and _pid_alive(int(m.group(1)))):
-            continue
-        folder = dst.parent / name
-        try:  # what atomic_path makes: a real folder holding the partial output (orbax: its own temp)
-            if folder.is_symlink() or not folder.is_dir() or not all(
-                    n == "replaced" or n.startswith(dst.name) for n in os.listdir(folder)):
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
-
-
-def _make_parents(folder: Path) -> list[Path]:
-    """mkdir -p, returning the folders it created (innermost last) so a failure can remove them."""
-    missing = []
-    p = folder
-    while not os.path.lexists(p):
-        missing.append(p)
-        p = p.parent
-    made = []
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:  # made by someone else meanwhile: not ours to remove
-            continue
-        made.append(d)
-    return made
-
-
-@contextlib.contextmanager
-def atomic_path(dst: Path, force: bool, is_dir: bool = False):
-    """Yield a temporary path beside ``dst``; rename it over ``dst`` only if the body succeeds.
-
-    On any failure (an interrupt included) the temporary, and the folders made for ``dst``, are
-    removed. Stale temporaries of ``dst`` from killed runs are removed first.
-    """
-    dst = Path(dst)
-    check_destination(dst, force, is_dir)
-    created: list[Path] = []
-    try:
-        created = _make_parents(dst.parent)
-        remove_stale_temps(dst)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(dst)}{os.getpid()}.", suffix=_TMP_SUFFIX,
-                                    dir=dst.parent))
-        try:
-            target = tmp / dst.name
-            yield target
-            _commit(target, dst, tmp / "replaced", is_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        for d in reversed(created):
-            with contextlib.suppress(OSError):
-                d.rmdir()  # only if empty: never anything but what we made
-        raise
-
-
-def _commit(target: Path, dst: Path, aside: Path, is_dir: bool) -> None:
-    if is_dir and os.path.lexists(dst):
-        os.replace(dst, aside)  # nothing can be renamed over a directory: move the old one aside first
-        try:
-            os.replace(target, dst)
-        except BaseException:
-            os.replace(aside, dst)  # put the old one back
-            raise
-    else:
-        os.replace(target, dst)
 
 
 def _write_npz(items: Iterator[tuple[str, np.ndarray]], path: Path) -> None:

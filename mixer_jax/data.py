@@ -205,7 +205,7 @@ def class_names(source: Any) -> list[str] | None:
 def save_class_names(source: Any, workdir: str | os.PathLike) -> Path | None:
     """``workdir/classes.json`` (a JSON list, label i -> name), written atomically; None when
     the source has no names."""
-    from mixer_convert.io import atomic_path
+    from mixer_convert.atomic import atomic_path
 
     names = class_names(source)
     if names is None:

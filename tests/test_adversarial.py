@@ -31,7 +31,7 @@ from hostile import (MUTATORS, PROG_ERROR, TINY, WITHOUT_ROOT_PRIVILEGE, deflate
                      unchecked_regions, write_bases, zstd_rle)
 from mixer_convert import ParamMismatchError, param_shapes
 from mixer_convert.io import MAX_BYTES, CheckpointError
-from mixer_convert.tools.cli import _one_line
+from mixer_convert.errors import one_line as _one_line
 
 SEED = 20_100  # issue #10
 FLAT = tiny_flat(0)

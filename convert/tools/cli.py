@@ -6,13 +6,12 @@ SIGTERM remove the temporary output and exit with 128 + the signal number.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
 import warnings
 
+from mixer_convert.atomic import Interrupted, interruptible
+from mixer_convert.errors import one_line
 from mixer_convert.io import DTYPES, MAX_BYTES, CheckpointError, detect_format, format_for_output
 from mixer_convert.params import ParamMismatchError
 from mixer_convert.tools.extras import MissingExtraError, cli_errors, require
@@ -54,41 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Interrupted(BaseException):
-    """SIGINT/SIGTERM: unwinds like KeyboardInterrupt, so every ``finally`` removes its temporaries."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def _interruptible():
-    """Turn SIGINT/SIGTERM into :class:`Interrupted`; a second signal during the clean-up is ignored."""
-    def handler(signum, frame):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _one_line(e: BaseException) -> str:
-    """Multi-line messages (a ParamMismatchError lists keys) joined into one line."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] + (" " + "; ".join(lines[1:]) if lines[1:] else "") if lines else type(e).__name__
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"{PROG}: warning: {_one_line(Warning(str(message)))}", file=sys.stderr)
+    print(f"{PROG}: warning: {one_line(Warning(str(message)))}", file=sys.stderr)
 
 
 @cli_errors(PROG)
@@ -113,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         fmts = (detect_format(args.src) if os.path.exists(args.src) else None,
                 format_for_output(args.dst, args.to)[0])
         require(*(FORMAT_EXTRA[f] for f in fmts if f in FORMAT_EXTRA))
-        with _interruptible():
+        with interruptible():
             from mixer_convert.tools.bridge import convert_checkpoint
             report = convert_checkpoint(args.src, args.dst, args.to, variant=args.variant, dtype=args.dtype,
                                         force=args.force, verify=args.verify, allow_nonfinite=args.allow_nonfinite,
@@ -124,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         error(f"interrupted by {e}; nothing was written")
         return 128 + e.signum
     except (CheckpointError, ParamMismatchError, OSError, ValueError) as e:
-        error(_one_line(e))
+        error(one_line(e))
         return 2
     except (MissingExtraError, ModuleNotFoundError):
         raise  # cli_errors names the extra to install
@@ -132,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         error("out of memory")
         return 2
     except Exception as e:  # a bug, not bad input: still one line, but say so
-        error(f"internal error ({type(e).__name__}: {_one_line(e)}); please report this")
+        error(f"internal error ({type(e).__name__}: {one_line(e)}); please report this")
         return 2
     finally:
         warnings.showwarning = old_show

@@ -1,0 +1,186 @@
+"""Atomic output: a file or folder appears at its destination complete or not at all.
+
+Everything is written to a temporary folder beside the destination (``.<name>.<pid>.<random>.tmp``)
+and renamed into place only when the writer succeeded; on any failure, an interrupt included,
+the temporary and the folders made for it are removed. Temporaries that a killed run (SIGKILL)
+left behind are recognised by their dead pid and removed by the next run; a live run's are not.
+
+SIGINT/SIGTERM (:func:`interruptible`) become :class:`Interrupted`, which unwinds like
+KeyboardInterrupt. The signal is also remembered: a library may swallow the exception (Python
+ignores exceptions raised in a finaliser or a garbage-collector callback, which is where a
+signal can land while XLA or orbax work), so writers call :func:`check_interrupted` between
+pieces of work and :func:`atomic_path` calls it before the rename. An interrupted output is
+therefore never committed, whether or not the exception reached us.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from mixer_convert.errors import CheckpointError
+
+
+# ---- signals ----------------------------------------------------------------------------------
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM: unwinds like KeyboardInterrupt, so every ``finally`` removes its temporaries."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+_received: list[int] = []  # the first signal of the current interruptible() block
+
+
+def check_interrupted() -> None:
+    """Raise :class:`Interrupted` if a signal arrived inside :func:`interruptible`, even one whose
+    exception a library swallowed."""
+    if _received:
+        raise Interrupted(_received[0])
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Turn SIGINT/SIGTERM into :class:`Interrupted` for the duration. A second signal is ignored
+    (the clean-up runs to its end) but never resets the first."""
+    def handler(signum, frame):
+        if _received:
+            return
+        _received.append(signum)
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    _received.clear()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+        check_interrupted()  # a signal whose exception was swallowed still counts
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _received.clear()
+
+
+# ---- destinations and temporaries --------------------------------------------------------------
+
+
+def check_destination(dst: Path, force: bool, is_dir: bool = False) -> None:
+    """An existing output is kept unless the caller said to overwrite it; a directory is never
+    replaced by a file."""
+    if os.path.lexists(dst) and not force:
+        raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
+    if not is_dir and dst.is_dir() and not dst.is_symlink():
+        raise CheckpointError(f"{dst} is a directory; refusing to replace a directory with a file")
+
+
+_TMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix(dst: Path) -> str:
+    return f".{dst.name}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(dst: Path) -> list[Path]:
+    """Temporaries of ``dst`` left by a killed run are removed: ``.<name>.<pid>.<random>.tmp``
+    folders whose process is gone (and the pid-less ``.<name>.<random>.tmp`` of earlier versions),
+    each holding nothing but a partial ``<name>``. A live run's temporaries are left alone."""
+    ours = re.compile(re.escape(_temp_prefix(dst)) + r"(?:(\d+)\.)?[a-z0-9_]{8}" + re.escape(_TMP_SUFFIX))
+    removed = []
+    try:
+        names = os.listdir(dst.parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = ours.fullmatch(name)
+        if m is None or (m.group(1) and _pid_alive(int(m.group(1)))):
+            continue
+        folder = dst.parent / name
+        try:  # what atomic_path makes: a real folder holding the partial output (orbax: its own temp)
+            if folder.is_symlink() or not folder.is_dir() or not all(
+                    n == "replaced" or n.startswith(dst.name) for n in os.listdir(folder)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (innermost last) so a failure can remove them."""
+    missing = []
+    p = folder
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # made by someone else meanwhile: not ours to remove
+            continue
+        made.append(d)
+    return made
+
+
+@contextlib.contextmanager
+def atomic_path(dst: Path, force: bool, is_dir: bool = False):
+    """Yield a temporary path beside ``dst``; rename it over ``dst`` only if the body succeeds.
+
+    On any failure (an interrupt included) the temporary, and the folders made for ``dst``, are
+    removed. Stale temporaries of ``dst`` from killed runs are removed first.
+    """
+    dst = Path(dst)
+    check_destination(dst, force, is_dir)
+    created: list[Path] = []
+    try:
+        created = _make_parents(dst.parent)
+        remove_stale_temps(dst)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(dst)}{os.getpid()}.", suffix=_TMP_SUFFIX,
+                                    dir=dst.parent))
+        try:
+            target = tmp / dst.name
+            yield target
+            check_interrupted()  # never commit an output whose writing a signal cut short
+            _commit(target, dst, tmp / "replaced", is_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty: never anything but what we made
+        raise
+
+
+def _commit(target: Path, dst: Path, aside: Path, is_dir: bool) -> None:
+    if is_dir and os.path.lexists(dst):
+        os.replace(dst, aside)  # nothing can be renamed over a directory: move the old one aside first
+        try:
+            os.replace(target, dst)
+        except BaseException:
+            os.replace(aside, dst)  # put the old one back
+            raise
+    else:
+        os.replace(target, dst)
