@@ -32,7 +32,7 @@ JOBS = [  # (name, destination suffix, --to, modules the child imports for its b
 def make_npz(variant: str, path: Path) -> None:
     import numpy as np
 
-    from mixer_convert.io import write_params
+    from mixer_convert.save import write_params
     from mixer_convert.spec import config_for, param_shapes
 
     cfg = config_for(variant)

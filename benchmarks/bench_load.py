@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import timeit  # noqa: E402
 from mixer_convert import config_for, random_params  # noqa: E402
-from mixer_convert.io import write_params  # noqa: E402
+from mixer_convert.save import write_params  # noqa: E402
 from mixer_convert.spec import TIMM_NAMES  # noqa: E402
 
 _TIMM = """

@@ -146,14 +146,14 @@ def _make_parents(folder: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_path(dst: Path, force: bool, is_dir: bool = False):
-    """Yield a temporary path beside ``dst``; rename it over ``dst`` only if the body succeeds.
+def writing(dst: Path, is_dir: bool = False):
+    """Yield a temporary path beside ``dst`` (checked already, by :func:`check_destination`);
+    rename it over ``dst`` only if the body succeeds and no signal arrived meanwhile.
 
     On any failure (an interrupt included) the temporary, and the folders made for ``dst``, are
     removed. Stale temporaries of ``dst`` from killed runs are removed first.
     """
     dst = Path(dst)
-    check_destination(dst, force, is_dir)
     created: list[Path] = []
     try:
         created = _make_parents(dst.parent)
@@ -172,6 +172,14 @@ def atomic_path(dst: Path, force: bool, is_dir: bool = False):
             with contextlib.suppress(OSError):
                 d.rmdir()  # only if empty: never anything but what we made
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(dst: Path, force: bool, is_dir: bool = False):
+    """:func:`check_destination` then :func:`writing`: for small outputs written in one go."""
+    check_destination(Path(dst), force, is_dir)
+    with writing(dst, is_dir) as tmp:
+        yield tmp
 
 
 def _commit(target: Path, dst: Path, aside: Path, is_dir: bool) -> None:

@@ -1,32 +1,26 @@
-"""Published checkpoints by name: the catalogue, the download cache, and :func:`resolve`, which
-turns any checkpoint source into a local path (the first step of :mod:`mixer_convert.load`).
+"""Fetching published checkpoints: :func:`resolve` turns any checkpoint source into a local path
+(the first step of :mod:`mixer_convert.load`), downloading a published file into the cache once.
 
-Sources:
+Sources: a local path (file or folder), used as it is and never touching the network; a name the
+catalogue knows (:mod:`mixer_convert.catalogue`), downloaded from ``$MIXER_CHECKPOINT_BASE_URL``
+(default :data:`~mixer_convert.catalogue.DEFAULT_BASE_URL`); ``hf-hub:timm/<repo>[@revision]``
+through huggingface_hub (the optional ``hub`` extra, with its own cache and offline mode).
 
-* a local path (file or orbax directory): used as it is; a local path never touches the network;
-* a catalogue name, ``B/16-i21k`` (variant-tag) or big_vision's ``B-i21k/16``;
-* ``gs://mixer_models/imagenet21k/Mixer-B_16.npz`` or its https URL; only the catalogue's files
-  are downloaded, from ``$MIXER_CHECKPOINT_BASE_URL`` (default :data:`DEFAULT_BASE_URL`);
-* ``hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]`` through huggingface_hub (the
-  optional ``hub`` extra, imported only for these names; its own cache and offline mode apply).
+Downloads land in ``$MIXER_CACHE`` (default ``$XDG_CACHE_HOME/mixer-toolkit``) under
+``mixer_models/<bucket path>``. One download at a time per file (a filelock on ``<file>.lock``;
+a second caller waits, then uses the finished file); bytes go to ``<file>.part``, resumed with
+an HTTP Range request after a cut connection; then the zip CRCs, the architecture in the headers
+(the catalogue's variant and head size) and the sha256 recorded at the first download
+(``<file>.json``; Google publishes none, so the first download is trusted) must pass before the
+file is renamed into place. A damaged download is deleted; a cut one is kept to be resumed.
 
-Downloads land in ``$MIXER_CACHE`` (default ``$XDG_CACHE_HOME/mixer-toolkit``, i.e.
-``~/.cache/mixer-toolkit``) under ``mixer_models/<bucket path>``. One download at a time per
-file (``fcntl.flock`` on ``<file>.lock``; a second caller waits and then uses the finished
-file); the bytes go to ``<file>.part``, resumed with an HTTP Range request after a cut
-connection (a server that answers the range with anything but 206 from that offset makes us
-start over); then the zip CRCs are checked, the architecture read from the shapes must be the
-catalogue's (variant and head size), and the sha256 must equal the one recorded when the file
-was first downloaded (``<file>.json``; none is published, so the first download is trusted).
-Only then is the file renamed into place. A damaged download is deleted; a cut one is kept for
-the next attempt to resume.
-
-Framework-free and stdlib-only (urllib), so a torch-only install downloads too.
+The fetcher is the standard library's urllib, hand-written on purpose: a torch-only install (no
+extra) must download too, and the maintained fetchers either need an extra (requests,
+huggingface_hub's http_get) or do not resume a cut download (pooch).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -38,78 +32,24 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Iterator
+
+from filelock import FileLock, Timeout
 
 from mixer_convert.atomic import atomic_path
+from mixer_convert.catalogue import (CATALOGUE, DEFAULT_BASE_URL, HF_PREFIX, Published, bucket_path_entry,
+                                     lookup)
 from mixer_convert.errors import CheckpointError
-from mixer_convert.io import open_params
-from mixer_convert.spec import TIMM_NAMES, parse_variant
+from mixer_convert.formats import npz
+from mixer_convert.layouts import canonicalize
+from mixer_convert.params import check_config
+from mixer_convert.source import MAX_BYTES
 
-DEFAULT_BASE_URL = "https://storage.googleapis.com/mixer_models"
-BUCKET = "gs://mixer_models"
-HF_PREFIX = "hf-hub:"
 TIMEOUT_S = 60.0  # per socket operation, not for the whole download
 _CHUNK = 1 << 20
-
-# Bucket folder -> the tag used in short names; also accepted as create_model(pretrained=...).
-TAGS: dict[str, str] = {"imagenet21k": "i21k", "imagenet1k": "i1k", "sam": "sam", "gsam": "gsam"}
-# pretrained=True picks, per variant, the first of these that was published (a 1000-class
-# ImageNet classifier where one exists).
-DEFAULT_ORDER = ("imagenet1k", "gsam", "sam", "imagenet21k")
 
 
 class DownloadError(CheckpointError):
     """A published file could not be fetched (network, HTTP error); says how to get it by hand."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Published:
-    """One released file. ``path`` is the bucket path exactly as listed (the gsam files have no
-    ``.npz`` suffix); ``mib`` is the size in Google's ``gsutil ls -lh`` listing."""
-
-    path: str
-    variant: str
-    num_classes: int
-    mib: float
-
-    @property
-    def folder(self) -> str:
-        return self.path.split("/")[0]
-
-    @property
-    def name(self) -> str:
-        return f"{self.variant}-{TAGS[self.folder]}"
-
-    @property
-    def big_vision_name(self) -> str:
-        size, patch = self.variant.split("/")
-        return f"{size}-{TAGS[self.folder]}/{patch}"
-
-    @property
-    def gs_url(self) -> str:
-        return f"{BUCKET}/{self.path}"
-
-    def url(self) -> str:
-        return f"{base_url()}/{self.path}"
-
-    def cached_path(self) -> Path:
-        return cache_dir() / "mixer_models" / (self.path if self.path.endswith(".npz") else self.path + ".npz")
-
-
-# /work/shared/ANCHORS.md, "Published checkpoints" (from Google's own listing of the bucket).
-CATALOGUE: tuple[Published, ...] = (
-    Published("imagenet21k/Mixer-B_16.npz", "B/16", 21843, 289.61),
-    Published("imagenet21k/Mixer-L_16.npz", "L/16", 21843, 875.78),
-    Published("imagenet1k/Mixer-B_16.npz", "B/16", 1000, 228.47),
-    Published("imagenet1k/Mixer-L_16.npz", "L/16", 1000, 794.29),
-    Published("sam/Mixer-B_16.npz", "B/16", 1000, 228.47),
-    Published("sam/Mixer-B_32.npz", "B/32", 1000, 230.04),
-    Published("gsam/Mixer-B_16", "B/16", 1000, 228.47),
-    Published("gsam/Mixer-B_32", "B/32", 1000, 230.04),
-    Published("gsam/Mixer-S_16", "S/16", 1000, 70.71),
-    Published("gsam/Mixer-S_32", "S/32", 1000, 72.91),
-    Published("gsam/Mixer-S_8", "S/8", 1000, 78.79),
-)
 
 
 def base_url() -> str:
@@ -122,99 +62,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mixer-toolkit"
 
 
-# --------------------------------------------------------------------------------------
-# Names
-# --------------------------------------------------------------------------------------
+def url_of(entry: Published) -> str:
+    return f"{base_url()}/{entry.path}"
 
 
-def _spellings(e: Published) -> Iterator[str]:
-    stem = e.path[:-4] if e.path.endswith(".npz") else e.path
-    yield e.name
-    yield e.big_vision_name
-    for url in (BUCKET, DEFAULT_BASE_URL, base_url()):
-        yield f"{url}/{stem}"
-        yield f"{url}/{stem}.npz"
-
-
-def lookup(source: str) -> Published | None:
-    """The catalogue entry a name or URL denotes (case-insensitive), or None."""
-    key = source.strip().lower()
-    for e in CATALOGUE:
-        if any(key == s.lower() for s in _spellings(e)):
-            return e
-    return None
-
-
-def _bucket_path_entry(source: str) -> Published | None:
-    """A bare bucket path ('imagenet21k/Mixer-B_16.npz'): not downloaded (it may be a mistyped
-    local path), but named in the error so the user can ask for it explicitly."""
-    key = source.strip().lower().removesuffix(".npz")
-    return next((e for e in CATALOGUE if e.path.lower().removesuffix(".npz") == key), None)
-
-
-def published_for(variant: str, tag: str | None = None) -> Published:
-    """The catalogue file for a variant and a tag (a bucket folder, its short form, or None for
-    the default: see :data:`DEFAULT_ORDER`)."""
-    size, patch = parse_variant(variant)
-    variant = f"{size}/{patch}"
-    have = [e for e in CATALOGUE if e.variant == variant]
-    if tag is None:
-        for folder in DEFAULT_ORDER:
-            for e in have:
-                if e.folder == folder:
-                    return e
-    else:
-        folder = {**{f: f for f in TAGS}, **{t: f for f, t in TAGS.items()}}.get(tag.lower())
-        for e in have:
-            if e.folder == folder:
-                return e
-    if not have:
-        raise ValueError(f"no published checkpoint for {variant}; published: "
-                         f"{', '.join(sorted({e.variant for e in CATALOGUE}))} (mixer-convert --list)")
-    raise ValueError(f"no published {variant} checkpoint tagged {tag!r}; {variant} has "
-                     f"{', '.join(TAGS[e.folder] for e in have)} (e.g. {have[0].name})")
-
-
-def _split_model_name(name: str) -> tuple[str, str | None] | None:
-    """'B/16', 'Mixer-B_16', 'mixer_b16_224', 'mixer_b16_224.goog_in21k' -> (variant, timm tag);
-    None if ``name`` names no variant."""
-    base, _, tag = name.partition(".") if name.lower().startswith("mixer_") else (name, "", "")
-    try:
-        size, patch = parse_variant(base)
-    except ValueError:
-        return None
-    return f"{size}/{patch}", tag or None
-
-
-def pretrained_source(model: str, pretrained: bool | str = True) -> tuple[str, str | None]:
-    """What ``create_model(model, pretrained=...)`` and ``from_pretrained(model, pretrained)``
-    load: (source for :func:`resolve`, the variant the weights must be, or None).
-
-    ``model`` is a variant (``B/16``, timm's ``mixer_b16_224``) or any source (path, URL,
-    catalogue or hf-hub name). For a variant, ``pretrained`` is True (the default file of
-    :data:`DEFAULT_ORDER`), a tag (``imagenet21k``/``i21k``, ``imagenet1k``/``i1k``, ``sam``,
-    ``gsam``) or a source whose weights must be that variant. A timm name with a pretrained tag
-    (``mixer_b16_224.goog_in21k``) is timm's copy on the Hugging Face hub.
-    """
-    if pretrained is False or pretrained is None:
-        raise ValueError("pretrained must be True, a tag or a checkpoint source")
-    parsed = _split_model_name(model)
-    if parsed is None:  # model is itself the source
-        if pretrained is not True:
-            raise ValueError(f"pretrained={pretrained!r} needs a variant name (e.g. 'B/16'), not {model!r}")
-        return model, None
-    variant, timm_tag = parsed
-    if timm_tag is not None:
-        if pretrained is not True:
-            raise ValueError(f"{model!r} already names its weights; pass pretrained=True")
-        if variant not in TIMM_NAMES:
-            raise ValueError(f"timm has no {variant} model")
-        return f"{HF_PREFIX}timm/{TIMM_NAMES[variant]}.{timm_tag}", variant
-    if pretrained is True:
-        return published_for(variant).name, variant
-    if isinstance(pretrained, str) and pretrained.lower() in {**TAGS, **{t: t for t in TAGS.values()}}:
-        return published_for(variant, pretrained).name, variant
-    return os.fspath(pretrained), variant
+def cached_path(entry: Published) -> Path:
+    """Where the cache keeps a published file (``.npz`` appended to the gsam names)."""
+    return cache_dir() / "mixer_models" / (entry.path if entry.path.endswith(".npz") else entry.path + ".npz")
 
 
 # --------------------------------------------------------------------------------------
@@ -225,7 +79,7 @@ def pretrained_source(model: str, pretrained: bool | str = True) -> tuple[str, s
 def is_remote(source: str | os.PathLike) -> bool:
     """Whether :func:`resolve` would fetch ``source`` (no network used to answer)."""
     s = os.fspath(source)
-    return not os.path.exists(s) and (s.startswith(HF_PREFIX) or lookup(s) is not None)
+    return not os.path.exists(s) and (s.startswith(HF_PREFIX) or lookup(s, base_url()) is not None)
 
 
 def resolve(source: str | os.PathLike, progress: bool | None = None) -> Path:
@@ -238,14 +92,14 @@ def resolve(source: str | os.PathLike, progress: bool | None = None) -> Path:
         return Path(s)
     if s.startswith(HF_PREFIX):
         return _hf_download(s[len(HF_PREFIX):])
-    entry = lookup(s)
+    entry = lookup(s, base_url())
     if entry is not None:
         return fetch(entry, progress)
     if re.match(r"^[a-z][a-z0-9+.-]*://", s, re.IGNORECASE):
         raise CheckpointError(f"{s} is not a published Mixer checkpoint; only the catalogue's files "
                               "(mixer-convert --list) and hf-hub: names are downloaded; download it "
                               "yourself and pass its path")
-    entry = _bucket_path_entry(s)
+    entry = bucket_path_entry(s)
     if entry is not None:
         raise FileNotFoundError(f"no such checkpoint: {s!r} (to download the published file, "
                                 f"pass {entry.name} or {entry.gs_url})")
@@ -254,7 +108,7 @@ def resolve(source: str | os.PathLike, progress: bool | None = None) -> Path:
 
 def fetch(entry: Published, progress: bool | None = None) -> Path:
     """The cached copy of a published file, downloaded and verified if it is not there yet."""
-    dst = entry.cached_path()
+    dst = cached_path(entry)
     if dst.exists() and _record(dst) is not None:
         _check_cached(dst, entry)  # no lock: the file appears only once complete (rename)
         return dst
@@ -268,7 +122,7 @@ def fetch(entry: Published, progress: bool | None = None) -> Path:
 
 
 def cached(entry: Published) -> bool:
-    return entry.cached_path().exists()
+    return cached_path(entry).exists()
 
 
 # --------------------------------------------------------------------------------------
@@ -325,7 +179,8 @@ def _check_cached(dst: Path, entry: Published) -> None:
 
 
 def _verify(path: Path, entry: Published, what: str) -> None:
-    """Zip CRCs, then the architecture from the shapes against the catalogue's entry."""
+    """Zip CRCs, then the architecture in the headers against the catalogue's entry. Every
+    published file is an official-layout .npz, so its headers are all that is read."""
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
@@ -334,8 +189,11 @@ def _verify(path: Path, entry: Published, what: str) -> None:
     if bad is not None:
         raise CheckpointError(f"{what} is corrupt: CRC mismatch in {bad}")
     try:
-        params, cfg = open_params(path, variant=entry.variant)
-        params.close()
+        entries, close = npz.read(path, MAX_BYTES)
+        close()
+        _, entries = canonicalize(entries, "flax")
+        cfg = check_config({k: e[0] for k, e in entries.items()}, {k: e[1] for k, e in entries.items()},
+                           variant=entry.variant, what=str(path))
     except ValueError as e:
         raise CheckpointError(f"{what} is not {entry.path}: {str(e).splitlines()[0]}") from None
     if cfg.num_classes != entry.num_classes:
@@ -350,23 +208,18 @@ def _verify(path: Path, entry: Published, what: str) -> None:
 
 @contextlib.contextmanager
 def _locked(dst: Path):
-    """One downloader per file across processes (the lock file is never deleted: deleting it
-    would let a third process lock a fresh inode while the second still holds the old one)."""
+    """One downloader per file across processes. filelock never deletes its lock file (deleting
+    it would let a third process lock a fresh inode while the second still holds the old one)."""
+    lock = FileLock(dst.with_name(dst.name + ".lock"))
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock
+        lock.acquire(blocking=False)
+    except Timeout:
+        print(f"waiting for another process to finish downloading {dst.name}", file=sys.stderr)
+        lock.acquire()
+    try:
         yield
-        return
-    with open(dst.with_name(dst.name + ".lock"), "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process to finish downloading {dst.name}", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        lock.release()
 
 
 def _manual_hint(entry: Published, url: str) -> str:
@@ -375,7 +228,7 @@ def _manual_hint(entry: Published, url: str) -> str:
 
 
 def _download(entry: Published, dst: Path, progress: bool | None) -> None:
-    url = entry.url()
+    url = url_of(entry)
     part = dst.with_name(dst.name + ".part")
     try:
         _fetch_to(url, part, _Progress(f"downloading {url} ({entry.mib:.0f} MiB) to {dst}", entry.name, progress))

@@ -1,49 +1,156 @@
-"""The one loading path every consumer shares (both ``from_checkpoint``s, ``init_from``, the
-converter, the parity report):
+"""The one loading order every consumer shares (both models' ``from_checkpoint``, ``init_from``,
+the converter, mixer-parity/predict/eval), each step run once per call:
 
-    resolve the source (a path, or a published name/URL fetched into the cache: mixer_convert.hub)
-    -> read (any format) -> canonical names (one strict map) -> infer config from shapes and check
-    every key, shape and dtype, and the total size (before any data is read) -> materialise float
-    tensors -> transform (resize, new head)
+    resolve the source (a path, or a published name fetched into the cache: mixer_convert.hub)
+    -> read entries (mixer_convert.formats; the source checked and its declared size capped)
+    -> canonical names (mixer_convert.layouts.canonicalize: one strict map for every naming)
+    -> infer and check the config (mixer_convert.params.check_config: names, shapes, dtypes)
+    -> materialise (float tensors, cast on request; NaN/Inf refused unless allowed)
+    -> transform (mixer_convert.resize: appendix-C resolution, a new head)
 
-Framework-free: numpy in, numpy out; each model turns the result into its own parameters.
+Up to the config nothing but headers is read. Framework-free: numpy in, numpy out; each model
+turns the result into its own parameters.
 """
 from __future__ import annotations
 
 import os
-from typing import Literal
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 import numpy as np
 
+from mixer_convert import formats
+from mixer_convert.dtypes import cast, count_nonfinite
+from mixer_convert.errors import CheckpointError, why
 from mixer_convert.hub import resolve
-from mixer_convert.io import MAX_BYTES, LazyParams, cast, open_params
+from mixer_convert.layouts import Entry, canonicalize
+from mixer_convert.params import check_config
 from mixer_convert.resize import new_head, resize_token_mixing
+from mixer_convert.source import MAX_BYTES
 from mixer_convert.spec import MixerConfig
 
 Keep = Literal["keep"]
+# Fields a loaded checkpoint leaves free; every other field is fixed by its shapes.
+FREE_FIELDS = ("stoch_depth", "dropout_rate")
+NONFINITE_HINT = "pass allow_nonfinite=True to load them anyway"
 
 
-def open_checkpoint(path: str | os.PathLike, variant: str | None = None, image_size=None,
+class NonFiniteWeightsError(CheckpointError):
+    """Weights hold NaN or Inf and the caller did not allow it."""
+
+
+class LazyParams(Mapping):
+    """Canonical name -> array, read from the source only when asked for.
+
+    ``shapes`` and ``dtypes`` are known without reading any data. Every tensor read is checked
+    against its declared shape; a failure to read is a :class:`CheckpointError` naming it.
+    """
+
+    def __init__(self, entries: dict[str, Entry], source: str, fmt: str, layout: str,
+                 close: Callable[[], None] | None = None) -> None:
+        self._entries, self.source, self.format, self.layout, self._close = entries, source, fmt, layout, close
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        shape, _, load = self._entries[key]
+        try:
+            arr = load()
+        except CheckpointError:
+            raise
+        except MemoryError:
+            raise CheckpointError(f"{self.source}: out of memory reading {key!r}") from None
+        except Exception as e:  # a third-party reader meeting damaged data
+            raise CheckpointError(f"{self.source}: cannot read {key!r} ({why(e)}); truncated or corrupt?") from None
+        if tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(f"{self.source}: {key!r} holds shape {tuple(arr.shape)}, its header said {shape}")
+        return arr
+
+    def __contains__(self, key: object) -> bool:  # without reading the tensor (Mapping's default would)
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v[0] for k, v in self._entries.items()}
+
+    @property
+    def dtypes(self) -> dict[str, Any]:
+        return {k: v[1] for k, v in self._entries.items()}
+
+    def close(self) -> None:
+        if self._close:
+            self._close()
+            self._close = None
+
+    def __enter__(self) -> "LazyParams":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_params(path: str | os.PathLike, fmt: str | None = None, prefix: str | None = None,
+                max_bytes: int | None = MAX_BYTES) -> LazyParams:
+    """A local checkpoint's tensors under canonical names, nothing read yet. Unknown and
+    duplicated names are errors; so is declaring more than ``max_bytes`` (None: no limit)."""
+    fmt, entries, close = formats.read(Path(path), fmt, max_bytes)
+    try:
+        layout, entries = canonicalize(entries, prefix=prefix)
+    except BaseException:
+        if close:
+            close()
+        raise
+    return LazyParams(entries, str(path), fmt, layout, close)
+
+
+def open_checkpoint(source: str | os.PathLike, variant: str | None = None, image_size=None,
                     prefix: str | None = None, progress: bool | None = None,
                     max_bytes: int | None = MAX_BYTES) -> tuple[LazyParams, MixerConfig]:
-    """Lazy canonical params and their config; every name, shape and dtype is checked, no data
-    read (:func:`mixer_convert.io.open_params`; more than ``max_bytes`` declared is refused, None:
-    no limit). ``path`` may also be a published name or URL (:func:`mixer_convert.hub.resolve`;
-    ``progress`` is its download bar). The caller closes the params (``.close()``)."""
-    return open_params(resolve(path, progress), variant, image_size, prefix, max_bytes)
-
-
-def load_checkpoint(path: str | os.PathLike, num_classes: int | None | Keep = "keep", scale: int = 1,
-                    variant: str | None = None, image_size=None, prefix: str | None = None,
-                    max_bytes: int | None = MAX_BYTES) -> tuple[dict[str, np.ndarray], MixerConfig]:
-    """Canonical numpy params and config from any supported checkpoint, optionally resized
-    ``scale`` x (paper appendix C) and with a fresh head for ``num_classes`` ('keep' keeps the
-    checkpoint's head, None removes it). Non-float tensors are refused."""
-    params, cfg = open_checkpoint(path, variant, image_size, prefix, max_bytes=max_bytes)
+    """Lazy canonical params and their config, every name, shape and dtype checked and no data
+    read. ``source`` is a path or a published name/URL (:func:`mixer_convert.hub.resolve`;
+    ``progress``: its download bar). The caller closes the params (or uses them in ``with``)."""
+    path = resolve(source, progress)
+    params = read_params(path, prefix=prefix, max_bytes=max_bytes)
     try:
-        flat = {k: cast(k, np.asarray(params[k]), "keep") for k in params}
-    finally:
+        cfg = check_config(params.shapes, params.dtypes, variant, image_size, what=str(path))
+    except BaseException:
         params.close()
+        raise
+    return params, cfg
+
+
+def materialise(params: Mapping[str, np.ndarray], key: str, dtype: str = "keep", allow_nonfinite: bool = False,
+                hint: str = NONFINITE_HINT, warn: Callable[[str], None] | None = None) -> np.ndarray:
+    """One tensor read and cast to ``dtype`` ('keep': as stored). NaN/Inf are refused naming the
+    tensor and ``hint`` (how the caller's user allows them), or with ``allow_nonfinite`` passed
+    to ``warn``."""
+    arr = cast(key, np.asarray(params[key]), dtype)
+    bad = count_nonfinite(arr)
+    if bad:
+        msg = f"{key}: {bad} of {arr.size} values are NaN or Inf"
+        if not allow_nonfinite:
+            where = getattr(params, "source", None)
+            raise NonFiniteWeightsError(f"{where + ': ' if where else ''}{msg} ({hint})")
+        if warn is not None:
+            warn(msg)
+    return arr
+
+
+def load_checkpoint(source: str | os.PathLike, num_classes: int | None | Keep = "keep", scale: int = 1,
+                    variant: str | None = None, image_size=None, prefix: str | None = None,
+                    max_bytes: int | None = MAX_BYTES, *, dtype: str = "keep", allow_nonfinite: bool = False,
+                    nonfinite_hint: str = NONFINITE_HINT) -> tuple[dict[str, np.ndarray], MixerConfig]:
+    """Canonical numpy params and config from any supported checkpoint: :func:`open_checkpoint`,
+    every tensor materialised (:func:`materialise`), token-mixing resized ``scale`` x (paper,
+    appendix C) and a fresh head for ``num_classes`` ('keep' keeps the checkpoint's, None removes it)."""
+    params, cfg = open_checkpoint(source, variant, image_size, prefix, max_bytes=max_bytes)
+    with params:
+        flat = {k: materialise(params, k, dtype, allow_nonfinite, nonfinite_hint) for k in params}
     if scale != 1:
         flat, cfg = resize_token_mixing(flat, cfg, scale)
     if num_classes != "keep":
@@ -51,14 +158,11 @@ def load_checkpoint(path: str | os.PathLike, num_classes: int | None | Keep = "k
     return flat, cfg
 
 
-# Fields a loaded checkpoint leaves free; every other field is fixed by its shapes.
-FREE_FIELDS = ("stoch_depth", "dropout_rate")
-
-
 def with_overrides(cfg: MixerConfig, overrides: dict) -> MixerConfig:
     """``cfg`` with regularisation overrides; a shape field is refused with what to use instead."""
     fixed = sorted(set(overrides) - set(FREE_FIELDS))
     if fixed:
         raise ValueError(f"{', '.join(fixed)} cannot be overridden: the checkpoint's shapes fix it "
-                         "(use num_classes=... for a new head, scale=K for K x larger images)")
+                         "(use num_classes=... for a new head, scale=K for K x larger images, image_size=(H, W) "
+                         "for a non-square patch grid)")
     return cfg.replace(**overrides)

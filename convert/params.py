@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mixer_convert.dtypes import check_float
+from mixer_convert.errors import CheckpointError
 from mixer_convert.spec import MixerConfig, config_for, param_shapes, variant_name
 
 
@@ -35,13 +37,19 @@ class ParamMismatchError(ValueError):
         super().__init__("\n".join(lines))
 
 
+def shape_of(value: Any) -> tuple[int, ...]:
+    """A shape given as a tuple/list, or the ``.shape`` of an array-like."""
+    return tuple(value) if isinstance(value, (tuple, list)) else tuple(value.shape)
+
+
 def check_params(flat: Mapping[str, Any], cfg: MixerConfig, what: str = "checkpoint") -> None:
-    """Raise :class:`ParamMismatchError` unless ``flat`` has exactly the names and shapes of ``cfg``."""
+    """Raise :class:`ParamMismatchError` unless ``flat`` has exactly the names and shapes of ``cfg``
+    (values: arrays, anything with a ``.shape``, or shapes)."""
     want = param_shapes(cfg)
     missing = [k for k in want if k not in flat]
     unexpected = sorted(k for k in flat if k not in want)
-    misshaped = [(k, tuple(flat[k].shape), want[k]) for k in want
-                 if k in flat and tuple(flat[k].shape) != want[k]]
+    misshaped = [(k, shape_of(flat[k]), want[k]) for k in want
+                 if k in flat and shape_of(flat[k]) != want[k]]
     if missing or unexpected or misshaped:
         raise ParamMismatchError(missing, unexpected, misshaped, what)
 
@@ -53,22 +61,24 @@ def infer_config(shapes: Mapping[str, Any], image_size: int | tuple[int, int] | 
     The token count S fixes the image size only up to its aspect ratio: a square grid is
     assumed unless ``image_size`` is given. Raises ValueError naming what is missing.
     """
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, ndim: int) -> tuple[int, ...]:
         if key not in shapes:
             raise ValueError(f"not an MLP-Mixer checkpoint: no {key!r} "
                              f"(found {len(shapes)} tensors, e.g. {sorted(shapes)[:5]})")
-        v = shapes[key]
-        return tuple(v) if isinstance(v, (tuple, list)) else tuple(v.shape)
+        got = shape_of(shapes[key])
+        if len(got) != ndim:
+            raise ValueError(f"not an MLP-Mixer checkpoint: {key!r} has shape {got}, a Mixer's has {ndim} dims")
+        return got
 
-    ph, pw, in_chans, hidden = shape("stem/kernel")
+    ph, pw, in_chans, hidden = shape("stem/kernel", 4)
     blocks = 0
     while f"MixerBlock_{blocks}/LayerNorm_0/scale" in shapes:
         blocks += 1
     if blocks == 0:
         raise ValueError("not an MLP-Mixer checkpoint: no MixerBlock_0 parameters")
-    tokens, d_s = shape("MixerBlock_0/token_mixing/Dense_0/kernel")
-    _, d_c = shape("MixerBlock_0/channel_mixing/Dense_0/kernel")
-    num_classes = shape("head/kernel")[1] if "head/kernel" in shapes else None
+    tokens, d_s = shape("MixerBlock_0/token_mixing/Dense_0/kernel", 2)
+    _, d_c = shape("MixerBlock_0/channel_mixing/Dense_0/kernel", 2)
+    num_classes = shape("head/kernel", 2)[1] if "head/kernel" in shapes else None
     if image_size is None:
         side = math.isqrt(tokens)
         if side * side != tokens:
@@ -89,6 +99,23 @@ def check_variant(inferred: MixerConfig, variant: str) -> None:
     if diffs:
         found = variant_name(inferred) or "a non-standard Mixer"
         raise ValueError(f"checkpoint is {found}, not {variant}: " + "; ".join(diffs))
+
+
+def check_config(shapes: Mapping[str, Any], dtypes: Mapping[str, Any], variant: str | None = None,
+                 image_size: int | tuple[int, int] | None = None, what: str = "checkpoint") -> MixerConfig:
+    """The architecture the tensors describe, after every check that needs no data: the config
+    inferred from the shapes (``image_size`` only for non-square grids), the variant the caller
+    expects, every name and shape, and float dtypes only."""
+    cfg = infer_config(shapes, image_size=image_size)
+    if variant:
+        check_variant(cfg, variant)
+    check_params(shapes, cfg, what=what)
+    for key, dtype in dtypes.items():
+        try:
+            check_float(key, dtype)
+        except CheckpointError as e:
+            raise CheckpointError(f"{what}: {e}") from None
+    return cfg
 
 
 def random_params(cfg: MixerConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:

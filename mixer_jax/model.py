@@ -164,8 +164,8 @@ def from_pretrained(model: str, pretrained: bool | str = True, num_classes: int 
     """(model, params) for published weights by name: ``from_pretrained('B/16-i21k')``,
     ``from_pretrained('B/16', 'imagenet21k')``, ``from_pretrained('mixer_b16_224')`` (the
     variant's default file), ``from_pretrained('hf-hub:timm/...')``, or any path or URL.
-    Tags and defaults: :func:`mixer_convert.hub.pretrained_source`."""
-    from mixer_convert.hub import pretrained_source
+    Tags and defaults: :func:`mixer_convert.catalogue.pretrained_source`."""
+    from mixer_convert.catalogue import pretrained_source
 
     source, variant = pretrained_source(model, pretrained)
     return from_checkpoint(source, num_classes, scale, variant, dtype, **overrides)

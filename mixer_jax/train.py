@@ -413,7 +413,7 @@ def _abstract(x):
 def write_outputs(params, model_cfg: MixerConfig, workdir: Path, export_torch: bool) -> None:
     """Final weights as an official-layout .npz (loads anywhere the official files do) and,
     on request, as a PyTorch state dict."""
-    from mixer_convert.io import write_params
+    from mixer_convert.save import write_params
     from mixer_jax.model import params_to_flat
 
     flat = params_to_flat(to_host(params))

@@ -210,7 +210,7 @@ def load_flat(model: MlpMixer, flat: Mapping[str, np.ndarray]) -> MlpMixer:
 
 
 def _state_dict(flat: Mapping[str, np.ndarray], cfg: MixerConfig) -> dict[str, torch.Tensor]:
-    from mixer_convert.io import numpy_to_torch
+    from mixer_convert.formats.torch import numpy_to_torch
     from mixer_convert.layouts import canonical_to_torch
 
     return {k: numpy_to_torch(v) for k, v in canonical_to_torch(flat, cfg).items()}
@@ -246,8 +246,8 @@ def from_pretrained(model: str, pretrained: bool | str = True, num_classes: int 
     """Published weights by name: ``from_pretrained('B/16-i21k')``, ``from_pretrained('B/16',
     'imagenet21k')``, ``from_pretrained('mixer_b16_224')`` (the variant's default file),
     ``from_pretrained('hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k')``, or any path or URL.
-    Tags and defaults: :func:`mixer_convert.hub.pretrained_source`."""
-    from mixer_convert.hub import pretrained_source
+    Tags and defaults: :func:`mixer_convert.catalogue.pretrained_source`."""
+    from mixer_convert.catalogue import pretrained_source
 
     source, variant = pretrained_source(model, pretrained)
     return from_checkpoint(source, num_classes, scale, variant, **overrides)
@@ -255,7 +255,7 @@ def from_pretrained(model: str, pretrained: bool | str = True, num_classes: int 
 
 def to_flat(model: MlpMixer) -> dict[str, np.ndarray]:
     """State dict -> canonical numpy dict (official names and layouts; bfloat16 stays bfloat16)."""
-    from mixer_convert.io import torch_to_numpy
+    from mixer_convert.formats.torch import torch_to_numpy
     from mixer_convert.layouts import torch_to_canonical
 
     sd = {k: torch_to_numpy(v) for k, v in model.state_dict().items()}

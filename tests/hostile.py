@@ -45,7 +45,7 @@ def tiny_flat(seed: int = 0) -> dict[str, np.ndarray]:
 
 def write_bases(folder: Path, flat: dict[str, np.ndarray], formats: list[str]) -> dict[str, Path]:
     """The model in each format (names: npz, pt, pt-legacy, safetensors, timm, msgpack, orbax)."""
-    from mixer_convert.io import write_params
+    from mixer_convert.save import write_params
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {}

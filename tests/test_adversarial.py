@@ -30,7 +30,8 @@ from hostile import (MUTATORS, PROG_ERROR, TINY, WITHOUT_ROOT_PRIVILEGE, deflate
                      run_cli_process, safetensors_file, safetensors_parts, same_weights, snapshot, tiny_flat,
                      unchecked_regions, write_bases, zstd_rle)
 from mixer_convert import ParamMismatchError, param_shapes
-from mixer_convert.io import MAX_BYTES, CheckpointError
+from mixer_convert.errors import CheckpointError
+from mixer_convert.source import MAX_BYTES
 from mixer_convert.errors import one_line as _one_line
 
 SEED = 20_100  # issue #10
@@ -131,7 +132,7 @@ def test_safetensors_headers_are_judged_as_the_safetensors_library_judges_them(b
     """Differential: whatever the library refuses we refuse; whatever it accepts we accept, unless
     a tensor has a dtype no Mixer has (float8, unsigned, ...), which we refuse by name."""
     safetensors = pytest.importorskip("safetensors")
-    from mixer_convert.io import _read_safetensors
+    from mixer_convert.formats.safetensors import read as _read_safetensors
 
     blob = bases["safetensors"].read_bytes()
     header_end = 8 + int.from_bytes(blob[:8], "little")
@@ -154,7 +155,7 @@ def test_safetensors_headers_are_judged_as_the_safetensors_library_judges_them(b
         except Exception:  # the library's verdict: invalid
             library = None
         try:
-            _read_safetensors(path)
+            _read_safetensors(path, None)
             ours = True
         except CheckpointError:
             ours = False
@@ -331,7 +332,7 @@ def _orbax_zarr_bomb(b, d: Path) -> Path:
     chunk of ~100 KB that inflates to all of it."""
     import orbax.checkpoint as ocp
 
-    from mixer_convert.io import _nest
+    from mixer_convert.trees import nest as _nest
     root = d / "ckpt"
     ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)).save(root.absolute(), _nest(FLAT))
     n = 800_000_000
@@ -808,7 +809,7 @@ def test_force_replaces_an_orbax_output_whole(bases, tmp_path, old):
     out = _run(bases["npz"], dst, "--to", "orbax", "--force")
     assert out.rc == 0, out.stderr
     assert not (dst / "stale").exists() and sorted(os.listdir(tmp_path)) == ["ckpt"]
-    from mixer_convert.io import read_params
+    from mixer_convert.load import read_params
     assert same_weights({k: np.asarray(v) for k, v in read_params(dst).items()}, FLAT)
 
 
@@ -990,7 +991,7 @@ def test_a_rerun_removes_what_a_killed_run_left_but_not_a_live_runs_temporary(ba
         live.terminate()
         live.communicate(timeout=60)
     assert sorted(os.listdir(tmp_path)) == [dst.name]
-    from mixer_convert.io import read_params
+    from mixer_convert.load import read_params
     assert same_weights({k: np.asarray(v) for k, v in read_params(dst).items()}, FLAT)
 
 

@@ -44,7 +44,7 @@ def test_loading_skips_the_random_init_and_gives_ordinary_float32_parameters(tmp
     import torch
 
     import mixer_torch.model as tm
-    from mixer_convert.io import write_params
+    from mixer_convert.save import write_params
 
     flat = random_params(CFG, 0)
     write_params({k: v.astype(ml_dtypes.bfloat16) for k, v in flat.items()}, tmp_path / "bf16.safetensors",

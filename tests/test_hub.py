@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import has_module, images, import_blocker, requires_jax, requires_torch, subprocess_env
-from mixer_convert import config_for, hub, random_params
-from mixer_convert.io import CheckpointError, write_params
+from mixer_convert import catalogue, config_for, hub, random_params
+from mixer_convert.errors import CheckpointError
+from mixer_convert.save import write_params
 from mixer_convert.reference import forward
 
 S32 = config_for("S/32", num_classes=1000)
@@ -115,62 +116,6 @@ def gets(b: Bucket, path: str = REMOTE) -> list[str | None]:
 def leftovers(b: Bucket) -> list[str]:
     d = b.cached.parent
     return sorted(p.name for p in d.iterdir() if not p.name.endswith(".lock")) if d.exists() else []
-
-
-# ---- catalogue and names --------------------------------------------------------------------------
-
-
-def test_catalogue_holds_every_published_file_once_with_its_variant_and_head():
-    assert len(hub.CATALOGUE) == 11 and {e.folder for e in hub.CATALOGUE} == {"imagenet21k", "imagenet1k", "sam", "gsam"}
-    names = [n for e in hub.CATALOGUE for n in (e.name, e.big_vision_name)]
-    assert len(set(names)) == len(names) and all(hub.lookup(n) for n in names)
-    for e in hub.CATALOGUE:
-        assert e.variant == "{}/{}".format(*re.search(r"Mixer-([SBLH])_(\d+)", e.path).groups())
-        assert e.num_classes == (21843 if e.folder == "imagenet21k" else 1000)
-        assert e.path.endswith(".npz") == (e.folder != "gsam")  # as Google's listing spells them
-
-
-@pytest.mark.parametrize("name", ["B/16-i21k", "B-i21k/16", "b/16-I21K", "gs://mixer_models/imagenet21k/Mixer-B_16.npz",
-                                  "https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz"])
-def test_every_spelling_of_a_published_file_names_the_same_entry(name):
-    assert hub.lookup(name).path == "imagenet21k/Mixer-B_16.npz"
-
-
-def test_gsam_files_are_accepted_with_and_without_npz():
-    a, b = hub.lookup("gs://mixer_models/gsam/Mixer-S_8"), hub.lookup("gs://mixer_models/gsam/Mixer-S_8.npz")
-    assert a is b and a.name == "S/8-gsam" and a.url().endswith("/gsam/Mixer-S_8")
-
-
-def test_base_url_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv("MIXER_CHECKPOINT_BASE_URL", "http://mirror.example/mm/")
-    e = hub.lookup("http://mirror.example/mm/imagenet1k/Mixer-L_16.npz")
-    assert e.name == "L/16-i1k" and e.url() == "http://mirror.example/mm/imagenet1k/Mixer-L_16.npz"
-
-
-@pytest.mark.parametrize("model, pretrained, source, variant", [
-    ("B/16", "imagenet21k", "B/16-i21k", "B/16"),
-    ("B/16", "i1k", "B/16-i1k", "B/16"),
-    ("mixer_b16_224", True, "B/16-i1k", "B/16"),  # timm's model name; default: the ImageNet-1k file
-    ("S/32", True, "S/32-gsam", "S/32"),  # only gsam published
-    ("Mixer-B_32", "sam", "B/32-sam", "B/32"),
-    ("mixer_b16_224.goog_in21k", True, "hf-hub:timm/mixer_b16_224.goog_in21k", "B/16"),
-    ("B/16", "weights/my.npz", "weights/my.npz", "B/16"),  # a file that must hold a B/16
-    ("B-i21k/16", True, "B-i21k/16", None),
-    ("hf-hub:timm/mixer_l16_224.goog_in21k", True, "hf-hub:timm/mixer_l16_224.goog_in21k", None),
-])
-def test_pretrained_names_map_to_sources(model, pretrained, source, variant):
-    assert hub.pretrained_source(model, pretrained) == (source, variant)
-
-
-@pytest.mark.parametrize("model, pretrained, match", [
-    ("L/32", True, "no published checkpoint for L/32"),
-    ("S/16", "i21k", "S/16 has gsam"),
-    ("B/16-i21k", "sam", "needs a variant name"),
-    ("mixer_b16_224.goog_in21k", "i1k", "already names its weights"),
-])
-def test_impossible_pretrained_requests_say_what_exists(model, pretrained, match):
-    with pytest.raises(ValueError, match=match):
-        hub.pretrained_source(model, pretrained)
 
 
 # ---- resolution without network --------------------------------------------------------------------
@@ -299,7 +244,7 @@ def test_a_file_put_in_the_cache_by_hand_is_verified_then_used(bucket, s32_file,
     bucket.cached.write_bytes(s32_file.read_bytes())  # offline use: copied from elsewhere
     assert hub.resolve("S/32-gsam") == bucket.cached
     assert bucket.requests == [] and bucket.cached.with_name("Mixer-S_32.npz.json").exists()
-    _write(random_params(TINY, 0), tmp_path / "tiny.npz").replace(hub.lookup("S/16-gsam").cached_path())
+    _write(random_params(TINY, 0), tmp_path / "tiny.npz").replace(hub.cached_path(catalogue.lookup("S/16-gsam")))
     with pytest.raises(CheckpointError, match="placed in the cache by hand.* not S/16"):
         hub.resolve("S/16-gsam")
 
@@ -342,7 +287,7 @@ def test_an_unreachable_server_is_one_line_naming_the_url_and_the_manual_way(tmp
 
 
 def test_converter_takes_a_published_name_and_list_shows_it_cached(bucket, s32_params, tmp_path, capsys):
-    from mixer_convert.io import read_params
+    from mixer_convert.load import read_params
     from mixer_convert.tools.cli import main
 
     assert main(["--list"]) == 0

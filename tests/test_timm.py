@@ -10,7 +10,7 @@ import pytest
 from conftest import requires_torch
 from mixer_convert import config_for, random_params
 from mixer_convert.tools.bridge import convert_checkpoint
-from mixer_convert.io import read_params
+from mixer_convert.load import read_params
 from mixer_convert.tools.parity import timm_python
 from mixer_convert.reference import forward
 

@@ -265,7 +265,7 @@ def test_a_run_writes_metrics_plot_checkpoints_and_official_npz(reference_run):
     assert json.loads((w / "classes.json").read_text()) == [str(c) for c in range(10)]
     assert (w / "metrics.png").stat().st_size > 10_000
     assert sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == [8, 12]
-    from mixer_convert.io import read_params
+    from mixer_convert.load import read_params
     saved = read_params(w / "model.npz")
     assert all(np.array_equal(saved[k], params[k]) for k in params)
     # the bridge reads the training checkpoint itself (params beside opt_state and step)
@@ -364,7 +364,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export_to_pytorch(tmp_path):
     from mixer_convert import config_for, random_params
-    from mixer_convert.io import read_params
+    from mixer_convert.load import read_params
     from mixer_convert.resize import new_head, resize_token_mixing
     from mixer_jax.train import train_and_evaluate
 

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mixer_convert.io import (MAX_BYTES, CheckpointError, LazyParams, cast, check_destination, check_source,
-                              format_for_output, nonfinite, np_dtype, read_params, write_params)
-from mixer_convert.hub import resolve
-from mixer_convert.load import open_checkpoint
+from mixer_convert.dtypes import np_dtype
+from mixer_convert.errors import CheckpointError
+from mixer_convert.load import LazyParams, NonFiniteWeightsError, materialise, open_checkpoint, read_params
+from mixer_convert.save import Output
+from mixer_convert.source import MAX_BYTES
 from mixer_convert.spec import MixerConfig, param_shapes
 
-
-class NonFiniteWeightsError(CheckpointError):
-    pass
+__all__ = ["ConversionReport", "NonFiniteWeightsError", "VerificationError", "convert_checkpoint", "verify_conversion"]
 
 
 class VerificationError(CheckpointError):
@@ -46,16 +45,13 @@ class _Checked(Mapping):
         return len(self.order)
 
     def __getitem__(self, key: str) -> np.ndarray:
-        arr = cast(key, self.src[key], self.dtype)
-        bad = nonfinite(arr)
-        if bad:
-            msg = f"{key}: {bad} of {arr.size} values are NaN or Inf"
-            if not self.allow_nonfinite:
-                raise NonFiniteWeightsError(msg + " (pass --allow-nonfinite to convert anyway)")
-            if msg not in self.warnings:  # --verify reads each tensor a second time
-                self.warnings.append(msg)
-                warnings.warn(msg)
-        return arr
+        return materialise(self.src, key, self.dtype, self.allow_nonfinite,
+                           hint="pass --allow-nonfinite to convert anyway", warn=self._warn)
+
+    def _warn(self, msg: str) -> None:
+        if msg not in self.warnings:  # --verify reads each tensor a second time
+            self.warnings.append(msg)
+            warnings.warn(msg)
 
 
 @dataclasses.dataclass
@@ -107,45 +103,22 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str |
     source is only read; dst is written atomically and never overwritten without ``force``; on
     any error no dst is left behind. Sources declaring more than ``max_bytes`` of tensors
     (default: 4x H/14) are refused unless it is None."""
-    dst = Path(dst)
-    fmt, layout = format_for_output(dst, to)
-    check_destination(dst, force, is_dir=(fmt == "orbax"))  # before any reading or downloading: fail fast
-    src = resolve(src, progress)  # a published name or URL: fetched into the cache first
-    check_source(src)
-    _check_not_overlapping(src, dst)
-    params, cfg = open_checkpoint(src, variant, image_size, prefix, max_bytes=max_bytes)
-    try:
+    out = Output.plan(dst, to, force=force)  # before any reading or downloading: fail fast
+    params, cfg = open_checkpoint(src, variant, image_size, prefix, progress, max_bytes)
+    with params:
+        out.refuse_source(Path(params.source))
         checked = _Checked(params, cfg, dtype, allow_nonfinite)
         nbytes = sum(int(np.prod(s)) * checked.dtypes[k].itemsize for k, s in checked.shapes.items())
-        report = ConversionReport(str(src), str(dst), fmt, layout, cfg,
+        report = ConversionReport(params.source, str(out.path), out.fmt, out.layout, cfg,
                                   sum(int(np.prod(s)) for s in checked.shapes.values()), nbytes,
                                   warnings=checked.warnings)
         bar, step = _progress(nbytes, progress)
         with bar:
             # Verification runs on the temporary file, so a failed check leaves no dst behind.
-            write_params(checked, dst, fmt=fmt, layout=layout, force=force, progress=step,
-                         before_commit=(lambda tmp: verify_conversion(checked, tmp, cfg, layout, report,
-                                                                      allow_nonfinite=allow_nonfinite))
-                         if verify else None)
-    finally:
-        params.close()
+            out.write(checked, progress=step, before_commit=(
+                lambda tmp: verify_conversion(checked, tmp, cfg, out.layout, report, allow_nonfinite=allow_nonfinite))
+                if verify else None)
     return report
-
-
-def _check_not_overlapping(src: Path, dst: Path) -> None:
-    """The source is never modified: dst may not be src (by any path), lie inside a source
-    directory (orbax), or be a directory holding the source (replacing it would delete it)."""
-    try:
-        s, d = src.resolve(), dst.resolve()
-        same = d == s or (os.path.lexists(dst) and src.exists() and os.path.samefile(src, dst))
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on Python < 3.13
-        raise CheckpointError(f"cannot resolve {src} or {dst} ({e})") from None
-    if same:
-        raise ValueError("source and destination are the same file; the source is never modified")
-    if s in d.parents:
-        raise ValueError(f"destination {dst} lies inside the source {src}; the source is never modified")
-    if d in s.parents:
-        raise ValueError(f"destination {dst} contains the source {src}; replacing it would delete the source")
 
 
 def verify_conversion(source: Mapping[str, np.ndarray], dst: Path, cfg: MixerConfig, layout: str,

@@ -6,15 +6,17 @@ SIGTERM remove the temporary output and exit with 128 + the signal number.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 
 from mixer_convert.atomic import Interrupted, interruptible
 from mixer_convert.errors import one_line
-from mixer_convert.io import DTYPES, MAX_BYTES, CheckpointError, detect_format, format_for_output
+from mixer_convert.dtypes import DTYPES
+from mixer_convert.errors import CheckpointError, MissingExtraError
+from mixer_convert.formats import output_format
+from mixer_convert.source import MAX_BYTES
 from mixer_convert.params import ParamMismatchError
-from mixer_convert.tools.extras import MissingExtraError, cli_errors, require
+from mixer_convert.tools.extras import cli_errors, require
 
 # The extra a checkpoint format needs to be read or written (npz and safetensors need none).
 FORMAT_EXTRA = {"torch": "torch", "msgpack": "jax", "orbax": "jax"}
@@ -74,11 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     old_show = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
-        # Before reading anything: a missing extra for either side is one line, not a traceback.
-        # (A published name or URL is fetched first; its format is known only then.)
-        fmts = (detect_format(args.src) if os.path.exists(args.src) else None,
-                format_for_output(args.dst, args.to)[0])
-        require(*(FORMAT_EXTRA[f] for f in fmts if f in FORMAT_EXTRA))
+        # Before reading anything: a missing extra for the output is one line, not a traceback
+        # (the source's reader says so itself, once it knows the format).
+        fmt = output_format(args.dst, args.to)[0]
+        require(*([FORMAT_EXTRA[fmt]] if fmt in FORMAT_EXTRA else []))
         with interruptible():
             from mixer_convert.tools.bridge import convert_checkpoint
             report = convert_checkpoint(args.src, args.dst, args.to, variant=args.variant, dtype=args.dtype,

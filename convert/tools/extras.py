@@ -12,6 +12,8 @@ import importlib.util
 import sys
 from typing import Callable
 
+from mixer_convert.errors import MissingExtraError
+
 # Extra -> the modules whose absence means the extra is not installed (pyproject's extras).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
@@ -21,23 +23,6 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
 # A module found missing at run time -> the smallest extra that provides it.
 _MODULE_EXTRA = {"torch": "torch", "jax": "jax", "jaxlib": "jax", "flax": "jax", "optax": "jax", "orbax": "jax",
                  "sklearn": "train", "tensorflow_datasets": "train", "matplotlib": "train"}
-
-
-class MissingExtraError(RuntimeError):
-    """``extras`` are all needed, or with ``any_of`` any one of them will do."""
-
-    def __init__(self, extras: list[str], module: str | None = None, any_of: bool = False) -> None:
-        self.extras, self.module = extras, module
-        why = f" (no module {module!r})" if module else ""
-        if any_of:
-            names = " or ".join(f"'{e}'" for e in extras)
-            pips = " or ".join(f'"mixer-toolkit[{e}]"' for e in extras)
-            msg = f"needs the {names} extra{why}: pip install {pips}"
-        else:
-            names = " and ".join(f"'{e}'" for e in extras)
-            msg = (f"needs the {names} extra{'s' if len(extras) > 1 else ''}{why}: "
-                   f'pip install "mixer-toolkit[{",".join(extras)}]"')
-        super().__init__(msg)
 
 
 def importable(module: str) -> bool:

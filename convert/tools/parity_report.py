@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from mixer_convert.io import CheckpointError
+from mixer_convert.errors import CheckpointError
 from mixer_convert.params import ParamMismatchError
 from mixer_convert.spec import TIMM_NAMES, VARIANTS, MixerConfig, config_for, parse_variant, variant_name
 from mixer_convert.tools.extras import cli_errors, require
@@ -132,7 +132,7 @@ def _timm(cfg: MixerConfig, flat, x, ref) -> dict:
     exe = timm_python()
     if exe is None:
         return {"skipped": "timm not installed (or set MIXER_TIMM_PYTHON)"}
-    from mixer_convert.io import write_params
+    from mixer_convert.save import write_params
 
     with tempfile.TemporaryDirectory() as d:
         write_params(flat, Path(d) / "w.safetensors", fmt="safetensors", layout="timm")

@@ -1,0 +1,50 @@
+"""The dtypes Mixer weights may have (float16, bfloat16, float32, float64): names, checks, casts.
+
+bfloat16 is numpy's ``ml_dtypes.bfloat16``; it is recognised by name so that float32 paths never
+import ml_dtypes (an interpreter without it, such as timm's oracle, still converts float32 files).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mixer_convert.errors import CheckpointError
+
+DTYPES = ("keep", "float32", "bfloat16", "float16")  # the --dtype choices
+
+
+def bf16() -> np.dtype:
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_bf16(dtype: Any) -> bool:
+    return np.dtype(dtype).name == "bfloat16"
+
+
+def np_dtype(name: str) -> np.dtype:
+    """A dtype by name, bfloat16 included."""
+    return bf16() if name == "bfloat16" else np.dtype(name)
+
+
+def check_float(key: str, dtype: Any) -> None:
+    """Mixer weights are floating point; int, bool, complex and anything else are refused."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" and not is_bf16(dtype):
+        raise CheckpointError(f"tensor {key!r} has unsupported dtype {dtype}; Mixer weights are float")
+
+
+def cast(key: str, arr: np.ndarray, dtype: str) -> np.ndarray:
+    """A float tensor in ``dtype`` (``keep``: as it is), without a copy where none is needed."""
+    check_float(key, arr.dtype)
+    if dtype == "keep":
+        return arr
+    return arr.astype(np_dtype(dtype), copy=False)
+
+
+def count_nonfinite(arr: np.ndarray) -> int:
+    """How many values are NaN or +-Inf."""
+    if arr.dtype == np.float32 or arr.dtype == np.float64:
+        return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    return int(arr.size - np.count_nonzero(np.isfinite(arr.astype(np.float32))))

@@ -1,0 +1,113 @@
+"""Checkpoint file formats: which one a file is, and the one module per format that turns a file
+into entries and entries into a file.
+
+An entry is ``(shape, dtype, load)``: shape and dtype come from the file's headers, ``load()``
+reads the tensor only when asked, so names and shapes are checked before any data is read.
+Each format module has ``read(path, max_bytes) -> (entries, close or None)`` and
+``write(path, items, specs)`` (``items``: (name, array) pairs in order; ``specs``: (name, shape,
+dtype) of the same, known before the first array is read, for formats whose header comes
+first). What the names mean is not a format's business (:mod:`mixer_convert.layouts`); where a
+file may come from and how much it may declare is :mod:`mixer_convert.source`'s.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import stat
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from mixer_convert.errors import CheckpointError, why
+from mixer_convert.layouts import Entry
+from mixer_convert.source import MAX_BYTES, check_size, check_source, declared_bytes
+
+FORMATS = ("npz", "msgpack", "orbax", "torch", "safetensors")
+SUFFIX_FORMAT = {".npz": "npz", ".msgpack": "msgpack", ".flax": "msgpack", ".pt": "torch", ".pth": "torch",
+                 ".bin": "torch", ".safetensors": "safetensors"}
+OUTPUT_KINDS = ("torch", "timm", "flax", "npz", "msgpack", "orbax")
+Spec = tuple[str, tuple[int, ...], np.dtype]
+
+
+def module(fmt: str):
+    """The module that reads and writes ``fmt``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return importlib.import_module(f"mixer_convert.formats.{fmt}")
+
+
+def detect(path: Path, st: os.stat_result) -> str:
+    """By content where possible (a .bin may be anything), else by suffix."""
+    if stat.S_ISDIR(st.st_mode):
+        return "orbax"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({why(e)})") from None
+    if head[:4] == b"PK\x03\x04":
+        from mixer_convert.formats.archive import Zip
+
+        with Zip(path) as z:
+            names = [i.filename for i in z.members]
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+        raise CheckpointError(f"{path}: a zip archive that is neither .npz nor a PyTorch checkpoint")
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    fmt = SUFFIX_FORMAT.get(path.suffix.lower())
+    if fmt is None:
+        raise CheckpointError(f"{path}: cannot tell the format from content or suffix; expected one of "
+                              f"{', '.join(sorted(SUFFIX_FORMAT))} or an orbax directory")
+    if fmt == "npz":  # always a zip archive; anything else is damaged (torch also has a legacy non-zip format)
+        raise CheckpointError(f"{path}: not a valid npz file (no zip header; truncated or corrupt?)")
+    return fmt
+
+
+def format_of(path: str | os.PathLike) -> str:
+    """The format of the checkpoint at ``path`` (its source checked)."""
+    return detect(Path(path), check_source(path))
+
+
+def output_format(path: str | os.PathLike, to: str | None) -> tuple[str, str]:
+    """(file format, naming layout) for an output path and a ``--to`` choice."""
+    suffix = Path(path).suffix.lower()
+    if to in (None, "auto"):
+        if suffix in SUFFIX_FORMAT:
+            fmt = SUFFIX_FORMAT[suffix]
+            return fmt, "torch" if fmt in ("torch", "safetensors") else "flax"
+        raise ValueError(f"cannot tell the output format of {str(path)!r} from its suffix; pass --to")
+    if to in ("timm", "torch"):
+        return ("safetensors" if suffix == ".safetensors" else "torch"), to
+    if to == "flax":
+        return ("npz" if suffix == ".npz" else "orbax" if suffix == "" else "msgpack"), "flax"
+    if to in ("npz", "msgpack", "orbax"):
+        return to, "flax"
+    raise ValueError(f"unknown output kind {to!r}; expected one of {', '.join(OUTPUT_KINDS)}")
+
+
+def read(path: Path, fmt: str | None = None, max_bytes: int | None = MAX_BYTES
+         ) -> tuple[str, dict[str, Entry], Callable[[], None] | None]:
+    """(format, entries, close) of the checkpoint at ``path``, its source checked once and the total
+    it declares capped at ``max_bytes`` (None: no limit) before any data is read."""
+    st = check_source(path)
+    fmt = fmt or detect(path, st)
+    try:
+        entries, close = module(fmt).read(path, max_bytes)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({why(e)})") from None
+    try:
+        check_size(str(path), declared_bytes(entries), max_bytes)
+    except BaseException:
+        if close:
+            close()
+        raise
+    return fmt, entries, close
+
+
+def write(fmt: str, path: Path, items: Iterator[tuple[str, np.ndarray]], specs: Iterable[Spec]) -> None:
+    """``items`` into a new file (or orbax folder) at ``path`` in ``fmt``."""
+    module(fmt).write(path, items, list(specs))

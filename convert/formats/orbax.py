@@ -1,0 +1,156 @@
+"""orbax checkpoints (a folder): a PyTree saved by ``orbax.checkpoint``; needs orbax (and jax).
+
+The tree's metadata is read and every declared shape checked before anything is restored; then
+the whole tree is restored once, straight to host numpy, and handed out one array at a time,
+each checked against what the metadata declared. orbax and tensorstore report through logging,
+warnings and unraisable-exception hooks around clean failures; a converter says one line, so
+that noise is silenced while orbax works.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from mixer_convert.atomic import check_interrupted
+from mixer_convert.errors import CheckpointError, WriteError, needs, why
+from mixer_convert.layouts import Entry
+from mixer_convert.source import MAX_METADATA_BYTES, check_shape, check_tree, no_duplicate_keys, reading
+from mixer_convert.trees import flatten, nest
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax/absl log warnings (and asyncio its shutdown noise) to stderr around clean failures;
+    a converter reports one error line, so silence them while orbax works."""
+    loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "orbax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _drop_closed_loop_noise() -> None:
+    """After a failed restore, tensorstore still completes the reads orbax abandoned and schedules
+    them on orbax's event loop, closed by then: each prints "RuntimeError: Event loop is closed"
+    through sys.unraisablehook, after the clean error. Exactly those are dropped (installed once)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "mixer_drops_closed_loop", False):
+        return
+
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+    hook.mixer_drops_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+class _OrbaxTree:
+    """Restores the whole tree on first use (after every declared shape was checked), then hands
+    out one array at a time; each restored array must match what the metadata declared."""
+
+    def __init__(self, path: Path, declared: dict[str, tuple]) -> None:
+        self.path, self.declared, self.arrays = path, declared, None
+
+    def get(self, key: str) -> np.ndarray:
+        if self.arrays is None:
+            import orbax.checkpoint as ocp
+            from jax.tree_util import tree_map
+
+            ckptr = ocp.PyTreeCheckpointer()
+            with reading(self.path, "an orbax checkpoint"), _quiet_orbax():
+                meta = ckptr.metadata(self.path.absolute()).item_metadata
+                meta = getattr(meta, "tree", meta)
+                # Straight to host numpy: a converter has no use for device arrays or shardings.
+                as_numpy = tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+                tree = ckptr.restore(self.path.absolute(), args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+            arrays = {k: v for k, v in flatten(tree, where=str(self.path)).items() if v is not None}
+            if set(arrays) != set(self.declared):
+                raise CheckpointError(f"{self.path}: restored tree differs from its metadata")
+            for k, (shape, dtype, _) in self.declared.items():
+                arr = np.asarray(arrays[k])
+                if arr.shape != shape or arr.dtype != dtype:
+                    raise CheckpointError(f"{self.path}: {k!r} restored as {arr.shape} {arr.dtype}, its metadata "
+                                          f"said {shape} {dtype}")
+            self.arrays = arrays
+        return np.asarray(self.arrays[key])
+
+    def close(self) -> None:
+        self.arrays = None
+
+
+def read(path: Path, max_bytes: int | None) -> tuple[dict[str, Entry], Callable[[], None]]:
+    ocp = needs("orbax.checkpoint", "train", "reading an orbax checkpoint")
+    _drop_closed_loop_noise()
+    check_tree(path)
+    if (path / "_METADATA").is_file():  # the tree's JSON: a key given twice would be read as the last one
+        with reading(path, "an orbax checkpoint"):
+            if (path / "_METADATA").stat().st_size > MAX_METADATA_BYTES:
+                raise CheckpointError(f"{path}: _METADATA is too large for a Mixer checkpoint")
+            json.loads((path / "_METADATA").read_text(), object_pairs_hook=no_duplicate_keys(str(path / "_METADATA")))
+    with reading(path, "an orbax checkpoint"), _quiet_orbax():
+        meta = ocp.PyTreeCheckpointer().metadata(path.absolute()).item_metadata
+        meta = getattr(meta, "tree", meta)
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"{path}: orbax checkpoint does not hold a parameter tree")
+    declared = {}
+    for k, m in flatten(meta, where=str(path)).items():
+        if m is None:  # an empty optimizer state: nothing stored
+            continue
+        shape, dtype = getattr(m, "shape", None), getattr(m, "dtype", None)
+        if shape is None or dtype is None:
+            raise CheckpointError(f"{path}: entry {k!r} is not an array ({type(m).__name__})")
+        with reading(path, "an orbax checkpoint"):
+            dtype = np.dtype(dtype)
+        declared[k] = (check_shape(str(path), k, shape), dtype, None)
+    tree = _OrbaxTree(path, declared)
+    return {k: (s, d, (lambda k=k: tree.get(k))) for k, (s, d, _) in declared.items()}, tree.close
+
+
+def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> None:
+    ocp = needs("orbax.checkpoint", "train", "writing an orbax checkpoint")
+    _drop_closed_loop_noise()
+    tree = nest({k: np.asarray(v) for k, v in items})
+    check_interrupted()
+    try:
+        with _quiet_orbax():
+            ocp.PyTreeCheckpointer().save(path.absolute(), tree)
+    except BaseException as e:
+        # orbax returns on the first failed write while tensorstore finishes the others, which
+        # would recreate files under the temporary after it is removed: let them land first.
+        _wait_until_quiet(path.parent)
+        if isinstance(e, (CheckpointError, OSError)) or not isinstance(e, Exception):
+            raise
+        raise WriteError(f"orbax failed ({why(e)}); disk full or not writable?") from None
+
+
+def _wait_until_quiet(folder: Path, quiet: float = 0.25, limit: float = 10.0) -> None:
+    """Return once nothing under ``folder`` has changed for ``quiet`` seconds (at most ``limit``)."""
+    def state():
+        try:
+            return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+        except OSError:
+            return None
+    deadline, last = time.monotonic() + limit, state()
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = state()
+        if now == last:
+            return
+        last = now
