@@ -42,7 +42,7 @@ from mixer_convert.errors import CheckpointError
 from mixer_convert.formats import npz
 from mixer_convert.layouts import canonicalize
 from mixer_convert.params import check_config
-from mixer_convert.source import MAX_BYTES
+from mixer_convert.source import Source
 
 TIMEOUT_S = 60.0  # per socket operation, not for the whole download
 _CHUNK = 1 << 20
@@ -189,7 +189,7 @@ def _verify(path: Path, entry: Published, what: str) -> None:
     if bad is not None:
         raise CheckpointError(f"{what} is corrupt: CRC mismatch in {bad}")
     try:
-        entries, close = npz.read(path, MAX_BYTES)
+        entries, close = npz.read(Source.open(path))
         close()
         _, entries = canonicalize(entries, "flax")
         cfg = check_config({k: e[0] for k, e in entries.items()}, {k: e[1] for k, e in entries.items()},

@@ -66,10 +66,13 @@ class Output:
             raise ValueError(f"destination {dst} contains the source {src}; replacing it would delete the source")
 
     def write(self, flat: Mapping[str, np.ndarray], progress: Progress | None = None,
-              before_commit: Callable[[Path], None] | None = None) -> Path:
+              before_commit: Callable[[Path], None] | None = None, source: Path | None = None) -> Path:
         """Canonical tensors (taken from ``flat`` one at a time, in its order) into the output.
         ``before_commit(tmp)`` runs on the finished temporary; if it raises, nothing is written.
-        A failure of the destination (disk full, read-only, ...) is one CheckpointError naming it."""
+        ``source``: the file the tensors come from, which the output may not touch. A failure of
+        the destination (disk full, read-only, ...) is one CheckpointError naming it."""
+        if source is not None:
+            self.refuse_source(source)
         lay = LAYOUTS[self.layout]
         shapes = getattr(flat, "shapes", None) or {k: np.shape(flat[k]) for k in flat}
         dtypes = getattr(flat, "dtypes", None) or {k: np.asarray(flat[k]).dtype for k in flat}

@@ -1,11 +1,13 @@
 """What a checkpoint source may be, and how much it may declare, checked before any data is read.
 
-Only regular files (and, for orbax, folders of them) are read: FIFOs, devices and sockets have
-no size and may never end. Every tensor's shape is checked as it is declared, and the total a
-file declares is capped (:data:`MAX_BYTES`) so a few-MB file cannot make us allocate gigabytes.
+:meth:`Source.open` is the one check of a local source: only regular files (and folders of them,
+such as an orbax checkpoint) are read; FIFOs, devices and sockets have no size and may never end,
+links to nothing or in loops are refused. A format reader gets the :class:`Source`, never a bare
+path, and declares every tensor to it (:meth:`Source.declare`): each shape is checked and the
+running total is capped (:data:`MAX_BYTES`), so a few-MB file cannot make us allocate gigabytes.
 A key given twice in a JSON or msgpack map is an error (a parser would keep the last one).
-Third-party readers meeting damaged data raise many exception types; :func:`reading` turns them
-into one :class:`CheckpointError` naming the file.
+Third-party readers meeting damaged data raise many exception types; :meth:`Source.reading`
+turns them into one :class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import math
 import os
 import stat
 from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ MAX_BYTES = 4 * 4 * num_params(config_for("H/14", num_classes=21843))
 MAX_METADATA_BYTES = 16 * 2**20
 MAX_NDIM = 8
 MAX_FILES = 100_000  # entries in an orbax folder
-ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 
 
 def _kind(mode: int) -> str:
@@ -64,11 +64,8 @@ def check_source(path: str | os.PathLike) -> os.stat_result:
 
 
 def check_tree(root: Path) -> None:
-    """An orbax checkpoint folder: one of orbax's own files at the top, and every entry below a
-    readable regular file or folder (at most :data:`MAX_FILES`), no link to a folder."""
-    if not any(os.path.lexists(root / m) for m in ORBAX_MARKERS):
-        raise CheckpointError(f"{root}: a folder, but not an orbax checkpoint (no {' or '.join(ORBAX_MARKERS[:3])})")
-
+    """Every entry below a checkpoint folder a readable regular file or folder (at most
+    :data:`MAX_FILES`), no link to a folder."""
     def unreadable(e: OSError):
         raise CheckpointError(f"{e.filename}: cannot read ({why(e)})")
     count = 0
@@ -100,12 +97,6 @@ def nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return math.prod(shape) * dtype.itemsize  # Python ints: no overflow
 
 
-def declared_bytes(entries: Mapping[str, tuple]) -> int:
-    """What the entries (shape, dtype, load) add up to."""
-    return sum(nbytes(shape, np.dtype(dtype) if dtype is not None else np.dtype("u1"))
-               for shape, dtype, _ in entries.values())
-
-
 def check_size(where: str, size: int, max_bytes: int | None, what: str = "declares tensors of") -> None:
     """Refuse more than ``max_bytes`` (None: no limit), naming the way to lift the limit."""
     if max_bytes is not None and size > max_bytes:
@@ -124,6 +115,47 @@ def no_duplicate_keys(where: str):
                                   "refusing an ambiguous file")
         return dict(pairs)
     return hook
+
+
+class Source:
+    """A local checkpoint that passed :func:`check_source`, with the budget of what it may declare
+    (``max_bytes``; None: no limit). A folder's reader checks its tree (:meth:`check_tree`)."""
+
+    def __init__(self, path: Path, st: os.stat_result, max_bytes: int | None) -> None:
+        self.path, self.stat, self.max_bytes = path, st, max_bytes
+        self.declared = 0
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, max_bytes: int | None = MAX_BYTES) -> "Source":
+        path = Path(path)
+        return cls(path, check_source(path), max_bytes)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.stat.st_mode)
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def check_tree(self) -> None:
+        """A folder's readers call this once they know it is theirs (see :func:`check_tree`)."""
+        check_tree(self.path)
+
+    def declare(self, key: str, shape: Any, dtype: Any) -> tuple[int, ...]:
+        """A tensor the file declares: its shape checked and its bytes counted against the budget."""
+        shape = check_shape(self.where, key, shape)
+        self.declared += nbytes(shape, np.dtype(dtype) if dtype is not None else np.dtype("u1"))
+        check_size(self.where, self.declared, self.max_bytes)
+        return shape
+
+    def cap(self, size: int, what: str) -> None:
+        """A whole file or member the reader must hold (``what``: 'is a msgpack file of')."""
+        check_size(self.where, size, self.max_bytes, what)
+
+    def reading(self, what: str):
+        """Turn a third-party reader's failure on damaged input into one CheckpointError."""
+        return reading(self.path, what)
 
 
 @contextlib.contextmanager

@@ -133,6 +133,7 @@ def test_safetensors_headers_are_judged_as_the_safetensors_library_judges_them(b
     a tensor has a dtype no Mixer has (float8, unsigned, ...), which we refuse by name."""
     safetensors = pytest.importorskip("safetensors")
     from mixer_convert.formats.safetensors import read as _read_safetensors
+    from mixer_convert.source import Source
 
     blob = bases["safetensors"].read_bytes()
     header_end = 8 + int.from_bytes(blob[:8], "little")
@@ -155,7 +156,7 @@ def test_safetensors_headers_are_judged_as_the_safetensors_library_judges_them(b
         except Exception:  # the library's verdict: invalid
             library = None
         try:
-            _read_safetensors(path, None)
+            _read_safetensors(Source.open(path, None))
             ours = True
         except CheckpointError:
             ours = False
@@ -930,9 +931,9 @@ def test_bombs_are_refused_in_bounded_memory(case, bases, tmp_path):
 
 _SLOW_CONVERT = """
 import sys, time
-import mixer_convert.tools.bridge as bridge
-read = bridge._Checked.__getitem__
-bridge._Checked.__getitem__ = lambda self, k: (time.sleep(0.1), read(self, k))[1]  # a long write
+from mixer_convert.load import LazyParams
+read = LazyParams.__getitem__
+LazyParams.__getitem__ = lambda self, k: (time.sleep(0.1), read(self, k))[1]  # a long write
 from mixer_convert.tools.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -3,7 +3,8 @@ into entries and entries into a file.
 
 An entry is ``(shape, dtype, load)``: shape and dtype come from the file's headers, ``load()``
 reads the tensor only when asked, so names and shapes are checked before any data is read.
-Each format module has ``read(path, max_bytes) -> (entries, close or None)`` and
+Each format module has ``read(src) -> (entries, close or None)`` (``src``: a checked
+:class:`~mixer_convert.source.Source`, to which it declares every tensor) and
 ``write(path, items, specs)`` (``items``: (name, array) pairs in order; ``specs``: (name, shape,
 dtype) of the same, known before the first array is read, for formats whose header comes
 first). What the names mean is not a format's business (:mod:`mixer_convert.layouts`); where a
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import stat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -21,9 +21,10 @@ import numpy as np
 
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.layouts import Entry
-from mixer_convert.source import MAX_BYTES, check_size, check_source, declared_bytes
+from mixer_convert.source import Source
 
 FORMATS = ("npz", "msgpack", "orbax", "torch", "safetensors")
+ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 SUFFIX_FORMAT = {".npz": "npz", ".msgpack": "msgpack", ".flax": "msgpack", ".pt": "torch", ".pth": "torch",
                  ".bin": "torch", ".safetensors": "safetensors"}
 OUTPUT_KINDS = ("torch", "timm", "flax", "npz", "msgpack", "orbax")
@@ -37,25 +38,20 @@ def module(fmt: str):
     return importlib.import_module(f"mixer_convert.formats.{fmt}")
 
 
-def detect(path: Path, st: os.stat_result) -> str:
+def detect(src: Source) -> str:
     """By content where possible (a .bin may be anything), else by suffix."""
-    if stat.S_ISDIR(st.st_mode):
-        return "orbax"
+    path = src.path
+    if src.is_dir:
+        if any(os.path.lexists(path / m) for m in ORBAX_MARKERS):
+            return "orbax"
+        raise CheckpointError(f"{path}: a folder, but not an orbax checkpoint (no {' or '.join(ORBAX_MARKERS[:3])})")
     try:
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({why(e)})") from None
     if head[:4] == b"PK\x03\x04":
-        from mixer_convert.formats.archive import Zip
-
-        with Zip(path) as z:
-            names = [i.filename for i in z.members]
-        if any(n.endswith("data.pkl") for n in names):
-            return "torch"
-        if names and all(n.endswith(".npy") for n in names):
-            return "npz"
-        raise CheckpointError(f"{path}: a zip archive that is neither .npz nor a PyTorch checkpoint")
+        return _zip_kind(path)
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     fmt = SUFFIX_FORMAT.get(path.suffix.lower())
@@ -67,9 +63,21 @@ def detect(path: Path, st: os.stat_result) -> str:
     return fmt
 
 
+def _zip_kind(path: Path) -> str:
+    from mixer_convert.formats.archive import Zip
+
+    with Zip(path) as z:
+        names = [i.filename for i in z.members]
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch"
+    if names and all(n.endswith(".npy") for n in names):
+        return "npz"
+    raise CheckpointError(f"{path}: a zip archive that is neither .npz nor a PyTorch checkpoint")
+
+
 def format_of(path: str | os.PathLike) -> str:
     """The format of the checkpoint at ``path`` (its source checked)."""
-    return detect(Path(path), check_source(path))
+    return detect(Source.open(path))
 
 
 def output_format(path: str | os.PathLike, to: str | None) -> tuple[str, str]:
@@ -89,22 +97,14 @@ def output_format(path: str | os.PathLike, to: str | None) -> tuple[str, str]:
     raise ValueError(f"unknown output kind {to!r}; expected one of {', '.join(OUTPUT_KINDS)}")
 
 
-def read(path: Path, fmt: str | None = None, max_bytes: int | None = MAX_BYTES
-         ) -> tuple[str, dict[str, Entry], Callable[[], None] | None]:
-    """(format, entries, close) of the checkpoint at ``path``, its source checked once and the total
-    it declares capped at ``max_bytes`` (None: no limit) before any data is read."""
-    st = check_source(path)
-    fmt = fmt or detect(path, st)
+def read(src: Source, fmt: str | None = None) -> tuple[str, dict[str, Entry], Callable[[], None] | None]:
+    """(format, entries, close) of a checked source; nothing but headers is read, and every tensor
+    was declared to ``src`` (shape checked, total within its budget)."""
+    fmt = fmt or detect(src)
     try:
-        entries, close = module(fmt).read(path, max_bytes)
+        entries, close = module(fmt).read(src)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({why(e)})") from None
-    try:
-        check_size(str(path), declared_bytes(entries), max_bytes)
-    except BaseException:
-        if close:
-            close()
-        raise
+        raise CheckpointError(f"{src.path}: cannot read ({why(e)})") from None
     return fmt, entries, close
 
 

@@ -13,11 +13,11 @@ import numpy as np
 
 from mixer_convert.errors import CheckpointError, needs
 from mixer_convert.layouts import Entry
-from mixer_convert.source import check_shape, check_size, no_duplicate_keys, reading
+from mixer_convert.source import Source, no_duplicate_keys
 from mixer_convert.trees import flatten, nest
 
 
-def leaf_entry(where: str, key: str, v: Any) -> Entry:
+def leaf_entry(src: Source, key: str, v: Any) -> Entry:
     """An in-memory leaf of a decoded tree as an entry; a non-array where a tensor should be is
     kept as a 0-d array (step counters and the like) so the strict checks name it, or refused."""
     if isinstance(v, (np.ndarray, np.generic)):
@@ -25,23 +25,24 @@ def leaf_entry(where: str, key: str, v: Any) -> Entry:
     elif v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
         arr = np.asarray(v)
     else:
-        raise CheckpointError(f"{where}: entry {key!r} is a {type(v).__name__}, not an array")
-    return check_shape(where, key, arr.shape), arr.dtype, (lambda: arr)
+        raise CheckpointError(f"{src.path}: entry {key!r} is a {type(v).__name__}, not an array")
+    return src.declare(key, arr.shape, arr.dtype), arr.dtype, (lambda: arr)
 
 
-def read(path: Path, max_bytes: int | None) -> tuple[dict[str, Entry], None]:
+def read(src: Source) -> tuple[dict[str, Entry], None]:
     serialization = needs("flax.serialization", "jax", "reading a Flax msgpack file")
     import msgpack
 
-    check_size(str(path), path.stat().st_size, max_bytes, "is a msgpack file of")
-    with reading(path, "Flax msgpack"):
+    path = src.path
+    src.cap(src.stat.st_size, "is a msgpack file of")
+    with src.reading("Flax msgpack"):
         data = path.read_bytes()
         msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=lambda code, payload: None,
                         object_pairs_hook=no_duplicate_keys(str(path)))
         tree = serialization.msgpack_restore(data)
     if not isinstance(tree, Mapping):
         raise CheckpointError(f"{path}: Flax msgpack does not hold a parameter tree")
-    return {k: leaf_entry(str(path), k, v) for k, v in flatten(tree, where=str(path)).items()}, None
+    return {k: leaf_entry(src, k, v) for k, v in flatten(tree, where=str(path)).items()}, None
 
 
 def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> None:

@@ -17,7 +17,7 @@ from mixer_convert.dtypes import bf16
 from mixer_convert.errors import CheckpointError
 from mixer_convert.formats.archive import Zip
 from mixer_convert.layouts import Entry
-from mixer_convert.source import check_shape, nbytes, reading
+from mixer_convert.source import Source, check_shape, nbytes
 
 
 def _header(f, where: str, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -39,25 +39,27 @@ def _header(f, where: str, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     return check_shape(where, key, shape), bool(fortran), dtype
 
 
-def read(path: Path, max_bytes: int | None) -> tuple[dict[str, Entry], Callable[[], None]]:
+def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None]]:
+    path = src.path
     z = Zip(path)
     try:
         entries = {}
         for info in z.members:
             if not info.filename.endswith(".npy"):
                 raise CheckpointError(f"{path}: member {info.filename!r} is not an .npy array")
-            entries[info.filename[:-4]] = _entry(z, info)
+            entries[info.filename[:-4]] = _entry(src, z, info)
     except BaseException:
         z.close()
         raise
     return entries, z.close
 
 
-def _entry(z: Zip, info: zipfile.ZipInfo) -> Entry:
-    path, key = z.path, info.filename[:-4]
-    with reading(path, f".npz (entry {key!r})"), z.open(info) as f:
+def _entry(src: Source, z: Zip, info: zipfile.ZipInfo) -> Entry:
+    path, key = src.path, info.filename[:-4]
+    with src.reading(f".npz (entry {key!r})"), z.open(info) as f:
         shape, fortran, dtype = _header(f, str(path), key)
         offset = f.tell()
+    src.declare(key, shape, dtype)
     size = nbytes(shape, dtype)
     if offset + size != info.file_size:
         raise CheckpointError(f"{path}: entry {key!r} declares {shape} {dtype} ({size} bytes) but holds "
@@ -66,7 +68,7 @@ def _entry(z: Zip, info: zipfile.ZipInfo) -> Entry:
 
     def load() -> np.ndarray:
         buf = np.empty(size, np.uint8)  # exactly the declared size, checked above
-        with reading(path, ".npz"):
+        with src.reading(".npz"):
             z.read_into(info, offset, memoryview(buf))
         arr = buf.view(dtype).reshape(shape, order="F" if fortran else "C")
         return arr.astype(native, copy=False)  # big-endian files become native

@@ -23,7 +23,7 @@ import numpy as np
 from mixer_convert.atomic import check_interrupted
 from mixer_convert.errors import CheckpointError, WriteError, needs, why
 from mixer_convert.layouts import Entry
-from mixer_convert.source import MAX_METADATA_BYTES, check_shape, check_tree, no_duplicate_keys, reading
+from mixer_convert.source import MAX_METADATA_BYTES, Source, no_duplicate_keys, reading
 from mixer_convert.trees import flatten, nest
 
 
@@ -95,16 +95,13 @@ class _OrbaxTree:
         self.arrays = None
 
 
-def read(path: Path, max_bytes: int | None) -> tuple[dict[str, Entry], Callable[[], None]]:
+def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None]]:
     ocp = needs("orbax.checkpoint", "train", "reading an orbax checkpoint")
     _drop_closed_loop_noise()
-    check_tree(path)
-    if (path / "_METADATA").is_file():  # the tree's JSON: a key given twice would be read as the last one
-        with reading(path, "an orbax checkpoint"):
-            if (path / "_METADATA").stat().st_size > MAX_METADATA_BYTES:
-                raise CheckpointError(f"{path}: _METADATA is too large for a Mixer checkpoint")
-            json.loads((path / "_METADATA").read_text(), object_pairs_hook=no_duplicate_keys(str(path / "_METADATA")))
-    with reading(path, "an orbax checkpoint"), _quiet_orbax():
+    src.check_tree()
+    path = src.path
+    _check_metadata_json(src)
+    with src.reading("an orbax checkpoint"), _quiet_orbax():
         meta = ocp.PyTreeCheckpointer().metadata(path.absolute()).item_metadata
         meta = getattr(meta, "tree", meta)
     if not isinstance(meta, Mapping):
@@ -116,11 +113,21 @@ def read(path: Path, max_bytes: int | None) -> tuple[dict[str, Entry], Callable[
         shape, dtype = getattr(m, "shape", None), getattr(m, "dtype", None)
         if shape is None or dtype is None:
             raise CheckpointError(f"{path}: entry {k!r} is not an array ({type(m).__name__})")
-        with reading(path, "an orbax checkpoint"):
+        with src.reading("an orbax checkpoint"):
             dtype = np.dtype(dtype)
-        declared[k] = (check_shape(str(path), k, shape), dtype, None)
+        declared[k] = (src.declare(k, shape, dtype), dtype, None)
     tree = _OrbaxTree(path, declared)
     return {k: (s, d, (lambda k=k: tree.get(k))) for k, (s, d, _) in declared.items()}, tree.close
+
+
+def _check_metadata_json(src: Source) -> None:
+    """The tree's JSON: a key given twice would be read as the last one."""
+    meta = src.path / "_METADATA"
+    if meta.is_file():
+        with src.reading("an orbax checkpoint"):
+            if meta.stat().st_size > MAX_METADATA_BYTES:
+                raise CheckpointError(f"{src.path}: _METADATA is too large for a Mixer checkpoint")
+            json.loads(meta.read_text(), object_pairs_hook=no_duplicate_keys(str(meta)))
 
 
 def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> None:

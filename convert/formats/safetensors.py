@@ -18,7 +18,7 @@ import numpy as np
 from mixer_convert.dtypes import np_dtype
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.layouts import Entry
-from mixer_convert.source import check_shape, nbytes, no_duplicate_keys
+from mixer_convert.source import Source, nbytes, no_duplicate_keys
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -82,15 +82,15 @@ def read_header(path: Path, size: int) -> tuple[int, dict[str, dict]]:
     return n, header
 
 
-def read(path: Path, max_bytes: int | None) -> tuple[dict[str, Entry], None]:
-    size = path.stat().st_size
+def read(src: Source) -> tuple[dict[str, Entry], None]:
+    path, size = src.path, src.stat.st_size
     n, header = read_header(path, size)
     entries = {}
     for k, info in header.items():
         if info["dtype"] not in ST_DTYPES:
             raise CheckpointError(f"{path}: tensor {k!r} has unsupported dtype {info['dtype']!r}")
         dtype = np_dtype(ST_DTYPES[info["dtype"]])
-        shape = check_shape(str(path), k, info["shape"])
+        shape = src.declare(k, info["shape"], dtype)
         begin, end = info["data_offsets"]
         if end - begin != nbytes(shape, dtype):
             raise CheckpointError(f"{path}: tensor {k!r} is {shape} {info['dtype']} but spans {end - begin} bytes")

@@ -21,7 +21,7 @@ from mixer_convert.dtypes import bf16, is_bf16
 from mixer_convert.errors import CheckpointError, WriteError, needs, why
 from mixer_convert.formats.archive import Zip
 from mixer_convert.layouts import Entry
-from mixer_convert.source import MAX_METADATA_BYTES, check_shape, check_size, reading
+from mixer_convert.source import MAX_METADATA_BYTES, Source
 
 
 def torch_to_numpy(t) -> np.ndarray:
@@ -56,12 +56,14 @@ def _torch_np_dtype(dt, where: str, key: str) -> np.dtype:
         raise CheckpointError(f"{where}: tensor {key!r} has unsupported dtype {dt}; Mixer weights are float") from None
 
 
-def _torch_entries(sd: Mapping[str, Any], where: str) -> dict[str, tuple]:
+def _torch_entries(sd: Mapping[str, Any], src: Source) -> dict[str, tuple]:
+    where = src.where
     out = {}
     for k, v in sd.items():
         if not isinstance(k, str):
             raise CheckpointError(f"{where}: state dict key {k!r} is not a string")
-        out[k] = (check_shape(where, k, tuple(v.shape)), _torch_np_dtype(v.dtype, where, k),
+        dtype = _torch_np_dtype(v.dtype, where, k)
+        out[k] = (src.declare(k, tuple(v.shape), dtype), dtype,
                   (lambda v=v: torch_to_numpy(v)))
     return out
 
@@ -91,11 +93,12 @@ def _unique_tensors(obj: Any, depth: int = 0, seen: set | None = None) -> set:
     return seen
 
 
-def _check_torch_zip(path: Path, max_bytes: int | None) -> int:
+def _check_torch_zip(src: Source) -> int:
     """Everything torch.load would trust, checked first: one data.pkl of bounded size (torch reads
     it whole), no duplicate or encrypted members, a bounded total, every CRC. Returns how many
     tensors the pickle rebuilds."""
-    with Zip(path) as z, reading(path, "a PyTorch checkpoint"):
+    path = src.path
+    with Zip(path) as z, src.reading("a PyTorch checkpoint"):
         pkls = [i for i in z.members if i.filename.endswith("data.pkl")]
         if len(pkls) != 1:
             raise CheckpointError(f"{path}: a PyTorch archive has one data.pkl, this one has {len(pkls)}")
@@ -107,8 +110,7 @@ def _check_torch_zip(path: Path, max_bytes: int | None) -> int:
         if pkl.file_size > MAX_METADATA_BYTES:
             raise CheckpointError(f"{path}: {pkl.filename} declares {pkl.file_size} bytes; a state dict's pickle "
                                   f"is far smaller (limit {MAX_METADATA_BYTES})")
-        check_size(str(path), sum(i.file_size for i in z.members if i is not pkl), max_bytes,
-                    "holds tensor data of")
+        src.cap(sum(i.file_size for i in z.members if i is not pkl), "holds tensor data of")
         if any(i.CRC for i in z.members):
             for i in z.members:
                 z.verify(i)
@@ -135,27 +137,17 @@ def _count_legacy(path: Path) -> int:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({why(e)})") from None
 
 
-def read(path: Path, max_bytes: int | None) -> tuple[dict[str, Entry], None]:
-    import pickle
-
+def read(src: Source) -> tuple[dict[str, Entry], None]:
     torch = needs("torch", "torch", "reading a PyTorch checkpoint")
+    path = src.path
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
-        rebuilt = _check_torch_zip(path, max_bytes)
+        rebuilt = _check_torch_zip(src)
     else:
-        check_size(str(path), path.stat().st_size, max_bytes, "is a legacy PyTorch file of")
-        with reading(path, "a PyTorch checkpoint"):
+        src.cap(src.stat.st_size, "is a legacy PyTorch file of")
+        with src.reading("a PyTorch checkpoint"):
             rebuilt = _count_legacy(path)
-    try:
-        # mmap: tensor data stays in the file until read (the zip format only)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refusing to load: not a plain tensor state dict "
-                              f"(weights_only=True rejected it: {str(e).splitlines()[0]})") from None
-    except MemoryError:
-        raise CheckpointError(f"{path}: out of memory reading it as a PyTorch checkpoint") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({why(e)})") from None
+    obj = _torch_load(torch, path, is_zip)
     try:
         held = len(_unique_tensors(obj))
     except CheckpointError as e:
@@ -168,7 +160,22 @@ def read(path: Path, max_bytes: int | None) -> tuple[dict[str, Entry], None]:
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
-    return _torch_entries(obj, str(path)), None
+    return _torch_entries(obj, src), None
+
+
+def _torch_load(torch, path: Path, is_zip: bool):
+    import pickle
+
+    try:
+        # mmap: tensor data stays in the file until read (the zip format only)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refusing to load: not a plain tensor state dict "
+                              f"(weights_only=True rejected it: {str(e).splitlines()[0]})") from None
+    except MemoryError:
+        raise CheckpointError(f"{path}: out of memory reading it as a PyTorch checkpoint") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({why(e)})") from None
 
 
 def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> None:

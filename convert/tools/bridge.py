@@ -10,48 +10,22 @@ import dataclasses
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from mixer_convert.dtypes import np_dtype
 from mixer_convert.errors import CheckpointError
-from mixer_convert.load import LazyParams, NonFiniteWeightsError, materialise, open_checkpoint, read_params
+from mixer_convert.load import NonFiniteWeightsError, open_checkpoint, read_params
 from mixer_convert.save import Output
 from mixer_convert.source import MAX_BYTES
-from mixer_convert.spec import MixerConfig, param_shapes
+from mixer_convert.spec import MixerConfig
 
 __all__ = ["ConversionReport", "NonFiniteWeightsError", "VerificationError", "convert_checkpoint", "verify_conversion"]
 
 
 class VerificationError(CheckpointError):
     """--verify found the written file wrong; nothing was written."""
-
-
-class _Checked(Mapping):
-    """Source params in canonical order, each cast and checked for NaN/Inf as it is read."""
-
-    def __init__(self, src: LazyParams, cfg: MixerConfig, dtype: str, allow_nonfinite: bool) -> None:
-        self.src, self.order, self.dtype, self.allow_nonfinite = src, list(param_shapes(cfg)), dtype, allow_nonfinite
-        self.shapes = {k: src.shapes[k] for k in self.order}
-        self.dtypes = {k: src.dtypes[k] if dtype == "keep" else np_dtype(dtype) for k in self.order}
-        self.warnings: list[str] = []
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.order)
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return materialise(self.src, key, self.dtype, self.allow_nonfinite,
-                           hint="pass --allow-nonfinite to convert anyway", warn=self._warn)
-
-    def _warn(self, msg: str) -> None:
-        if msg not in self.warnings:  # --verify reads each tensor a second time
-            self.warnings.append(msg)
-            warnings.warn(msg)
 
 
 @dataclasses.dataclass
@@ -104,21 +78,27 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str |
     any error no dst is left behind. Sources declaring more than ``max_bytes`` of tensors
     (default: 4x H/14) are refused unless it is None."""
     out = Output.plan(dst, to, force=force)  # before any reading or downloading: fail fast
-    params, cfg = open_checkpoint(src, variant, image_size, prefix, progress, max_bytes)
+    seen: list[str] = []
+    params, cfg = open_checkpoint(src, variant, image_size, prefix, progress, max_bytes, dtype=dtype,
+                                  allow_nonfinite=allow_nonfinite, warn=lambda msg: _warn_once(msg, seen),
+                                  nonfinite_hint="pass --allow-nonfinite to convert anyway")
     with params:
-        out.refuse_source(Path(params.source))
-        checked = _Checked(params, cfg, dtype, allow_nonfinite)
-        nbytes = sum(int(np.prod(s)) * checked.dtypes[k].itemsize for k, s in checked.shapes.items())
+        nbytes = sum(int(np.prod(s)) * params.dtypes[k].itemsize for k, s in params.shapes.items())
         report = ConversionReport(params.source, str(out.path), out.fmt, out.layout, cfg,
-                                  sum(int(np.prod(s)) for s in checked.shapes.values()), nbytes,
-                                  warnings=checked.warnings)
+                                  sum(int(np.prod(s)) for s in params.shapes.values()), nbytes, warnings=seen)
         bar, step = _progress(nbytes, progress)
         with bar:
             # Verification runs on the temporary file, so a failed check leaves no dst behind.
-            out.write(checked, progress=step, before_commit=(
-                lambda tmp: verify_conversion(checked, tmp, cfg, out.layout, report, allow_nonfinite=allow_nonfinite))
+            out.write(params, progress=step, source=Path(params.source), before_commit=(
+                lambda tmp: verify_conversion(params, tmp, cfg, out.layout, report, allow_nonfinite=allow_nonfinite))
                 if verify else None)
     return report
+
+
+def _warn_once(msg: str, seen: list[str]) -> None:
+    if msg not in seen:  # --verify reads each tensor a second time
+        seen.append(msg)
+        warnings.warn(msg)
 
 
 def verify_conversion(source: Mapping[str, np.ndarray], dst: Path, cfg: MixerConfig, layout: str,
