@@ -24,11 +24,9 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from mixer_convert.params import ParamMismatchError, check_params
+from mixer_convert.source import Entry
 from mixer_convert.spec import MixerConfig, is_canonical_name
 
-# A tensor not yet read: (shape, dtype, load). Readers produce these so names and shapes can be
-# mapped and checked before any data is read.
-Entry = tuple[tuple[int, ...], Any, Callable[[], np.ndarray]]
 
 # ---- the torch rule -----------------------------------------------------------------------
 

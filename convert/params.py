@@ -1,18 +1,21 @@
-"""Framework-free checks on flat canonical parameter dicts ('/'-joined official names).
+"""Flat canonical parameter dicts ('/'-joined official names): the lazy one a checkpoint is read
+into (:class:`LazyParams`), the strict check every loader runs, and the config the shapes imply.
 
-Everything here works on anything with a ``.shape`` (numpy arrays, lazily read tensors,
-``jax.ShapeDtypeStruct``), so both models' loaders and every converter share one strict
-check and one shape-based config inference.
+The checks work on anything with a ``.shape`` (numpy arrays, lazily read tensors,
+``jax.ShapeDtypeStruct``) or on shapes, so both models' loaders and every converter share one
+strict check and one shape-based config inference.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Iterator
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from mixer_convert.dtypes import check_float
-from mixer_convert.errors import CheckpointError
+from mixer_convert.dtypes import cast, check_float, count_nonfinite, np_dtype
+from mixer_convert.errors import CheckpointError, why
+from mixer_convert.source import Entry
 from mixer_convert.spec import MixerConfig, config_for, param_shapes, variant_name
 
 
@@ -40,6 +43,85 @@ class ParamMismatchError(ValueError):
 def shape_of(value: Any) -> tuple[int, ...]:
     """A shape given as a tuple/list, or the ``.shape`` of an array-like."""
     return tuple(value) if isinstance(value, (tuple, list)) else tuple(value.shape)
+
+
+NONFINITE_HINT = "pass allow_nonfinite=True to load them anyway"
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """Weights hold NaN or Inf and the caller did not allow it."""
+
+
+class LazyParams(Mapping):
+    """Canonical name -> array, read from the source only when asked for, then cast to ``dtype``
+    ('keep': as stored) and refused if it holds NaN/Inf unless ``allow_nonfinite`` (then passed
+    to ``warn``; ``hint`` tells the caller's user how to allow them).
+
+    ``shapes`` and ``dtypes`` are known without reading any data. Every tensor read is checked
+    against its declared shape; a failure to read is a :class:`CheckpointError` naming it.
+    """
+
+    def __init__(self, entries: dict[str, Entry], source: str, fmt: str, layout: str,
+                 close: Callable[[], None] | None = None, *, order: MixerConfig | None = None, dtype: str = "keep",
+                 allow_nonfinite: bool = True, hint: str = NONFINITE_HINT,
+                 warn: Callable[[str], None] | None = None) -> None:
+        if order is not None:  # the official order of a checked config's tensors: every output is written in it
+            entries = {k: entries[k] for k in param_shapes(order)}
+        self._entries, self.source, self.format, self.layout, self._close = entries, source, fmt, layout, close
+        self.dtype, self.allow_nonfinite, self.hint, self.warn = dtype, allow_nonfinite, hint, warn
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        arr = cast(key, self._read(key), self.dtype)
+        bad = count_nonfinite(arr)
+        if bad:
+            msg = f"{key}: {bad} of {arr.size} values are NaN or Inf"
+            if not self.allow_nonfinite:
+                raise NonFiniteWeightsError(f"{self.source}: {msg} ({self.hint})")
+            if self.warn is not None:
+                self.warn(msg)
+        return arr
+
+    def _read(self, key: str) -> np.ndarray:
+        shape, _, load = self._entries[key]
+        try:
+            arr = np.asarray(load())
+        except CheckpointError:
+            raise
+        except MemoryError:
+            raise CheckpointError(f"{self.source}: out of memory reading {key!r}") from None
+        except Exception as e:  # a third-party reader meeting damaged data
+            raise CheckpointError(f"{self.source}: cannot read {key!r} ({why(e)}); truncated or corrupt?") from None
+        if tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(f"{self.source}: {key!r} holds shape {tuple(arr.shape)}, its header said {shape}")
+        return arr
+
+    def __contains__(self, key: object) -> bool:  # without reading the tensor (Mapping's default would)
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v[0] for k, v in self._entries.items()}
+
+    @property
+    def dtypes(self) -> dict[str, Any]:
+        return {k: v[1] if self.dtype == "keep" else np_dtype(self.dtype) for k, v in self._entries.items()}
+
+    def close(self) -> None:
+        if self._close:
+            self._close()
+            self._close = None
+
+    def __enter__(self) -> "LazyParams":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def check_params(flat: Mapping[str, Any], cfg: MixerConfig, what: str = "checkpoint") -> None:

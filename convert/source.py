@@ -18,12 +18,16 @@ import os
 import stat
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.spec import config_for, num_params
+
+# A tensor a reader declares, not yet read: (shape, dtype, load). Names and shapes are mapped and
+# checked before any data is read.
+Entry = tuple[tuple[int, ...], Any, Callable[[], np.ndarray]]
 
 # No Mixer is larger than H/14 (with a 21k head) by much: four times its float32 size bounds what a
 # checkpoint may declare (7.3 GB) unless the caller lifts it (max_bytes=None, --allow-large).

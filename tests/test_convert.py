@@ -141,8 +141,8 @@ def test_verify_reports_bit_identical_readback_and_tiny_logit_error(official, tm
     suffix = {"torch": ".pt", "flax": ".msgpack", "safetensors": ".safetensors"}[to]
     rep = convert_checkpoint(src, tmp_path / f"out{suffix}", None if to == "safetensors" else to,
                              verify=True, progress=False)
-    assert rep.readback_exact is True
-    assert rep.logits_max_abs is not None and rep.logits_max_abs < 1e-4
+    assert rep.verification.readback_exact is True
+    assert rep.verification.logits_max_abs < 1e-4
     assert "max-abs" in rep.summary()
 
 
@@ -415,7 +415,7 @@ def test_verify_with_allowed_nan_warns_once_per_tensor(tmp_path):
     with pytest.warns(UserWarning):
         rep = convert_checkpoint(tmp_path / "inf.npz", tmp_path / "o.safetensors", allow_nonfinite=True, verify=True,
                                  progress=False)
-    assert rep.warnings == ["stem/bias: 1 of 24 values are NaN or Inf"] and rep.readback_exact
+    assert rep.warnings == ["stem/bias: 1 of 24 values are NaN or Inf"] and rep.verification.readback_exact
 
 
 # ---- one canonical name per tensor, one tree per file (layouts.canonicalize / select_root) -----------
@@ -497,9 +497,10 @@ def test_verify_prints_its_tolerance_and_fails_beyond_it(official, tmp_path, mon
 
     src, _ = official
     rep = convert_checkpoint(src, tmp_path / "a.safetensors", verify=True, progress=False)
-    assert f"(tolerance {rep.logits_tolerance:.1e})" in rep.summary() and rep.logits_tolerance >= 1e-4
-    real = bridge._framework_forward
-    monkeypatch.setattr(bridge, "_framework_forward", lambda *a: (real(*a)[0] + 1e-2, "a forward off by 1e-2"))
+    assert f"(tolerance {rep.verification.logits_tolerance:.1e})" in rep.summary() and rep.verification.logits_tolerance >= 1e-4
+    from mixer_convert.tools import verify
+    real = verify._framework_forward
+    monkeypatch.setattr(verify, "_framework_forward", lambda *a: (real(*a)[0] + 1e-2, "a forward off by 1e-2"))
     with pytest.raises(bridge.VerificationError, match=r"differ by 1.00\de-02, more than the tolerance 1.0e-04"):
         convert_checkpoint(src, tmp_path / "b.safetensors", verify=True, progress=False)
     assert not (tmp_path / "b.safetensors").exists()

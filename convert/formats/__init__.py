@@ -20,8 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from mixer_convert.errors import CheckpointError, why
-from mixer_convert.layouts import Entry
-from mixer_convert.source import Source
+from mixer_convert.source import Entry, Source
 
 FORMATS = ("npz", "msgpack", "orbax", "torch", "safetensors")
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")

@@ -12,8 +12,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mixer_convert.errors import CheckpointError, needs
-from mixer_convert.layouts import Entry
-from mixer_convert.source import Source, no_duplicate_keys
+from mixer_convert.source import Entry, Source, no_duplicate_keys
 from mixer_convert.trees import flatten, nest
 
 

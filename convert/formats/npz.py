@@ -16,8 +16,7 @@ import numpy as np
 from mixer_convert.dtypes import bf16
 from mixer_convert.errors import CheckpointError
 from mixer_convert.formats.archive import Zip
-from mixer_convert.layouts import Entry
-from mixer_convert.source import Source, check_shape, nbytes
+from mixer_convert.source import Entry, Source, check_shape, nbytes
 
 
 def _header(f, where: str, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:

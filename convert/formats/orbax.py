@@ -22,8 +22,7 @@ import numpy as np
 
 from mixer_convert.atomic import check_interrupted
 from mixer_convert.errors import CheckpointError, WriteError, needs, why
-from mixer_convert.layouts import Entry
-from mixer_convert.source import MAX_METADATA_BYTES, Source, no_duplicate_keys, reading
+from mixer_convert.source import Entry, MAX_METADATA_BYTES, Source, no_duplicate_keys, reading
 from mixer_convert.trees import flatten, nest
 
 

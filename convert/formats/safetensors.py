@@ -17,8 +17,7 @@ import numpy as np
 
 from mixer_convert.dtypes import np_dtype
 from mixer_convert.errors import CheckpointError, why
-from mixer_convert.layouts import Entry
-from mixer_convert.source import Source, nbytes, no_duplicate_keys
+from mixer_convert.source import Entry, Source, nbytes, no_duplicate_keys
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",

@@ -20,8 +20,7 @@ import numpy as np
 from mixer_convert.dtypes import bf16, is_bf16
 from mixer_convert.errors import CheckpointError, WriteError, needs, why
 from mixer_convert.formats.archive import Zip
-from mixer_convert.layouts import Entry
-from mixer_convert.source import MAX_METADATA_BYTES, Source
+from mixer_convert.source import Entry, MAX_METADATA_BYTES, Source
 
 
 def torch_to_numpy(t) -> np.ndarray:

@@ -10,22 +10,18 @@ import dataclasses
 import os
 import sys
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from mixer_convert.errors import CheckpointError
-from mixer_convert.load import NonFiniteWeightsError, open_checkpoint, read_params
+from mixer_convert.load import open_checkpoint
+from mixer_convert.params import NonFiniteWeightsError
 from mixer_convert.save import Output
 from mixer_convert.source import MAX_BYTES
 from mixer_convert.spec import MixerConfig
+from mixer_convert.tools.verify import Verification, VerificationError, verify_conversion
 
 __all__ = ["ConversionReport", "NonFiniteWeightsError", "VerificationError", "convert_checkpoint", "verify_conversion"]
-
-
-class VerificationError(CheckpointError):
-    """--verify found the written file wrong; nothing was written."""
 
 
 @dataclasses.dataclass
@@ -37,22 +33,14 @@ class ConversionReport:
     config: MixerConfig
     num_params: int
     nbytes: int
-    readback_exact: bool | None = None
-    logits_max_abs: float | None = None
-    logits_tolerance: float | None = None
-    logits_nonfinite: int = 0
-    verified_with: str | None = None
+    verification: Verification | None = None  # with --verify
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"{self.src} -> {self.dst} ({self.fmt}, {self.layout} naming)",
                  f"  model: {self.config}", f"  {self.num_params:,} parameters, {self.nbytes / 2**20:.1f} MiB"]
-        if self.readback_exact is not None:
-            lines.append(f"  read back: {'bit-identical' if self.readback_exact else 'DIFFERENT'}")
-        if self.logits_max_abs is not None:
-            lines.append(f"  probe logits max-abs difference ({self.verified_with}): {self.logits_max_abs:.3e} "
-                         f"(tolerance {self.logits_tolerance:.1e})"
-                         + (f"; {self.logits_nonfinite} logits NaN/Inf (allowed)" if self.logits_nonfinite else ""))
+        if self.verification is not None:
+            lines.append(self.verification.summary())
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -87,11 +75,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str |
         report = ConversionReport(params.source, str(out.path), out.fmt, out.layout, cfg,
                                   sum(int(np.prod(s)) for s in params.shapes.values()), nbytes, warnings=seen)
         bar, step = _progress(nbytes, progress)
+        def check(tmp: Path) -> None:  # on the temporary file: a failed check leaves no dst behind
+            report.verification = verify_conversion(params, tmp, cfg, out.layout, nonfinite_weights=bool(seen))
+
         with bar:
-            # Verification runs on the temporary file, so a failed check leaves no dst behind.
-            out.write(params, progress=step, source=Path(params.source), before_commit=(
-                lambda tmp: verify_conversion(params, tmp, cfg, out.layout, report, allow_nonfinite=allow_nonfinite))
-                if verify else None)
+            out.write(params, progress=step, source=Path(params.source), before_commit=check if verify else None)
     return report
 
 
@@ -99,68 +87,3 @@ def _warn_once(msg: str, seen: list[str]) -> None:
     if msg not in seen:  # --verify reads each tensor a second time
         seen.append(msg)
         warnings.warn(msg)
-
-
-def verify_conversion(source: Mapping[str, np.ndarray], dst: Path, cfg: MixerConfig, layout: str,
-                      report: ConversionReport, batch: int = 2, allow_nonfinite: bool = False) -> None:
-    """Read dst back (tensors must be bit-identical to what was written) and run the model
-    of the destination's framework from dst against the float64 numpy reference on the
-    source weights, on a random probe batch. Raises :class:`VerificationError` when the logits
-    differ by more than the fp32 bound (scaled by their largest magnitude when that exceeds 1)
-    or are not finite; only weights converted with ``allow_nonfinite`` that hold NaN/Inf may give
-    non-finite logits (then the finite ones are compared)."""
-    from mixer_convert import reference
-    from mixer_convert.tools.parity import FP32_LOGITS_MAX_ABS
-
-    back = read_params(dst, max_bytes=None)
-    try:
-        report.readback_exact = set(back) == set(source) and all(
-            back.dtypes[k] == source.dtypes[k] and _same_bits(back[k], source[k]) for k in source)
-        if not report.readback_exact:
-            raise VerificationError(f"verification failed: {dst.name} does not read back bit-identical to the source")
-        probe = np.random.default_rng(0).uniform(-1, 1, (batch, *cfg.image_size, cfg.in_chans)).astype(np.float32)
-        with np.errstate(all="ignore"):  # overflow is judged below, not warned about
-            ref = reference.forward(source, cfg, probe)
-            got, report.verified_with = _framework_forward(back, cfg, layout, probe)
-    finally:
-        back.close()
-    _judge_logits(got, ref, report, allow_nonfinite and bool(report.warnings), FP32_LOGITS_MAX_ABS)
-
-
-def _judge_logits(got: np.ndarray, ref: np.ndarray, report: ConversionReport, nonfinite_weights: bool,
-                  bound: float) -> None:
-    finite_ref, finite_got = np.isfinite(ref), np.isfinite(got)
-    with np.errstate(all="ignore"):
-        scale = float(np.max(np.abs(ref[finite_ref]), initial=0.0))
-        report.logits_tolerance = bound * max(1.0, scale)
-        diff = np.abs(got.astype(np.float64) - ref)[finite_ref & finite_got]
-    report.logits_max_abs = float(np.max(diff, initial=0.0)) if diff.size else float("nan")
-    bad = int(np.count_nonzero(~(finite_ref & finite_got)))
-    if bad and not nonfinite_weights:
-        raise VerificationError(f"verification failed: {bad} of {got.size} probe logits are NaN or Inf "
-                                f"({report.verified_with}); do the weights overflow float32?")
-    report.logits_nonfinite = bad
-    if report.logits_max_abs > report.logits_tolerance:
-        raise VerificationError(f"verification failed: probe logits differ by {report.logits_max_abs:.3e}, more "
-                                f"than the tolerance {report.logits_tolerance:.1e} ({report.verified_with})")
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def _framework_forward(flat, cfg, layout, probe) -> tuple[np.ndarray, str]:
-    import importlib.util
-
-    flat32 = {k: np.asarray(flat[k], np.float32) for k in flat}
-    if layout in ("torch", "timm") and importlib.util.find_spec("torch"):
-        from mixer_convert.tools.parity import torch_forward
-        return torch_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
-            "our PyTorch model vs numpy float64 reference"
-    if layout == "flax" and importlib.util.find_spec("flax"):
-        from mixer_convert.tools.parity import flax_forward
-        return flax_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
-            "our Flax model vs numpy float64 reference"
-    from mixer_convert import reference
-    return reference.forward(flat32, cfg, probe), "numpy reference on the written file vs on the source"
