@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -50,17 +51,25 @@ def check_interrupted() -> None:
 @contextlib.contextmanager
 def interruptible():
     """Turn SIGINT/SIGTERM into :class:`Interrupted` for the duration. A second signal is ignored
-    (the clean-up runs to its end) but never resets the first."""
+    (the clean-up runs to its end) but never resets the first. Where Python cannot raise the
+    exception (a finaliser or a gc callback, e.g. XLA's), it would print "Exception ignored in
+    ..." and carry on: that report is dropped, the signal is remembered, and the next
+    :func:`check_interrupted` (between tensors, before the commit) raises it."""
     def handler(signum, frame):
         if _received:
             return
         _received.append(signum)
         raise Interrupted(signum)
 
+    def unraisable(info) -> None:
+        if not isinstance(info.exc_value, Interrupted):
+            previous_hook(info)
+
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
         yield
         return
     _received.clear()
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -68,6 +77,8 @@ def interruptible():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if sys.unraisablehook is unraisable:  # not if a library chained its own hook on top meanwhile
+            sys.unraisablehook = previous_hook
         _received.clear()
 
 

@@ -1,0 +1,116 @@
+"""Atomic output: a destination appears complete or not at all, whatever interrupts the writing --
+an exception, SIGINT/SIGTERM, or a signal that lands where Python cannot raise it (a finaliser or
+a garbage-collector callback, as XLA's is during a Flax conversion)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import has_module, subprocess_env
+from mixer_convert.atomic import Interrupted, atomic_path, check_destination, interruptible, writing
+from mixer_convert.errors import CheckpointError
+
+
+def test_a_failed_body_leaves_nothing_and_removes_the_folders_it_made(tmp_path):
+    dst = tmp_path / "a" / "b" / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(dst, force=False) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("writer failed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_existing_output_is_kept_without_force_and_a_folder_never_replaced_by_a_file(tmp_path):
+    (tmp_path / "out.bin").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="pass --force"):
+        check_destination(tmp_path / "out.bin", force=False)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        check_destination(tmp_path / "dir", force=True)
+    with atomic_path(tmp_path / "out.bin", force=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert (tmp_path / "out.bin").read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["dir", "out.bin"]
+
+
+# A finaliser that receives a signal while it runs: Python cannot raise there. Run in a child so
+# the signal goes to a process of its own.
+_SWALLOWED = """
+import gc, os, signal, sys, time
+from pathlib import Path
+from mixer_convert.atomic import Interrupted, interruptible, writing
+
+class Ticking:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler runs here, inside the finaliser
+
+dst = Path(sys.argv[1])
+try:
+    with interruptible():
+        with writing(dst) as tmp:
+            tmp.write_bytes(b"complete")
+            Ticking()  # collected at once: __del__ runs, the Interrupted raised in it is swallowed
+            print("still running after the signal", flush=True)
+except Interrupted as e:
+    print("interrupted", e.signum, flush=True)
+"""
+
+
+def test_a_signal_swallowed_inside_a_finaliser_still_stops_the_commit_silently(tmp_path):
+    dst = tmp_path / "out.bin"
+    r = subprocess.run([sys.executable, "-c", _SWALLOWED, str(dst)], capture_output=True, text=True, timeout=60,
+                       env=subprocess_env())
+    assert r.stdout.splitlines() == ["still running after the signal", f"interrupted {int(signal.SIGINT)}"], r
+    assert "Exception ignored" not in r.stderr and r.stderr == "", r.stderr
+    assert os.listdir(tmp_path) == []  # nothing committed, no temporary left
+
+
+def test_interruptible_restores_the_handlers_and_forgets_the_signal(tmp_path):
+    before = signal.getsignal(signal.SIGINT), sys.unraisablehook
+    with interruptible():
+        pass
+    assert (signal.getsignal(signal.SIGINT), sys.unraisablehook) == before
+    with writing(tmp_path / "ok.bin") as tmp:  # no stale signal from an earlier block
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "ok.bin").read_bytes() == b"x"
+
+
+# ---- a real conversion interrupted in its slow part, repeatedly --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def l16_npz(tmp_path_factory) -> Path:
+    """Random L/16 weights (833 MB): the size at which a signal once went missing under load."""
+    from mixer_convert import config_for, param_shapes
+    from mixer_convert.save import write_params
+
+    rng = np.random.default_rng(0)
+    flat = {k: rng.standard_normal(s, dtype=np.float32) * 0.02 for k, s in param_shapes(config_for("L/16")).items()}
+    return write_params(flat, tmp_path_factory.mktemp("l16") / "L16.npz")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_module("orbax.checkpoint"), reason="needs the jax and train extras")
+@pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
+@pytest.mark.parametrize("delay", [0.2, 1.0, 2.5])
+def test_ctrl_c_during_an_l16_conversion_always_stops_it_with_nothing_written(l16_npz, tmp_path, fmt, delay):
+    dst = tmp_path / ("out" if fmt == "orbax" else "out.msgpack")
+    proc = subprocess.Popen([sys.executable, "-m", "mixer_convert.tools.cli", str(l16_npz), str(dst), "--to", fmt,
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(f".{dst.name}.") for p in tmp_path.iterdir()):  # writing has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, (proc.returncode, err)
+    assert err.splitlines() == ["mixer-convert: error: interrupted by SIGINT; nothing was written"], err
+    assert "Exception ignored" not in err and out == ""
+    assert os.listdir(tmp_path) == []  # no output, no temporary
