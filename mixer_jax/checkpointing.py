@@ -18,13 +18,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from mixer_convert.errors import CheckpointError
+
 # Config keys a resumed run may change without changing what it computes.
 RESUMABLE_KEYS = frozenset({"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "export_torch",
                             "eval_batch_size", "data.workers", "data.worker_type"})
-
-
-class CheckpointError(RuntimeError):
-    """No intact checkpoint to resume from, or one that cannot be used."""
 
 
 class ResumeConfigError(ValueError):

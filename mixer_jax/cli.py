@@ -1,17 +1,19 @@
 """mixer-train --config digits --workdir runs/digits [--set optim.lr=0.01 ...]"""
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 
-from mixer_convert.tools.extras import cli_errors, require
+from mixer_convert.tools.command import Parser, add_json, add_quiet, command, emit
+from mixer_convert.tools.extras import require
+
+PROG = "mixer-train"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     from mixer_jax.configs import CONFIGS
 
-    p = argparse.ArgumentParser(prog="mixer-train", description="Train or fine-tune an MLP-Mixer in Flax.")
+    p = Parser(prog=PROG, description="Train or fine-tune an MLP-Mixer in Flax.")
     p.add_argument("--config", default="digits", choices=sorted(CONFIGS), help="named config (mixer_jax/configs.py)")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, metrics.png, model.npz, "
                                                     "classes.json; an existing run there is resumed "
@@ -23,59 +25,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a run although the config changes what it computes (steps, schedule, batch, "
                         "model, data...); without it such a resume is refused, listing the differences")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    add_quiet(p)
+    add_json(p)
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port (jax.distributed.initialize)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index")
     return p
 
 
-def _error(msg: str, code: int = 2) -> int:
-    print(f"mixer-train: error: {msg}", file=sys.stderr)
-    return code
-
-
-@cli_errors("mixer-train")
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     require("train")
     args = build_parser().parse_args(argv)
     from mixer_jax.configs import get_config, override
 
-    try:
-        cfg = override(get_config(args.config), args.overrides)
-    except ValueError as e:
-        return _error(str(e))
+    cfg = override(get_config(args.config), args.overrides)
     import jax
 
     if args.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPU/TPU ignore it
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from mixer_jax.checkpointing import CheckpointError
     from mixer_jax.train import NonFiniteLossError, train_and_evaluate
 
     try:
-        result = train_and_evaluate(cfg, args.workdir, progress=not args.no_progress,
+        result = train_and_evaluate(cfg, args.workdir, progress=not args.quiet,
                                     allow_config_change=args.allow_config_change)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        return _error(str(e))
     except NonFiniteLossError as e:
-        print(f"mixer-train: stopped: {e}", file=sys.stderr)
+        print(f"{PROG}: stopped: {e}", file=sys.stderr)
         return 3
     if jax.process_index() != 0:
         return 130 if result.interrupted else 0
     if result.interrupted:
-        print(f"mixer-train: interrupted at step {result.step}; checkpoint saved in {args.workdir}/checkpoints. "
+        print(f"{PROG}: interrupted at step {result.step}; checkpoint saved in {args.workdir}/checkpoints. "
               f"Resume with: {shlex.join(['mixer-train', *argv])}", file=sys.stderr)
         return 130
-    ev = (f"top-1 {result.eval.get('eval_accuracy', float('nan')):.4f}, "
-          f"top-5 {result.eval.get('eval_top5', float('nan')):.4f}")
-    if cfg.steps == 0:
-        what = f"step {result.step} of {args.workdir}" if result.step else cfg.init_from
-        print(f"evaluated {what} on {cfg.data.name} {cfg.data.eval_split}: {ev}")
-    else:
-        print(f"done: step {result.step}, eval {ev}; outputs in {args.workdir}")
+    out = {"workdir": str(args.workdir), "step": result.step, "evaluated_only": cfg.steps == 0,
+           "what": f"step {result.step} of {args.workdir}" if result.step else cfg.init_from,
+           "data": f"{cfg.data.name} {cfg.data.eval_split}", **result.eval}
+    emit(out, args.json, _summary)
     return 0
+
+
+def _summary(out: dict) -> str:
+    ev = f"top-1 {out.get('eval_accuracy', float('nan')):.4f}, top-5 {out.get('eval_top5', float('nan')):.4f}"
+    if out["evaluated_only"]:
+        return f"evaluated {out['what']} on {out['data']}: {ev}"
+    return f"done: step {out['step']}, eval {ev}; outputs in {out['workdir']}"
 
 
 if __name__ == "__main__":

@@ -388,7 +388,7 @@ def test_cli_stops_on_a_bad_file_with_exit_2_and_one_line(tmp_path, capsys):
     root = make_folder(tmp_path / "d", n=12)
     make_folder(tmp_path / "d", n=4, split="test")
     (root / "train" / "class_2" / "005.jpg").write_bytes(b"")
-    args = ["--workdir", str(tmp_path / "w"), "--no-progress", "--set", "data.name=imagefolder",
+    args = ["--workdir", str(tmp_path / "w"), "--quiet", "--set", "data.name=imagefolder",
             "--set", f"data.data_dir={root}", "--set", "data.image_size=16", "--set", "model.patch_size=4",
             "--set", "model.hidden_dim=8", "--set", "model.num_blocks=1", "--set", "batch_size=12",
             "--set", "steps=2", "--set", "eval_batch_size=4", "--set", "data.workers=2"]

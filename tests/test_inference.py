@@ -128,7 +128,7 @@ def test_heads_without_shipped_names_show_indices_or_given_labels(tmp_path, phot
 @pytest.mark.parametrize("case, match", [
     ("bad_image", "not an image"), ("no_weights", "no such checkpoint"), ("headless", "no classification head"),
     ("labels_count", "2 class names for a 1000-class head"), ("framework", "--framework must be torch or flax"),
-    ("topk", "--topk and --batch must be positive"),
+    ("topk", "argument --topk: expected a positive integer, got 0"),
 ])
 def test_predict_errors_are_one_line_and_exit_2(tmp_path, weights_1k, photos, capsys, case, match):
     path, flat = weights_1k

@@ -41,7 +41,7 @@ def test_token_mixing_output_bias_gradient_is_zero_as_the_bound_assumes():
 def test_report_passes_writes_json_and_names_every_block(tmp_path, capsys):
     from mixer_convert.tools.parity_report import main
 
-    assert main(["--variant", "S/32", "--image-size", "64", "--no-timm", "--json", str(tmp_path / "r.json")]) == 0
+    assert main(["--variant", "S/32", "--image-size", "64", "64", "--no-timm", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "MixerBlock_7" in out and "gradients fp32 (102 parameters): ok" in out and "S/32: PASS" in out
     r = json.loads((tmp_path / "r.json").read_text())
@@ -64,7 +64,7 @@ def test_report_fails_and_names_the_block_when_pytorch_is_wrong(monkeypatch, cap
         orig_init(self, cfg)
         self.MixerBlock_4.broken = True
     monkeypatch.setattr(tm.MlpMixer, "__init__", init)
-    assert main(["--variant", "S/32", "--image-size", "64", "--no-timm", "--no-grads"]) == 1
+    assert main(["--variant", "S/32", "--image-size", "64", "64", "--no-timm", "--no-grads"]) == 1
     out = capsys.readouterr().out
     assert "forward fp32, Flax vs PyTorch: FAIL (first divergence: MixerBlock_4)" in out and "S/32: FAIL" in out
 
@@ -98,7 +98,7 @@ def test_weights_alone_fix_the_architecture_even_a_non_standard_one(tmp_path, ca
     (["--variant", "X/7"], "unknown Mixer variant 'X/7'"),
     (["--weights", "{missing}"], "no such checkpoint"),
     (["--weights", "{w}", "--variant", "B/16"], "checkpoint is S/32, not B/16"),
-    (["--variant", "S/32", "--batch", "0"], "--batch must be positive"),
+    (["--variant", "S/32", "--batch", "0"], "argument --batch: expected a positive integer, got 0"),
 ])
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, match):
     from mixer_convert.tools.parity_report import main

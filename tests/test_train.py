@@ -433,7 +433,7 @@ def test_steps_0_evaluates_the_latest_checkpoint_or_init_from_and_reports_top5(r
     cfg = config_for("S/16", patch_size=4, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=64,
                      image_size=16, num_classes=10)
     np.savez(tmp_path / "m.npz", **random_params(cfg, 0))
-    assert main(["--workdir", str(tmp_path / "e"), "--no-progress", "--set", "steps=0", "--set",
+    assert main(["--workdir", str(tmp_path / "e"), "--quiet", "--set", "steps=0", "--set",
                  f"init_from={tmp_path / 'm.npz'}", "--set", "data.image_size=16"]) == 0
     out = capsys.readouterr().out
     assert f"evaluated {tmp_path / 'm.npz'} on digits test: top-1 " in out and ", top-5 " in out

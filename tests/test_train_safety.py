@@ -264,7 +264,7 @@ def test_a_tilde_in_workdir_and_init_from_means_home(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path):
-    args = ["--config", "digits", "--workdir", str(tmp_path / "w"), "--no-progress", "--set", "steps=400",
+    args = ["--config", "digits", "--workdir", str(tmp_path / "w"), "--quiet", "--set", "steps=400",
             "--set", "log_every=1", "--set", "eval_every=0", "--set", "checkpoint_every=0",
             "--set", "model.num_blocks=1", "--set", "model.hidden_dim=16", "--set", "data.image_size=16"]
     code = "import sys; from mixer_jax.cli import main; sys.exit(main(sys.argv[1:]))"

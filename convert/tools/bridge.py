@@ -36,6 +36,9 @@ class ConversionReport:
     verification: Verification | None = None  # with --verify
     warnings: list[str] = dataclasses.field(default_factory=list)
 
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
     def summary(self) -> str:
         lines = [f"{self.src} -> {self.dst} ({self.fmt}, {self.layout} naming)",
                  f"  model: {self.config}", f"  {self.num_params:,} parameters, {self.nbytes / 2**20:.1f} MiB"]

@@ -7,22 +7,22 @@
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from mixer_convert.tools.extras import cli_errors, require
+from mixer_convert.tools.command import Parser, add_quiet, command, positive_int
+from mixer_convert.tools.extras import require
 
 
-@cli_errors("mixer-demo")
+@command("mixer-demo")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mixer-demo", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="mixer-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/digits")
-    p.add_argument("--steps", type=int, help="training steps (default: the digits config's)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--steps", type=positive_int, help="training steps (default: the digits config's)")
+    add_quiet(p)
     args = p.parse_args(argv)
     require("train", "torch")
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     work = Path(args.workdir)
     print(f"[1/3] training a {cfg.model.num_blocks}-block Mixer on the digits in Flax -> {work}")
-    result = train_and_evaluate(cfg, work, progress=not args.no_progress)
+    result = train_and_evaluate(cfg, work, progress=not args.quiet)
     model_cfg = result.model_config
     print(f"      Flax test accuracy: {result.eval['eval_accuracy']:.4f}")
 

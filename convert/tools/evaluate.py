@@ -15,7 +15,6 @@ Data:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -27,8 +26,10 @@ import numpy as np
 from mixer_convert.classes import SYNSET_RE, imagenet_classes
 from mixer_convert.preprocess import PIPELINES, preprocess
 from mixer_convert.spec import MixerConfig
-from mixer_convert.tools.extras import MissingExtraError, cli_errors
-from mixer_convert.tools.infer import (FRAMEWORKS, run_command, describe, image_loader, load_batches, load_weights,
+from mixer_convert.errors import MissingExtraError
+from mixer_convert.tools.command import (Parser, add_device, add_image_size, add_json, add_quiet, command, emit,
+                                         positive_int)
+from mixer_convert.tools.infer import (FRAMEWORKS, describe, image_loader, load_batches, load_weights,
                                        make_classifier, parse_frameworks, topk)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -185,8 +186,8 @@ def format_eval(out: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixer-eval", description=__doc__.split("\n\n")[1].replace("\n", " "))
+def build_parser() -> Parser:
+    p = Parser(prog="mixer-eval", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--weights", required=True, metavar="NAME|FILE",
                    help="checkpoint: a file in any format mixer-convert reads (or a published name)")
     p.add_argument("--data", required=True, metavar="imagefolder:DIR|tfds:NAME[:SPLIT]")
@@ -195,26 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", choices=PIPELINES, default="vit_jax",
                    help="vit_jax: resize to the model size, bilinear without antialias; big_vision: shorter "
                         "side to 256 (area), central 224 crop (default: vit_jax)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                   help="only for checkpoints whose patch grid is not square")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="PyTorch device")
-    p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--batch", type=positive_int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
+    add_image_size(p, "only for checkpoints whose patch grid is not square")
+    add_device(p)
+    add_json(p)
+    add_quiet(p)
     return p
 
 
-@cli_errors("mixer-eval")
+@command("mixer-eval")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch < 1 or (args.limit is not None and args.limit < 1):
-        print("mixer-eval: error: --batch and --limit must be positive", file=sys.stderr)
-        return 2
-    return run_command("mixer-eval", lambda: evaluate(args.weights, args.data, args.framework, args.preprocess,
-                                                      args.batch, args.limit, args.data_dir, args.image_size,
-                                                      args.device, progress=not args.quiet),
-                       args.json, format_eval)
+    out = evaluate(args.weights, args.data, args.framework, args.preprocess, args.batch, args.limit, args.data_dir,
+                   args.image_size, args.device, progress=not args.quiet)
+    emit(out, args.json, format_eval)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,28 +1,39 @@
-"""Install profiles for the command-line tools: a command whose optional dependencies are missing
-says in one line which extra to install (exit code 2), instead of a ModuleNotFoundError traceback.
+"""Which optional extras are installed, read from this package's own metadata.
 
-Each ``main`` declares what it needs with :func:`require` (after parsing its arguments, since
-what is needed may depend on them) and is wrapped in :func:`cli_errors`, which also maps any
-later import failure of a known optional module to its extra.
+The extras and the distributions each one brings come from the installed package's
+``Requires-Dist`` (pyproject's ``optional-dependencies``, so nothing here copies them). An extra
+is installed when every one of its distributions is, and each of their top-level modules can be
+found (a finder that refuses a module counts as absent). A command declares what it needs with
+:func:`require` after parsing its arguments (what is needed may depend on them); a module found
+missing later is mapped to its extra by :func:`extra_for_module`.
 """
 from __future__ import annotations
 
 import functools
+import importlib.metadata as metadata
 import importlib.util
-import sys
-from typing import Callable
+import re
 
 from mixer_convert.errors import MissingExtraError
 
-# Extra -> the modules whose absence means the extra is not installed (pyproject's extras).
-EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "torch": ("torch",),
-    "jax": ("jax", "flax"),
-    "train": ("jax", "flax", "optax", "orbax.checkpoint", "sklearn"),
-}
-# A module found missing at run time -> the smallest extra that provides it.
-_MODULE_EXTRA = {"torch": "torch", "jax": "jax", "jaxlib": "jax", "flax": "jax", "optax": "jax", "orbax": "jax",
-                 "sklearn": "train", "tensorflow_datasets": "train", "matplotlib": "train"}
+DIST = "mixer-toolkit"
+# When a module is missing, the smallest extra that provides it is named.
+_SMALLEST_FIRST = ("jax", "torch", "hub", "onnx", "train", "dev")
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@functools.lru_cache(maxsize=None)
+def extras_table() -> dict[str, tuple[str, ...]]:
+    """extra -> the (normalised) distribution names it requires."""
+    table: dict[str, list[str]] = {}
+    for req in metadata.requires(DIST) or []:
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        if extra:
+            table.setdefault(extra.group(1), []).append(_normalise(re.match(r"\s*([\w.-]+)", req).group(1)))
+    return {e: tuple(d) for e, d in table.items()}
 
 
 def importable(module: str) -> bool:
@@ -33,8 +44,32 @@ def importable(module: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _modules_of(dist: str) -> tuple[str, ...] | None:
+    """The top-level modules a distribution installs; None if it is not installed."""
+    try:
+        d = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    guess = dist.replace("-", "_")
+    try:
+        if importlib.util.find_spec(guess) is not None:  # the usual case, without reading the file list
+            return (guess,)
+    except (ImportError, ValueError):
+        pass  # refused by a finder: the distribution's own listing names it below
+    listed = d.read_text("top_level.txt")
+    if listed:
+        return tuple(listed.split())
+    tops = {f.parts[0].split(".")[0] for f in d.files or () if f.suffix in (".py", ".so", ".pyd") and len(f.parts) > 0}
+    return tuple(sorted(t for t in tops if t and not t.endswith("-info") and t != ".."))
+
+
 def has_extra(extra: str) -> bool:
-    return all(importable(m) for m in EXTRA_MODULES[extra])
+    for dist in extras_table().get(extra, ()):
+        modules = _modules_of(dist)
+        if modules is None or not all(importable(m) for m in modules):
+            return False
+    return True
 
 
 def require(*extras: str) -> None:
@@ -44,22 +79,11 @@ def require(*extras: str) -> None:
         raise MissingExtraError(missing)
 
 
-def cli_errors(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Wrap a CLI ``main``: a missing extra becomes ``prog: error: needs the 'x' extra: ...`` on
-    stderr and exit code 2. Other import errors propagate (a broken install is not a profile)."""
-    def wrap(main: Callable[..., int]) -> Callable[..., int]:
-        @functools.wraps(main)
-        def run(*args, **kwargs) -> int:
-            try:
-                return main(*args, **kwargs)
-            except MissingExtraError as e:
-                err = e
-            except ModuleNotFoundError as e:
-                extra = _MODULE_EXTRA.get((e.name or "").split(".")[0])
-                if extra is None:
-                    raise
-                err = MissingExtraError([extra], e.name)
-            print(f"{prog}: error: {err}", file=sys.stderr)
-            return 2
-        return run
-    return wrap
+def extra_for_module(module: str) -> str | None:
+    """The smallest extra that provides ``module`` (found missing at run time), or None."""
+    top = module.split(".")[0]
+    for extra in _SMALLEST_FIRST:
+        for dist in extras_table().get(extra, ()):
+            if top.replace("_", "-").lower() == dist or top in (_modules_of(dist) or ()):
+                return extra
+    return None

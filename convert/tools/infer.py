@@ -6,9 +6,7 @@ The PyTorch side imports only torch, the Flax side only jax/flax.
 from __future__ import annotations
 
 import functools
-import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -17,26 +15,11 @@ import numpy as np
 from mixer_convert.classes import ClassNames, imagenet_classes, read_class_names
 from mixer_convert.preprocess import load_image
 from mixer_convert.spec import MixerConfig, variant_name
-from mixer_convert.tools.extras import MissingExtraError, has_extra, require
+from mixer_convert.errors import MissingExtraError
+from mixer_convert.tools.extras import has_extra, require
 
 FRAMEWORKS = ("torch", "flax")
 FRAMEWORK_EXTRA = {"torch": "torch", "flax": "jax"}
-# What a bad --weights / --labels / --data / image raises (CheckpointError, ParamMismatchError and
-# ImageError are ValueErrors; unreadable paths OSErrors): the CLIs print it in one line and exit 2.
-USER_ERRORS = (ValueError, OSError)
-
-
-def run_command(prog: str, work: Callable[[], dict], as_json: bool, fmt: Callable[[dict], str]) -> int:
-    """A command's work with its output: a user error is one line and exit 2; the result is printed
-    as one JSON document or as text."""
-    try:
-        out = work()
-    except USER_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(out, indent=1) if as_json else fmt(out))
-    return 0
-
 Classifier = Callable[[np.ndarray], np.ndarray]  # (B, H, W, 3) float32 in [-1, 1] -> (B, classes) float32 logits
 T, R = TypeVar("T"), TypeVar("R")
 

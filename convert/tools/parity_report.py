@@ -14,7 +14,6 @@ Bounds (documented in README):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -25,10 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from mixer_convert.errors import CheckpointError
-from mixer_convert.params import ParamMismatchError
 from mixer_convert.spec import TIMM_NAMES, VARIANTS, MixerConfig, config_for, parse_variant, variant_name
-from mixer_convert.tools.extras import cli_errors, require
+from mixer_convert.tools.command import (Parser, add_device, add_image_size, add_json, add_quiet, command, positive_int,
+                                         write_json)
+from mixer_convert.tools.extras import require
 from mixer_convert.tools.parity import (BF16_REL, Diff, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL,
                                         compare, compare_params, first_divergence, flax_forward,
                                         flax_grads, format_table, timm_python, torch_device, torch_forward,
@@ -177,61 +176,61 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _usage_error(msg: str) -> int:
-    print(f"mixer-parity: error: {msg}", file=sys.stderr)
-    return 2
-
-
-@cli_errors("mixer-parity")
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mixer-parity", description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(prog="mixer-parity", description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", action="append", help=f"one of {', '.join(VARIANTS)}, or 'all' (repeatable; "
                                                       "default B/16, or what --weights holds)")
     p.add_argument("--weights", help="a checkpoint in any format the bridge reads; its architecture (any image "
                                      "size or shape) is read from it (default: random weights)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--image-size", type=int, nargs="+", metavar="H [W]",
-                   help="random weights: default 224; --weights: only for a non-square patch grid")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
-                   help="PyTorch device; JAX uses its default backend")
+    p.add_argument("--batch", type=positive_int, default=2)
+    add_image_size(p, "random weights: default 224 224; --weights: only for a non-square patch grid")
+    add_device(p)
     p.add_argument("--no-grads", action="store_true")
     p.add_argument("--no-timm", action="store_true")
-    p.add_argument("--json", help="write the full report as JSON here")
-    args = p.parse_args(argv)
+    add_json(p)
+    add_quiet(p)
+    return p
+
+
+def _variants(parser: Parser, args) -> list[str | None]:
     variants = args.variant or ([None] if args.weights else ["B/16"])
     if variants == ["all"]:
         variants = list(VARIANTS)
     if args.weights and len(variants) != 1:
-        return _usage_error("--weights takes at most one --variant (the file fixes the architecture)")
-    if args.batch < 1 or (args.image_size and (len(args.image_size) > 2 or min(args.image_size) < 1)):
-        return _usage_error("--batch must be positive and --image-size one or two positive ints")
-    try:
-        for v in variants:
-            if v is not None:
-                parse_variant(v)
-    except ValueError as e:
-        return _usage_error(str(e))
+        parser.error("--weights takes at most one --variant (the file fixes the architecture)")
+    for v in variants:
+        if v is not None:
+            parse_variant(v)  # an unknown name fails before anything runs
+    return variants
+
+
+@command("mixer-parity")
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    variants = _variants(parser, args)
     require("jax", "torch")
     reports = []
     for i, v in enumerate(variants, 1):
         t0, tag = time.perf_counter(), f"[{i}/{len(variants)}] {v or args.weights}"
 
         def stage(name: str) -> None:
-            print(f"{tag}: {name}", file=sys.stderr, flush=True)
+            if not args.quiet:
+                print(f"{tag}: {name}", file=sys.stderr, flush=True)
         stage("loading weights" if args.weights else "random weights")
-        try:
-            label, cfg, flat = load_case(v, args.weights, args.image_size)
-        except (CheckpointError, ParamMismatchError, ValueError, OSError) as e:
-            return _usage_error(str(e))
+        label, cfg, flat = load_case(v, args.weights, args.image_size)
         r = run_case(label, cfg, flat, args.weights or "random (seed 0)", args.batch, args.device,
                      not args.no_grads, not args.no_timm, progress=stage)
         stage(f"{'PASS' if r['pass'] else 'FAIL'} ({time.perf_counter() - t0:.1f} s)")
-        print(format_report(r), flush=True)
+        if args.json != "-":
+            print(format_report(r), flush=True)
         reports.append(r)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"reports": reports, "pass": all(r["pass"] for r in reports)},
-                                              indent=1))
-    return 0 if all(r["pass"] for r in reports) else 1
+    doc = {"reports": reports, "pass": all(r["pass"] for r in reports)}
+    if args.json == "-":
+        print(json.dumps(doc, indent=1))
+    elif args.json is not None:  # the text reports were printed as each variant finished
+        write_json(args.json, doc)
+    return 0 if doc["pass"] else 1
 
 
 if __name__ == "__main__":

@@ -6,19 +6,18 @@ classes with their softmax probabilities (ImageNet names for 1k and 21k heads, e
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
 from mixer_convert.preprocess import PIPELINES
-from mixer_convert.tools.extras import cli_errors
-from mixer_convert.tools.infer import (batched, run_command, class_names, describe, image_loader, load_batches,
-                                       load_weights, make_classifier, parse_frameworks, softmax, topk)
+from mixer_convert.tools.command import Parser, add_device, add_image_size, add_json, command, emit, positive_int
+from mixer_convert.tools.infer import (batched, class_names, describe, image_loader, load_batches, load_weights,
+                                       make_classifier, parse_frameworks, softmax, topk)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixer-predict", description=__doc__.split("\n\n")[1].replace("\n", " "))
+def build_parser() -> Parser:
+    p = Parser(prog="mixer-predict", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
     p.add_argument("--weights", required=True, metavar="NAME|FILE",
                    help="checkpoint: a file in any format mixer-convert reads (or a published name)")
@@ -26,14 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", choices=PIPELINES, default="vit_jax",
                    help="official eval pipeline: vit_jax = resize to the model size (bilinear, no antialias); "
                         "big_vision = shorter side to 256, central 224 crop (default: vit_jax)")
-    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--topk", type=positive_int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (default: ImageNet names for "
                                                     "1000- and 21843-class heads, else class indices)")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                   help="only for checkpoints whose patch grid is not square")
-    p.add_argument("--batch", type=int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="PyTorch device")
-    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    add_image_size(p, "only for checkpoints whose patch grid is not square")
+    p.add_argument("--batch", type=positive_int, default=32, help="images per forward pass (default 32)")
+    add_device(p)
+    add_json(p)
     return p
 
 
@@ -69,16 +67,13 @@ def format_predictions(out: dict) -> str:
     return "\n".join(lines)
 
 
-@cli_errors("mixer-predict")
+@command("mixer-predict")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prog = "mixer-predict"
-    if args.topk < 1 or args.batch < 1:
-        print(f"{prog}: error: --topk and --batch must be positive", file=sys.stderr)
-        return 2
-    return run_command(prog, lambda: predict(args.images, args.weights, args.framework, args.preprocess, args.topk,
-                                             args.labels, args.image_size, args.batch, args.device),
-                       args.json, format_predictions)
+    out = predict(args.images, args.weights, args.framework, args.preprocess, args.topk, args.labels,
+                  args.image_size, args.batch, args.device)
+    emit(out, args.json, format_predictions)
+    return 0
 
 
 if __name__ == "__main__":
