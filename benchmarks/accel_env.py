@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; {gpu}; Python {info['python']}; "
           f"torch {info['versions'].get('torch')} on {info.get('torch_device')}, jax {info['versions'].get('jax')} "
           f"on {info.get('jax_backend')}" + (f"; missing: {' '.join(info['missing'])}" if info["missing"] else ""))
-    if args.need_gpu and not (info.get("torch_device") == "cuda" and info.get("jax_backend") == "gpu"):
+    if args.need_gpu and not (info.get("torch_device") == "cuda" and info.get("jax_backend") in ("gpu", "cuda")):
         print(f"accel_env: the GPU is not visible to both frameworks (torch: {info.get('torch_device')}, "
               f"jax: {info.get('jax_backend')})", file=sys.stderr)
         return 1

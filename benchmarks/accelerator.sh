@@ -4,7 +4,7 @@
 # of benchmarks/RESULTS.md between the "accelerator.sh" markers and the raw outputs.
 #
 #   bash benchmarks/accelerator.sh            # GPU machine: 8 minutes at most, setup included
-#   bash benchmarks/accelerator.sh --small    # the same stages, tiny, on a CPU (1-3 minutes), no installs
+#   bash benchmarks/accelerator.sh --small    # the same stages, tiny, on a CPU (2-4 minutes), no installs
 #
 # Stages, each in its own time slice of what is left (a stage that fails or runs out of time is
 # reported, and the next one runs; one left with too little time is skipped and reported):
@@ -89,10 +89,11 @@ record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$OUT_DIR/stages.tsv"; }
 log() { echo "[accelerator $(( $(date +%s) - START ))s] $*"; }
 missing() { "$PY" benchmarks/accel_env.py --missing 2>>"$OUT_DIR/setup.log"; }
 
-pip_in() {  # pip_in PYTHON ARGS...: quiet, bounded by what is left of the setup's share, logged
+pip_in() {  # pip_in MAX_SECONDS PYTHON ARGS...: quiet, logged, within what is left of setup's 45% share
   local t=$(( $(left) - BUDGET * 55 / 100 ))
-  [ "$t" -gt 10 ] || { echo "no time left for pip install ${*:2}" >>"$OUT_DIR/setup.log"; return 1; }
-  timeout "$t" "$1" -m pip install -q --disable-pip-version-check --retries 1 --timeout 20 "${@:2}" \
+  [ "$t" -le "$1" ] || t=$1
+  [ "$t" -gt 10 ] || { echo "no time left for pip install ${*:3}" >>"$OUT_DIR/setup.log"; return 1; }
+  timeout "$t" "$2" -m pip install -q --disable-pip-version-check --retries 1 --timeout 20 "${@:3}" \
     >>"$OUT_DIR/setup.log" 2>&1
 }
 
@@ -100,9 +101,10 @@ make_venv() {  # a machine without PyTorch or JAX: everything from the registry
   local venv=/tmp/mixer-accelerator-venv cuda
   log "setup: installing torch, jax[cuda] and the project into $venv (log: $OUT_DIR/setup.log)"
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || return 1
-  pip_in "$venv/bin/python" torch || return 1
+  pip_in "$BUDGET" "$venv/bin/python" torch || return 1
   cuda=$("$venv/bin/python" -c "import torch; print((torch.version.cuda or '12').split('.')[0])") || return 1
-  pip_in "$venv/bin/python" "jax[cuda$cuda]" && pip_in "$venv/bin/python" -e ".[jax,torch,train]" psutil \
+  pip_in "$BUDGET" "$venv/bin/python" "jax[cuda$cuda]" \
+    && pip_in "$BUDGET" "$venv/bin/python" -e ".[jax,torch,train]" psutil \
     && PY="$venv/bin/python"
 }
 
@@ -116,7 +118,7 @@ add_missing() {  # the interpreter has the frameworks: install only what it lack
   need=$(missing)
   if [ -n "$need" ]; then
     log "setup: installing $need from the package registry"
-    pip_in "$PY" $need || log "setup: could not install $need; the stages that need it will fail"
+    pip_in 60 "$PY" $need || log "setup: could not install $need; the stages that need it will fail"
   fi
 }
 
