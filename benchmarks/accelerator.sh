@@ -17,7 +17,8 @@
 # what it lacks is installed from the wheels in --wheels (a machine without a package registry;
 # --fetch-wheels downloads them on one with), else from the registry. A machine without PyTorch or
 # JAX gets a venv in /tmp: torch (PyPI's Linux x86-64 wheel is a CUDA build), jax[cudaN] for
-# torch's CUDA major version, then this project with its jax, torch and train extras.
+# torch's CUDA major version, then this project with its jax, torch and train extras and psutil
+# (not the dev extra: its tensorflow-cpu is a test oracle no stage uses, ~0.6 GB to install).
 #
 # Options:
 #   --small         small models, batches and image counts, on the CPU; output in a new temporary folder
