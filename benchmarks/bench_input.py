@@ -11,7 +11,8 @@ sample photos, resized to 500x375 or 375x500, JPEG quality 90), at 224 with ince
     ``Batches`` below, labelled BASELINE);
 (3) training img/s with real JPEGs (new pipeline; and the old loop with its one prefetch
     thread, as train.py had it) against synthetic data (one batch already on the device),
-    for a tiny input-bound Mixer and for S/32.
+    for a tiny input-bound Mixer and for S/32 (``--train-models``: any variants, e.g. B/16 on
+    an accelerator, in ``--train-dtype``).
 Every input configuration runs ``--repeat`` times, interleaved with the others, and the median
 is reported (other load on the machine hits all configurations alike).
 """
@@ -190,7 +191,8 @@ def tiny_mixer():
                        image_size=224, num_classes=10)
 
 
-def bench_training(folder: Path, model_cfg, batch: int, steps: int, workers: int, kind: str, repeat: int) -> dict:
+def bench_training(folder: Path, model_cfg, batch: int, steps: int, workers: int, kind: str, repeat: int,
+                   dtype: str = "float32") -> dict:
     """img/s of train.py's step fed (a) one synthetic batch already on the device, (b) the new
     pipeline, (c) the old single-thread loop with its one prefetch thread (float32 batches)."""
     import jax
@@ -200,7 +202,7 @@ def bench_training(folder: Path, model_cfg, batch: int, steps: int, workers: int
     from mixer_jax.model import MlpMixer
     from mixer_jax.train import create_train_state, make_optimizer, train_step
 
-    model = MlpMixer(model_cfg)
+    model = MlpMixer(model_cfg, dtype=jnp.dtype(dtype))
     tx, _ = make_optimizer(TrainConfig().optim, steps)
     step_fn = jax.jit(partial(train_step, model=model, num_classes=model_cfg.num_classes), donate_argnums=(0,))
     rng = jax.random.PRNGKey(0)
@@ -236,6 +238,14 @@ def bench_training(folder: Path, model_cfg, batch: int, steps: int, workers: int
     return {k: statistics.median(v) for k, v in runs.items()} | {"runs": runs}
 
 
+def training_models(names: list[str], tiny_steps: int, variant_steps: int) -> list[tuple]:
+    """(name, 10-class config, timed steps) for 'tiny' and variant names."""
+    from mixer_convert.spec import config_for
+
+    return [(name, tiny_mixer() if name == "tiny" else config_for(name, num_classes=10),
+             tiny_steps if name == "tiny" else variant_steps) for name in names]
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -251,15 +261,25 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="batches per input measurement")
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--train-steps", type=int, default=6, help="timed steps per training measurement")
-    p.add_argument("--s32-steps", type=int, default=2, help="timed steps for S/32 (slow on a CPU)")
+    p.add_argument("--s32-steps", "--variant-steps", dest="variant_steps", type=int, default=2,
+                   help="timed steps for each variant of --train-models (slow on a CPU)")
+    p.add_argument("--train-models", nargs="+", default=["tiny", "S/32"], metavar="MODEL",
+                   help="models for the training measurement: 'tiny' (the cheapest Mixer at 224) or variants")
+    p.add_argument("--train-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the trained model (parameters stay float32)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--workers", type=int, nargs="+", help="worker counts (default: 1, 2 and the cores)")
     p.add_argument("--folder", help="reuse this folder instead of generating one")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    try:
+        models = training_models(args.train_models, args.train_steps, args.variant_steps)
+    except ValueError as e:
+        p.error(str(e))
     cores = default_workers()
     counts = args.workers or sorted({1, 2, cores})
     res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{_cpu_name()}, {cores} cores", "python": sys.version.split()[0], "batch": args.batch,
+                 "train_batch": args.train_batch, "train_workers": cores,
                  "load_average_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else make_jpeg_folder(Path(tmp), args.images)
@@ -290,14 +310,12 @@ def main(argv=None) -> int:
                 two = res["input"][f"{kind}x2"]["img_s"] / res["input"][f"{kind}x1"]["img_s"]
                 print(f"{kind} workers: 2 / 1 = {two:.2f}")
 
-        from mixer_convert.spec import config_for
-
-        res["training"] = {}
-        for name, mcfg, steps in (("tiny", tiny_mixer(), args.train_steps),
-                                  ("S/32", config_for("S/32", num_classes=10), args.s32_steps)):
-            r = bench_training(folder, mcfg, args.train_batch, steps, cores, "thread", args.repeat)
+        res["training"], res["train_dtype"] = {}, args.train_dtype
+        for name, mcfg, steps in models:
+            r = bench_training(folder, mcfg, args.train_batch, steps, cores, "thread", args.repeat, args.train_dtype)
             res["training"][name] = r
-            print(f"training {name} (batch {args.train_batch}): synthetic {r['synthetic']:.1f} img/s, real JPEGs new "
+            print(f"training {name} ({args.train_dtype}, batch {args.train_batch}, {cores} thread workers): "
+                  f"synthetic {r['synthetic']:.1f} img/s, real JPEGs new "
                   f"{r['real_new']:.1f} (real/synthetic {r['real_new'] / r['synthetic']:.2f}), old loop "
                   f"{r['real_old']:.1f} (new/old {r['real_new'] / r['real_old']:.2f})")
     res["load_average_at_end"] = os.getloadavg()[0]

@@ -31,6 +31,7 @@ from mixer_convert import config_for, random_params  # noqa: E402
 
 
 DTYPE = "float32"  # compute dtype, set by --dtype; parameters stay float32
+MIN_TIME = 2.0  # seconds of timed calls per model measurement (at least 3 calls), set by --min-time
 
 
 def _dev():
@@ -45,14 +46,25 @@ def _sync_torch(r):
     return r
 
 
-def matmul_peak() -> dict:
-    """The best sustained matmul FLOP/s in either framework, over square sizes and the Mixer
-    B/16 channel-MLP GEMM (3136 x 768 x 3072), in the benchmark's dtype."""
+PEAK_SHAPES = [(1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (3136, 768, 3072)]
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'MxKxN' -> (M, K, N)."""
+    try:
+        m, k, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MxKxN, e.g. 4096x4096x4096, got {text!r}") from None
+    return m, k, n
+
+
+def matmul_peak(shapes=PEAK_SHAPES) -> dict:
+    """The best sustained matmul FLOP/s in either framework, by default over square sizes and the
+    Mixer B/16 channel-MLP GEMM (3136 x 768 x 3072), in the benchmark's dtype."""
     import jax
     import jax.numpy as jnp
     import torch
 
-    shapes = [(1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (3136, 768, 3072)]
     best = {"jax_flops": 0.0, "torch_flops": 0.0}
     rng = np.random.default_rng(0)
     f = jax.jit(lambda a, b: a @ b)
@@ -63,8 +75,9 @@ def matmul_peak() -> dict:
         ta, tb = (torch.from_numpy(v).to(_dev(), getattr(torch, DTYPE)) for v in (a, b))
         flops = 2 * m * k * n
         best["jax_flops"] = max(best["jax_flops"], flops / timeit(lambda: f(ja, jb), sync=lambda r: r.block_until_ready(),
-                                                                   min_time=1.0))
-        best["torch_flops"] = max(best["torch_flops"], flops / timeit(lambda: ta @ tb, sync=_sync_torch, min_time=1.0))
+                                                                   min_time=MIN_TIME / 2))
+        best["torch_flops"] = max(best["torch_flops"], flops / timeit(lambda: ta @ tb, sync=_sync_torch,
+                                                                     min_time=MIN_TIME / 2))
     return {"shapes": shapes, **best, "peak_flops": max(best.values())}
 
 
@@ -77,20 +90,20 @@ def flax_inference(cfg, flat, batch) -> float:
     model, params = MlpMixer(cfg, dtype=jnp.dtype(DTYPE)), params_from_flat(flat, cfg)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, *cfg.image_size, 3)).astype(np.float32))
     f = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    return timeit(lambda: f(params, x), sync=lambda r: r.block_until_ready())
+    return timeit(lambda: f(params, x), sync=lambda r: r.block_until_ready(), min_time=MIN_TIME)
 
 
 def torch_inference(cfg, flat, batch) -> float:
     import torch
 
-    from mixer_torch import MlpMixer, load_flat
+    from mixer_torch import model_from_flat
 
     dt = getattr(torch, DTYPE)
-    model = load_flat(MlpMixer(cfg), flat).eval().to(_dev(), dt)
+    model = model_from_flat(flat, cfg).eval().to(_dev(), dt)
     x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (batch, 3, *cfg.image_size)).astype(np.float32))
     x = x.to(_dev(), dt)
     with torch.inference_mode():
-        return timeit(lambda: model(x), sync=_sync_torch)
+        return timeit(lambda: model(x), sync=_sync_torch, min_time=MIN_TIME)
 
 
 def flax_train_step(cfg, flat, batch) -> float:
@@ -112,16 +125,17 @@ def flax_train_step(cfg, flat, batch) -> float:
     def run():
         holder[0], m = step(holder[0], x, y)
         return m["loss"]
-    return timeit(run, sync=lambda r: r.block_until_ready())
+    return timeit(run, sync=lambda r: r.block_until_ready(), min_time=MIN_TIME)
 
 
 def torch_train_step(cfg, flat, batch) -> float:
     import torch
 
-    from mixer_torch import MlpMixer, load_flat
+    from mixer_torch import model_from_flat
 
     dev = _dev()
-    model = load_flat(MlpMixer(cfg), flat).train().to(dev)
+    # a copy: on the CPU the model's parameters would share memory with flat, and SGD updates them
+    model = model_from_flat({k: v.copy() for k, v in flat.items()}, cfg).train().to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (batch, 3, *cfg.image_size)).astype(np.float32))
     x, y = x.to(dev), (torch.arange(batch) % cfg.num_classes).to(dev)
@@ -134,7 +148,7 @@ def torch_train_step(cfg, flat, batch) -> float:
         loss.backward()
         opt.step()
         return loss
-    return timeit(run, sync=_sync_torch)
+    return timeit(run, sync=_sync_torch, min_time=MIN_TIME)
 
 
 def timm_side(variant: str, batches: list[int]) -> dict:
@@ -158,10 +172,16 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--peak-flops", type=float, help="use this peak (FLOP/s) instead of measuring fp32 matmuls, "
                                                      "e.g. a GPU's bf16 peak")
+    ap.add_argument("--peak-shapes", nargs="+", type=parse_shape, default=PEAK_SHAPES, metavar="MxKxN",
+                    help="GEMM shapes for the measured peak (default: 1024^3, 2048^3, 4096^3 and B/16's "
+                         "3136x768x3072; an accelerator needs larger ones, e.g. 8192x8192x8192)")
+    ap.add_argument("--no-timm", action="store_true", help="skip the timm comparison (it runs on the CPU)")
+    ap.add_argument("--image-size", type=int, default=224, help="input resolution (a quick run uses a small one)")
+    ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per measurement")
     ap.add_argument("--json")
     args = ap.parse_args()
-    global DTYPE
-    DTYPE = args.dtype
+    global DTYPE, MIN_TIME
+    DTYPE, MIN_TIME = args.dtype, args.min_time
     import jax
     import torch
 
@@ -170,7 +190,7 @@ def main() -> None:
             "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads()}
     print(json.dumps(info))
-    peak = matmul_peak()
+    peak = matmul_peak(args.peak_shapes)
     if args.peak_flops:
         peak["peak_flops"] = args.peak_flops
     print(f"matmul peak ({DTYPE}, best of {len(peak['shapes'])} GEMM shapes): JAX {peak['jax_flops'] / 1e9:.1f} GFLOP/s, "
@@ -179,7 +199,7 @@ def main() -> None:
     print(f"{'variant':<6}{'batch':>6}{'Flax img/s':>12}{'PyTorch img/s':>15}{'PT/Flax':>9}"
           f"{'Flax %peak':>12}{'PT %peak':>10}")
     for v in args.variants:
-        cfg = config_for(v)
+        cfg = config_for(v, image_size=args.image_size)
         flat = random_params(cfg, 0)
         fl = forward_flops(cfg)
         for b in args.batches:
@@ -197,7 +217,7 @@ def main() -> None:
         print(f"train {v} batch {args.train_batch}: Flax {row['flax_img_s']:.1f} img/s, PyTorch "
               f"{row['torch_img_s']:.1f} img/s (Flax/PyTorch {row['flax_over_torch']:.2f}); Flax at "
               f"{row['flax_peak_frac']:.1%} of peak (3x forward FLOPs)", flush=True)
-        t = timm_side(v, args.batches)
+        t = {"skipped": "--no-timm"} if args.no_timm else timm_side(v, args.batches)
         results["timm"].append(t)
         for r in t.get("rows", []):
             print(f"timm {t['timm']} (torch {t['torch']}) {v} batch {r['batch']}: ours {r['ours_img_s']:.1f} img/s; "

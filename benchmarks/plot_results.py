@@ -1,4 +1,4 @@
-"""benchmarks/results_*.json -> benchmarks/results_cpu.png (speed ratios and converter cost)."""
+"""benchmarks/results/results_*.json -> benchmarks/results/results_cpu.png (speed ratios and converter cost)."""
 import json
 import sys
 from pathlib import Path
@@ -8,11 +8,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def main(speed=HERE / "results_speed_cpu.json", conv=HERE / "results_convert_h14_cpu.json",
-         out=HERE / "results_cpu.png"):
+def main(speed=RESULTS_DIR / "results_speed_cpu.json", conv=RESULTS_DIR / "results_convert_h14_cpu.json",
+         out=RESULTS_DIR / "results_cpu.png"):
     s, c = json.loads(Path(speed).read_text()), json.loads(Path(conv).read_text())
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     inf = s["inference"]

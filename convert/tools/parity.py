@@ -84,11 +84,12 @@ def torch_forward(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc:
     """All intermediates of the PyTorch model (eval mode), as float32 numpy."""
     import torch
 
-    from mixer_torch.model import MlpMixer, load_flat
+    from mixer_torch.model import model_from_flat
 
     dev = torch_device(device)
     tdtype = getattr(torch, dtype)
-    model = load_flat(MlpMixer(cfg), flat).eval().to(device=dev, dtype=tdtype)
+    # built without a random initialisation (minutes for L and H on a CPU: torch's RNG is serial)
+    model = model_from_flat(flat, cfg).eval().to(device=dev, dtype=tdtype)
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(device=dev, dtype=tdtype)
     with _no_tf32(), torch.no_grad():
         _, inter = model(x, return_intermediates=True)
@@ -157,10 +158,10 @@ def torch_grads(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: n
     import torch
 
     from mixer_convert.layouts import torch_to_canonical
-    from mixer_torch.model import MlpMixer, load_flat
+    from mixer_torch.model import model_from_flat
 
     dev = torch_device(device)
-    model = load_flat(MlpMixer(cfg), flat).eval().to(dev)
+    model = model_from_flat(flat, cfg).eval().to(dev)
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(dev)
     with _no_tf32():
         torch.nn.functional.cross_entropy(model(x), torch.from_numpy(labels).long().to(dev)).backward()
