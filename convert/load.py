@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 
+from mixer_convert.errors import CheckpointError
 from mixer_convert.hub import resolve
 from mixer_convert.io import MAX_BYTES, LazyParams, cast, open_params
 from mixer_convert.resize import new_head, resize_token_mixing
@@ -35,20 +36,34 @@ def open_checkpoint(path: str | os.PathLike, variant: str | None = None, image_s
 
 def load_checkpoint(path: str | os.PathLike, num_classes: int | None | Keep = "keep", scale: int = 1,
                     variant: str | None = None, image_size=None, prefix: str | None = None,
-                    max_bytes: int | None = MAX_BYTES) -> tuple[dict[str, np.ndarray], MixerConfig]:
+                    max_bytes: int | None = MAX_BYTES, allow_nonfinite: bool = False,
+                    nonfinite_hint: str = "pass allow_nonfinite=True to load them anyway"
+                    ) -> tuple[dict[str, np.ndarray], MixerConfig]:
     """Canonical numpy params and config from any supported checkpoint, optionally resized
     ``scale`` x (paper appendix C) and with a fresh head for ``num_classes`` ('keep' keeps the
-    checkpoint's head, None removes it). Non-float tensors are refused."""
+    checkpoint's head, None removes it). Non-float tensors are refused, and so are NaN/Inf values
+    unless ``allow_nonfinite`` (a :class:`CheckpointError` ending in the caller's ``nonfinite_hint``:
+    how its user allows them)."""
     params, cfg = open_checkpoint(path, variant, image_size, prefix, max_bytes=max_bytes)
     try:
         flat = {k: cast(k, np.asarray(params[k]), "keep") for k in params}
     finally:
         params.close()
+    if not allow_nonfinite:
+        check_finite(flat, path, nonfinite_hint)
     if scale != 1:
         flat, cfg = resize_token_mixing(flat, cfg, scale)
     if num_classes != "keep":
         flat, cfg = new_head(flat, cfg, num_classes)
     return flat, cfg
+
+
+def check_finite(flat: dict[str, np.ndarray], path, hint: str) -> None:
+    """The first tensor holding NaN or Inf, as one line naming the file and the key."""
+    for key, arr in flat.items():
+        ok = np.count_nonzero(np.isfinite(arr.astype(np.float32, copy=False)))
+        if ok != arr.size:
+            raise CheckpointError(f"{path}: {key}: {arr.size - ok} of {arr.size} values are NaN or Inf; {hint}")
 
 
 # Fields a loaded checkpoint leaves free; every other field is fixed by its shapes.
