@@ -13,8 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="mixer-train", description="Train or fine-tune an MLP-Mixer in Flax.")
     p.add_argument("--config", default="digits", choices=sorted(CONFIGS), help="named config (mixer_jax/configs.py)")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, metrics.png, model.npz, "
-                                                    "classes.json; an existing run there is resumed "
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, metrics.png, "
+                                                    "model.npz, classes.json; an existing run there is resumed "
                                                     "(--set steps=0: only evaluate its latest checkpoint, "
                                                     "or init_from, reporting top-1 and top-5)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -51,13 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPU/TPU ignore it
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from mixer_jax.checkpointing import CheckpointError
     from mixer_jax.train import NonFiniteLossError, train_and_evaluate
 
     try:
         result = train_and_evaluate(cfg, args.workdir, progress=not args.no_progress,
                                     allow_config_change=args.allow_config_change)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError) as e:  # incl. mixer_convert.errors.CheckpointError
         return _error(str(e))
     except NonFiniteLossError as e:
         print(f"mixer-train: stopped: {e}", file=sys.stderr)

@@ -16,11 +16,11 @@ from typing import Callable
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
     "jax": ("jax", "flax"),
-    "train": ("jax", "flax", "optax", "orbax.checkpoint", "sklearn"),
+    "train": ("jax", "flax", "optax", "orbax.checkpoint", "sklearn", "tensorboardX"),
 }
 # A module found missing at run time -> the smallest extra that provides it.
 _MODULE_EXTRA = {"torch": "torch", "jax": "jax", "jaxlib": "jax", "flax": "jax", "optax": "jax", "orbax": "jax",
-                 "sklearn": "train", "tensorflow_datasets": "train", "matplotlib": "train"}
+                 "sklearn": "train", "tensorflow_datasets": "train", "matplotlib": "train", "tensorboardX": "train"}
 
 
 class MissingExtraError(RuntimeError):
