@@ -120,7 +120,9 @@ def test_the_loop_logs_evaluates_and_saves_in_step_order_and_finishes_once(tmp_p
 
     monkeypatch.setattr(loop_module, "evaluate", lambda state, cfg, compiled, src: {
         "eval_accuracy": float(state.params["w"]), "eval_top5": 1.0, "eval_loss": 0.0})
-    monkeypatch.setattr(loop_module, "plot_metrics", lambda *a: None)
+    drawn = []  # metrics.png is redrawn at each eval, from the records logged so far
+    monkeypatch.setattr(loop_module, "plot_metrics", lambda src, png: drawn.append(
+        (png.name, [json.loads(line)["step"] for line in open(src)][-1])))
     seen = []
     loop = _loop(tmp_path, tiny(steps=6, log_every=2, eval_every=3, checkpoint_every=4),
                  on_step=lambda step: seen.append((step, list(loop.sinks.ckpt.saved))))
@@ -137,7 +139,7 @@ def test_the_loop_logs_evaluates_and_saves_in_step_order_and_finishes_once(tmp_p
     assert [(r["step"], "eval_accuracy" in r) for r in recs] == [(1, False), (2, False), (3, False), (3, True), (4, False),
                                                                 (5, False), (6, False), (6, True)]
     assert recs[3]["eval_accuracy"] == 3.0  # evaluated on the state after step 3
-    assert loop.sinks.ckpt.saved == [4, 6]
+    assert loop.sinks.ckpt.saved == [4, 6] and drawn == [("metrics.png", 3), ("metrics.png", 6)]
 
 
 def test_a_stop_request_saves_at_the_step_reached_and_leaves_the_loop(tmp_path):
