@@ -175,3 +175,24 @@ def test_a_second_ctrl_c_interrupts_at_once_and_one_process_needs_no_agreement()
             assert stop.is_set()
             os.kill(os.getpid(), signal.SIGINT)
     assert agreed(True) is True and agreed(False) is False
+
+
+def test_evaluate_averages_over_the_real_examples_of_the_whole_split(tmp_path):
+    import jax.numpy as jnp
+    from mixer_jax.data import make_source
+    from mixer_jax.loop import evaluate
+
+    cfg = tiny(eval_batch_size=64)
+    src = make_source(cfg.data, cfg.data.eval_split)
+    assert len(src) % 64  # the last batch is padded
+
+    def eval_step(state, images, labels, mask):  # "predicts" class 0 for every image, 3 in the top 5
+        return {"correct": jnp.sum((labels == 0) * mask), "correct5": jnp.sum((labels < 3) * mask),
+                "loss_sum": jnp.sum(2.0 * mask), "count": jnp.sum(mask)}
+
+    loop = _loop(tmp_path, cfg)
+    compiled = dataclasses.replace(loop.compiled, eval_step=eval_step)
+    got = evaluate(None, cfg, compiled, src)
+    loop.sinks.close()
+    assert got == {"eval_accuracy": pytest.approx(np.mean(src.labels == 0)),
+                   "eval_top5": pytest.approx(np.mean(src.labels < 3)), "eval_loss": pytest.approx(2.0)}
