@@ -21,9 +21,10 @@ import numpy as np
 from mixer_convert.errors import CheckpointError
 from mixer_convert.trees import flatten
 
-# Config keys a resumed run may change without changing what it computes.
+# Config keys a resumed run may change without changing what it computes (init_allow_nonfinite: the
+# checkpoint's weights replace init_from's).
 RESUMABLE_KEYS = frozenset({"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "export_torch",
-                            "eval_batch_size", "data.workers", "data.worker_type"})
+                            "eval_batch_size", "data.workers", "data.worker_type", "init_allow_nonfinite"})
 
 
 class ResumeConfigError(ValueError):
