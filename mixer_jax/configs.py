@@ -21,7 +21,7 @@ class DataConfig:
     data_dir: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
-    image_size: int | tuple[int, int] = 224
+    image_size: int | tuple[int, int] = 224  # (H, W) or one side; the model's too (architecture)
     # 'inception_crop_flip' is the official train preprocessing; flips are wrong for digits.
     train_augment: str = "inception_crop_flip"
     crop_area: tuple[float, float] = (0.05, 1.0)
@@ -73,6 +73,7 @@ class ModelConfig:
             size, patch = parse_variant(self.variant)
         except ValueError as e:
             raise ValueError(f"model.variant: {e}") from None
+        object.__setattr__(self, "variant", f"{size}/{patch}")  # 'mixer_b16_224' is saved as 'B/16'
         wanted = dict(zip(DIMENSIONS, ((patch, patch), *SIZES[size])))
         for d, value in wanted.items():
             if getattr(self, d) is None:
@@ -304,8 +305,7 @@ def pretrain_i1k(variant: str = "B/16") -> TrainConfig:
     then linear decay, batch 4096, clip 1.0, mixup 0.5, stochastic depth 0.1."""
     return TrainConfig(model=ModelConfig(variant, stoch_depth=0.1),
                        data=DataConfig(name="imagenet2012", eval_split="validation", image_size=224),
-                       optim=OptimConfig(name="adam", lr=1e-3, weight_decay=1e-4, schedule="linear",
-                                         warmup_steps=10_000),
+                       optim=OptimConfig("adam", lr=1e-3, weight_decay=1e-4, schedule="linear", warmup_steps=10_000),
                        batch_size=4096, steps=300 * 1251, mixup_alpha=0.5, eval_every=5000, checkpoint_every=5000)
 
 
@@ -334,11 +334,10 @@ def override(cfg, assignments: list[str]):
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
+        key, raw = (part.strip() for part in item.split("=", 1))
         if key in _NOT_SETTABLE:
             raise ValueError(f"{key} cannot be set: {_NOT_SETTABLE[key]}")
-        cfg = _set(cfg, key.split("."), raw.strip(), key)
+        cfg = _set(cfg, key.split("."), raw, key)
         keys.append(key)
     _check_init_from(cfg, keys)
     if isinstance(cfg, TrainConfig) and _size_errors(cfg):  # e.g. a patch size that does not divide the images

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 # record key -> TensorBoard tag
-TENSORBOARD_TAGS = {"loss": "train/loss", "accuracy": "train/accuracy", "lr": "train/lr", "grad_norm": "train/grad_norm",
-                    "img_per_s": "train/img_per_s", "eval_accuracy": "eval/top1", "eval_top5": "eval/top5",
-                    "eval_loss": "eval/loss"}
+TENSORBOARD_TAGS = {"loss": "train/loss", "accuracy": "train/accuracy", "lr": "train/lr",
+                    "grad_norm": "train/grad_norm", "img_per_s": "train/img_per_s", "eval_accuracy": "eval/top1",
+                    "eval_top5": "eval/top5", "eval_loss": "eval/loss"}
 
 
 class NonFiniteLossError(RuntimeError):

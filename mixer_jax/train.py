@@ -164,8 +164,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
     """Train, evaluate, checkpoint and (optionally) export. Resumes from the newest intact
     checkpoint in ``workdir`` (refusing a config that changes the run's meaning unless
     ``allow_config_change``). ``on_step(step)`` is called after every optimizer step (after any
-    checkpoint of that step is written; the last step's follows the final eval). SIGINT/SIGTERM save a checkpoint and return early
-    with ``interrupted=True``. ``steps=0`` evaluates the latest checkpoint, or ``init_from``."""
+    checkpoint of that step is written; the last step's follows the final eval). SIGINT/SIGTERM
+    save a checkpoint and return early with ``interrupted=True``. ``steps=0`` evaluates the latest
+    checkpoint, or ``init_from``."""
     cfg, workdir = expand_paths(cfg), Path(workdir).expanduser().absolute()
     validate(cfg, jax.device_count(), jax.process_count())
     sources = make_source(cfg.data, cfg.data.train_split), make_source(cfg.data, cfg.data.eval_split)

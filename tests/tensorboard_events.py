@@ -34,4 +34,5 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def texts(logdir: Path) -> dict[str, list[tuple[int, str]]]:
     """tag -> [(step, text), ...] of the text summaries."""
-    return {tag: [(s, v.reshape(-1)[0].decode()) for s, v in events] for tag, events in _by_plugin(logdir, "text").items()}
+    return {tag: [(s, v.reshape(-1)[0].decode()) for s, v in events]
+            for tag, events in _by_plugin(logdir, "text").items()}

@@ -44,7 +44,8 @@ def test_nan_weights_in_init_from_are_refused_at_load_in_one_line(tmp_path, caps
     flat["MixerBlock_1/token_mixing/Dense_0/kernel"][0, :3] = np.nan
     np.savez(tmp_path / "nan_weights.npz", **flat)
     monkeypatch.setattr(train, "build_state", lambda *a: pytest.fail("refused only after building the state"))
-    assert main(["--workdir", str(tmp_path / "w"), "--no-progress", "--set", f"init_from={tmp_path}/nan_weights.npz"]) == 2
+    argv = ["--workdir", str(tmp_path / "w"), "--no-progress", "--set", f"init_from={tmp_path}/nan_weights.npz"]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err == (f"mixer-train: error: {tmp_path}/nan_weights.npz: MixerBlock_1/token_mixing/Dense_0/kernel: 3 of "
                    "1024 values are NaN or Inf; --set init_allow_nonfinite=true trains from them anyway\n")

@@ -115,7 +115,7 @@ def test_a_variant_fills_in_its_dimensions_and_a_contradicting_one_is_an_error()
     m = ModelConfig("S/16")
     assert (m.patch_size, m.hidden_dim, m.num_blocks, m.tokens_mlp_dim, m.channels_mlp_dim) == \
         ((16, 16), 512, 8, 256, 2048)
-    assert ModelConfig("S/16", hidden_dim=512) == m
+    assert ModelConfig("S/16", hidden_dim=512) == m == ModelConfig("mixer_s16_224")
     with pytest.raises(ValueError, match=r"model.hidden_dim=16 contradicts model.variant='S/16' \(512\)"):
         ModelConfig("S/16", hidden_dim=16)
     with pytest.raises(ValueError, match="without model.variant, model.hidden_dim, model.num_blocks"):

@@ -97,7 +97,8 @@ def _loop(tmp_path, cfg, norm=0.0, on_step=None):
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
 
     def step(state, x, y, rng):  # a stand-in optimizer step: counts, and reports the batch's first label
-        return State({"w": state.params["w"] + 1}), {"loss": float(y[0, 0]), "accuracy": 0.5, "lr": 0.1, "grad_norm": 1.0}
+        metrics = {"loss": float(y[0, 0]), "accuracy": 0.5, "lr": 0.1, "grad_norm": 1.0}
+        return State({"w": state.params["w"] + 1}), metrics
 
     class Batches:
         def __init__(self):
@@ -128,7 +129,8 @@ def test_the_loop_logs_evaluates_and_saves_in_step_order_and_finishes_once(tmp_p
                  on_step=lambda step: seen.append((step, list(loop.sinks.ckpt.saved))))
     end = loop_module.train_loop(loop, State({"w": np.float32(0)}), 0, None)
     assert (end.done, end.last_good, float(end.state.params["w"])) == (6, 4, 6.0)
-    assert [r["step"] for r in end.history] == [1, 2, 3, 4, 5, 6] and [r["loss"] for r in end.history] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in end.history] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in end.history] == [1, 2, 3, 4, 5, 6]  # the batches in order
     assert loop.sinks.ckpt.saved == [4]
     assert seen[3] == (4, [4])  # on_step runs after that step's checkpoint
     assert loop_module.finish(loop, end)["eval_accuracy"] == 6.0
@@ -136,8 +138,8 @@ def test_the_loop_logs_evaluates_and_saves_in_step_order_and_finishes_once(tmp_p
     assert loop_module.finish(loop, end)["eval_accuracy"] == 6.0  # a finished run started again: nothing logged
     loop.sinks.close()
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [(r["step"], "eval_accuracy" in r) for r in recs] == [(1, False), (2, False), (3, False), (3, True), (4, False),
-                                                                (5, False), (6, False), (6, True)]
+    assert [(r["step"], "eval_accuracy" in r) for r in recs] == [
+        (1, False), (2, False), (3, False), (3, True), (4, False), (5, False), (6, False), (6, True)]
     assert recs[3]["eval_accuracy"] == 3.0  # evaluated on the state after step 3
     assert loop.sinks.ckpt.saved == [4, 6] and drawn == [("metrics.png", 3), ("metrics.png", 6)]
 

@@ -126,7 +126,8 @@ def test_a_run_writes_metrics_plot_checkpoints_and_official_npz(reference_run):
     for key, tag in (("loss", "train/loss"), ("accuracy", "train/accuracy"), ("lr", "train/lr"),
                      ("grad_norm", "train/grad_norm"), ("img_per_s", "train/img_per_s")):
         assert tb[tag] == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in train], tag
-    assert tb["eval/top1"] == [(12, pytest.approx(acc))] and tb["eval/top5"] == [(12, pytest.approx(recs[-1]["eval_top5"]))]
+    assert tb["eval/top1"] == [(12, pytest.approx(acc))]
+    assert tb["eval/top5"] == [(12, pytest.approx(recs[-1]["eval_top5"]))]
     assert tb["eval/loss"] == [(12, pytest.approx(recs[-1]["eval_loss"]))]
     [(step, text)] = texts(w)["config/text_summary"]
     assert step == 0 and json.loads(text)["steps"] == 12
