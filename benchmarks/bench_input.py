@@ -199,16 +199,16 @@ def bench_training(folder: Path, model_cfg, batch: int, steps: int, workers: int
     import jax.numpy as jnp
     from functools import partial
 
-    from mixer_jax.model import MlpMixer
-    from mixer_jax.train import create_train_state, make_optimizer, train_step
+    from mixer_jax.optimizer import make_optimizer
+    from mixer_jax.steps import create_train_state, model_fns, train_step
 
-    model = MlpMixer(model_cfg, dtype=jnp.dtype(dtype))
+    fns = model_fns(model_cfg, jnp.dtype(dtype))
     tx, _ = make_optimizer(TrainConfig().optim, steps)
-    step_fn = jax.jit(partial(train_step, model=model, num_classes=model_cfg.num_classes), donate_argnums=(0,))
+    step_fn = jax.jit(partial(train_step, num_classes=model_cfg.num_classes), donate_argnums=(0,))
     rng = jax.random.PRNGKey(0)
 
     def run(batches) -> float:
-        state = create_train_state(model, tx, rng)
+        state = create_train_state(fns, tx, rng)
         x, y = next(batches)
         state, m = step_fn(state, jnp.asarray(x)[None], jnp.asarray(y)[None], rng)  # compile
         jax.block_until_ready(m)

@@ -111,14 +111,14 @@ def flax_train_step(cfg, flat, batch) -> float:
     import jax.numpy as jnp
     import optax
 
-    from mixer_jax.model import MlpMixer, params_from_flat
-    from mixer_jax.train import create_train_state, train_step
+    from mixer_jax.model import params_from_flat
+    from mixer_jax.steps import create_train_state, model_fns, train_step
 
-    model = MlpMixer(cfg, dtype=jnp.dtype(DTYPE))
-    state = create_train_state(model, optax.sgd(0.01, 0.9), jax.random.PRNGKey(0), params_from_flat(flat, cfg))
+    fns = model_fns(cfg, DTYPE)
+    state = create_train_state(fns, optax.sgd(0.01, 0.9), jax.random.PRNGKey(0), params_from_flat(flat, cfg))
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, batch, *cfg.image_size, 3)).astype(np.float32))
     y = jnp.asarray(np.arange(batch)[None] % cfg.num_classes)
-    step = jax.jit(lambda s, x, y: train_step(s, x, y, jax.random.PRNGKey(0), model=model,
+    step = jax.jit(lambda s, x, y: train_step(s, x, y, jax.random.PRNGKey(0),
                                               num_classes=cfg.num_classes), donate_argnums=(0,))
     holder = [state]
 

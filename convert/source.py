@@ -24,6 +24,7 @@ import numpy as np
 
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.spec import config_for, num_params
+from mixer_convert.trees import TreeError, flatten
 
 # A tensor a reader declares, not yet read: (shape, dtype, load). Names and shapes are mapped and
 # checked before any data is read.
@@ -160,6 +161,15 @@ class Source:
     def reading(self, what: str):
         """Turn a third-party reader's failure on damaged input into one CheckpointError."""
         return reading(self.path, what)
+
+
+def tree_entries(where: str, tree: Any) -> dict[str, Any]:
+    """A decoded tree (msgpack, orbax) as '/'-joined names -> leaves; two paths giving one name
+    (a key holding '/') or absurd nesting are refused as CheckpointErrors naming ``where``."""
+    try:
+        return flatten(tree, "/", sequences=True)
+    except TreeError as e:
+        raise CheckpointError(f"{where}: {e}; not a parameter tree") from None
 
 
 @contextlib.contextmanager

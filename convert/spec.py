@@ -8,6 +8,7 @@ a name or shape can only be wrong in one place.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from typing import Iterator
 
@@ -55,8 +56,8 @@ class MixerConfig:
     dropout_rate: float = 0.0  # not in the official model; the original PyTorch port's `dropout`
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "patch_size", _pair(self.patch_size, "patch_size"))
-        object.__setattr__(self, "image_size", _pair(self.image_size, "image_size"))
+        object.__setattr__(self, "patch_size", image_hw(self.patch_size, "patch_size"))
+        object.__setattr__(self, "image_size", image_hw(self.image_size, "image_size"))
         for field in ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim", "in_chans"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -87,16 +88,16 @@ class MixerConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _pair(value, what: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
+def image_hw(size, what: str = "image_size") -> tuple[int, int]:
+    """An image (or patch) size as ``(height, width)``: an int ``n`` is ``(n, n)``, a pair is
+    ``(h, w)``. The one normaliser of sizes in the package; anything else is one error naming ``what``."""
     try:
-        a, b = value
+        h, w = (size, size) if isinstance(size, numbers.Integral) else size
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be an int or a pair of ints, got {value!r}") from None
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (a, b)):
-        raise ValueError(f"{what} must hold positive ints, got {value!r}")
-    return int(a), int(b)
+        h = w = None
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in (h, w)):
+        raise ValueError(f"{what} must be a positive int or a pair of positive ints (height, width), got {size!r}")
+    return int(h), int(w)
 
 
 def parse_variant(name: str) -> tuple[str, int]:

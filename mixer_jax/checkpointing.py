@@ -19,10 +19,12 @@ import jax
 import numpy as np
 
 from mixer_convert.errors import CheckpointError
+from mixer_convert.trees import flatten
 
-# Config keys a resumed run may change without changing what it computes.
+# Config keys a resumed run may change without changing what it computes (init_allow_nonfinite: the
+# checkpoint's weights replace init_from's).
 RESUMABLE_KEYS = frozenset({"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "export_torch",
-                            "eval_batch_size", "data.workers", "data.worker_type"})
+                            "eval_batch_size", "data.workers", "data.worker_type", "init_allow_nonfinite"})
 
 
 class ResumeConfigError(ValueError):
@@ -57,35 +59,26 @@ def jsonable(obj):
     return obj
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_changes(saved: dict, now: dict) -> list[str]:
     """The differences that change a run's meaning, as 'key: saved -> now' lines."""
-    a, b = _flatten(saved), _flatten(now)
+    a, b = flatten(saved, "."), flatten(now, ".")
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
             for k in sorted(set(a) | set(b)) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
 
 
 def check_resume_config(saved: dict | None, now: dict, step: int, allow_change: bool,
-                        report: Callable[[str], None] = print) -> None:
-    """Refuse to continue a run under a config that means something else, unless told to."""
+                        report: Callable[[str], None] = print) -> list[str]:
+    """Refuse to continue a run under a config that means something else, unless told to;
+    returns the (allowed) changes."""
     changes = config_changes(saved, now) if saved is not None else []
     if not changes:
-        return
+        return changes
     msg = (f"the checkpoint at step {step} was written by a run with another config: " + "; ".join(changes))
     if not allow_change:
         raise ResumeConfigError(msg + ". Use another --workdir for a new run, or pass --allow-config-change "
                                       "(allow_config_change=True) to continue this one under the new config")
     report("warning: " + msg + " (continuing: config change allowed)")
+    return changes
 
 
 class Checkpointer:

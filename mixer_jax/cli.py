@@ -15,8 +15,8 @@ def build_parser() -> Parser:
 
     p = Parser(prog=PROG, description="Train or fine-tune an MLP-Mixer in Flax.")
     p.add_argument("--config", default="digits", choices=sorted(CONFIGS), help="named config (mixer_jax/configs.py)")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, metrics.png, model.npz, "
-                                                    "classes.json; an existing run there is resumed "
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, metrics.png, "
+                                                    "model.npz, classes.json; an existing run there is resumed "
                                                     "(--set steps=0: only evaluate its latest checkpoint, "
                                                     "or init_from, reporting top-1 and top-5)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

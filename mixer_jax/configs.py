@@ -1,6 +1,8 @@
-"""Training configs: the typed dataclasses (TrainConfig, OptimConfig, DataConfig), their
-validation, the named recipes (``get_config(name)``) and ``--set`` overrides. No exec, no
-framework imports: a config can be built and checked before anything is compiled."""
+"""Training configs: the typed dataclasses (TrainConfig, ModelConfig, OptimConfig, DataConfig),
+their validation, the named recipes (``get_config(name)``), ``--set`` overrides, and
+``architecture``: the one place where the model section, the data's image size and the data's
+number of classes (or an ``init_from`` checkpoint) become the MixerConfig that is trained. No exec,
+no framework imports: a config can be built and checked before anything is compiled."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +10,7 @@ import math
 import os
 
 from mixer_convert.hub import is_remote
-from mixer_convert.spec import MixerConfig, config_for
+from mixer_convert.spec import SIZES, MixerConfig, image_hw, parse_variant, variant_name
 
 AUGMENTS = ("inception_crop_flip", "inception_crop", "none")
 
@@ -19,7 +21,7 @@ class DataConfig:
     data_dir: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
-    image_size: int | tuple[int, int] = 224
+    image_size: int | tuple[int, int] = 224  # (H, W) or one side; the model's too (architecture)
     # 'inception_crop_flip' is the official train preprocessing; flips are wrong for digits.
     train_augment: str = "inception_crop_flip"
     crop_area: tuple[float, float] = (0.05, 1.0)
@@ -33,6 +35,60 @@ class DataConfig:
     # Unreadable examples: False stops the run naming the file; True replaces each (training) by
     # the next readable example, or leaves it out (eval), and reports and counts it.
     skip_bad: bool = False
+
+
+# The fields a variant name fixes; without a variant all of them are given.
+DIMENSIONS = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What the user chooses about the model: a published variant or its dimensions, the
+    regularisation and the compute dtype. The number of classes comes from the data, the image
+    size from ``data.image_size`` (:func:`architecture`). A variant fills in its dimensions, so
+    they can always be read (``cfg.model.hidden_dim``); a dimension that contradicts it is an error.
+    ``--set model.variant=S/16`` replaces the dimensions; ``--set model.hidden_dim=...`` keeps the
+    others and drops the variant name (the model is no longer that variant)."""
+
+    variant: str | None = "B/16"  # 'S/32' ... 'H/14', or None with every dimension given
+    patch_size: int | tuple[int, int] | None = None
+    hidden_dim: int | None = None
+    num_blocks: int | None = None
+    tokens_mlp_dim: int | None = None
+    channels_mlp_dim: int | None = None
+    stoch_depth: float = 0.0  # big_vision's rate for the last block (linear ramp from 0)
+    dropout_rate: float = 0.0
+    compute_dtype: str = "float32"  # or 'bfloat16' (params and optimizer stay float32)
+
+    def __post_init__(self) -> None:
+        if self.patch_size is not None:
+            object.__setattr__(self, "patch_size", image_hw(self.patch_size, "model.patch_size"))
+        if self.variant is None:
+            missing = [f"model.{d}" for d in DIMENSIONS if getattr(self, d) is None]
+            if missing:
+                raise ValueError(f"without model.variant, {', '.join(missing)} must be given (or set model.variant)")
+            return
+        try:
+            size, patch = parse_variant(self.variant)
+        except ValueError as e:
+            raise ValueError(f"model.variant: {e}") from None
+        object.__setattr__(self, "variant", f"{size}/{patch}")  # 'mixer_b16_224' is saved as 'B/16'
+        wanted = dict(zip(DIMENSIONS, ((patch, patch), *SIZES[size])))
+        for d, value in wanted.items():
+            if getattr(self, d) is None:
+                object.__setattr__(self, d, value)
+            elif getattr(self, d) != value:
+                raise ValueError(f"model.{d}={getattr(self, d)!r} contradicts model.variant={self.variant!r} "
+                                 f"({value!r}); give the variant or the dimensions")
+
+    def with_field(self, name: str, value) -> "ModelConfig":
+        """This config with one field set the way ``--set`` means it (see the class docstring)."""
+        if name == "variant":
+            return dataclasses.replace(self, variant=value, **dict.fromkeys(DIMENSIONS))
+        if name in DIMENSIONS:
+            return dataclasses.replace(self, variant=None, **{name: value})
+        return dataclasses.replace(self, **{name: value})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +108,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    # The architecture; its num_classes and image_size are replaced by the data's. With
-    # init_from, the checkpoint's architecture wins and only stoch_depth/dropout_rate are used.
-    model: MixerConfig = dataclasses.field(default_factory=lambda: config_for("B/16"))
+    # With init_from, the checkpoint's architecture wins; only the regularisation and the compute
+    # dtype of the model section apply.
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     batch_size: int = 512  # global, per optimizer step
@@ -62,16 +118,37 @@ class TrainConfig:
     steps: int = 10_000
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0  # 0 disables; mixes each batch with its reverse (big_vision)
-    compute_dtype: str = "float32"  # or 'bfloat16' (params and optimizer stay float32)
     seed: int = 0
     eval_every: int = 1000  # 0: only at the end
     log_every: int = 50
     checkpoint_every: int = 1000  # 0: only at the end
     keep_checkpoints: int = 2
     init_from: str | None = None  # any checkpoint the bridge reads (.npz, ..., or a name like B/16-i21k)
+    # NaN/Inf in init_from's weights are refused at load (a run from them only trains to "loss is nan").
+    init_allow_nonfinite: bool = False
     resize_scale: int = 1  # fine-tune at K x the checkpoint's resolution (paper appendix C)
     export_torch: bool = False  # write model.pt (our PyTorch naming) at the end; needs torch
     eval_batch_size: int = 0  # 0: batch_size / accum_steps
+
+
+def architecture(cfg: TrainConfig, num_classes: int, checkpoint: MixerConfig | None = None) -> MixerConfig:
+    """The MixerConfig to train, decided here only: the image size is ``data.image_size``, the
+    head has the data's ``num_classes``; the rest is the model section's choice, or, with a
+    ``checkpoint`` (init_from's, already resized and given its head), the checkpoint's, which must
+    then be for ``data.image_size`` images. The model section's regularisation applies to both."""
+    image_size = image_hw(cfg.data.image_size, "data.image_size")
+    m = cfg.model
+    regularisation = dict(stoch_depth=m.stoch_depth, dropout_rate=m.dropout_rate)
+    if checkpoint is None:
+        return MixerConfig(**{d: getattr(m, d) for d in DIMENSIONS}, num_classes=num_classes,
+                           image_size=image_size, **regularisation)
+    if checkpoint.image_size != image_size:
+        raise ValueError(f"checkpoint {cfg.init_from} is for {checkpoint.image_size} images (after resize_scale "
+                         f"{cfg.resize_scale}); data.image_size is {image_size}")
+    if checkpoint.num_classes != num_classes:
+        raise ValueError(f"checkpoint {cfg.init_from} has a head for {checkpoint.num_classes} classes; "
+                         f"the data has {num_classes}")
+    return checkpoint.replace(**regularisation)
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -92,16 +169,20 @@ _CHECKS: tuple[tuple[str, object, str], ...] = (
     ("steps", _int_at_least(0), "an integer >= 0 (0: evaluate init_from or the latest checkpoint)"),
     ("label_smoothing", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
     ("mixup_alpha", lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 disables)"),
-    ("compute_dtype", lambda x: x in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
     ("seed", _int_at_least(0), "an integer >= 0"),
     ("eval_every", _int_at_least(0), "an integer >= 0 (0: only at the end)"),
     ("log_every", _int_at_least(1), "an integer >= 1"),
     ("checkpoint_every", _int_at_least(0), "an integer >= 0 (0: only at the end)"),
     ("keep_checkpoints", _int_at_least(1), "an integer >= 1"),
     ("init_from", lambda x: x is None or (isinstance(x, str) and x != ""), "a checkpoint path or name, or none"),
+    ("init_allow_nonfinite", lambda x: isinstance(x, bool), "true or false"),
     ("resize_scale", _int_at_least(1), "an integer >= 1"),
     ("export_torch", lambda x: isinstance(x, bool), "true or false"),
     ("eval_batch_size", _int_at_least(0), "an integer >= 0 (0: batch_size / accum_steps)"),
+    *((f"model.{d}", _int_at_least(1), "an integer >= 1") for d in DIMENSIONS[1:]),
+    ("model.stoch_depth", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
+    ("model.dropout_rate", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
+    ("model.compute_dtype", lambda x: x in COMPUTE_DTYPES, " or ".join(map(repr, COMPUTE_DTYPES))),
     ("optim.name", lambda x: x in ("sgd", "adam"), "'sgd' or 'adam'"),
     ("optim.lr", lambda x: _finite(x) and x > 0, "a finite number > 0"),
     ("optim.momentum", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1) (0: plain SGD)"),
@@ -119,11 +200,8 @@ _CHECKS: tuple[tuple[str, object, str], ...] = (
     ("data.skip_bad", lambda x: isinstance(x, bool), "true or false"),
     ("data.crop_area", lambda x: isinstance(x, tuple) and len(x) == 2 and all(map(_finite, x))
      and 0 < x[0] <= x[1] <= 1, "two numbers lo,hi with 0 < lo <= hi <= 1"),
-    ("data.image_size", lambda x: _int_at_least(1)(x) or (isinstance(x, tuple) and len(x) == 2
-                                                        and all(map(_int_at_least(1), x))),
-     "a positive integer or H,W"),
 )
-_SECTIONS = {"model": MixerConfig, "data": DataConfig, "optim": OptimConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
 
 
 def _get(cfg, key: str):
@@ -139,10 +217,7 @@ def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None
               for name, cls in _SECTIONS.items() if not isinstance(getattr(cfg, name), cls)]
     if errors:
         raise ValueError("bad training config: " + "; ".join(errors))
-    for key, ok, allowed in _CHECKS:
-        value = _get(cfg, key)
-        if not ok(value):
-            errors.append(f"{key} must be {allowed}, got {value!r}")
+    errors = _value_errors(cfg) + _size_errors(cfg)
     if isinstance(cfg.init_from, str) and cfg.init_from and not is_remote(cfg.init_from) \
             and not os.path.exists(os.path.expanduser(cfg.init_from)):
         errors.append(f"init_from {cfg.init_from!r} does not exist (a checkpoint file, or a published name such as "
@@ -160,25 +235,45 @@ def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None
         raise ValueError("bad training config: " + "; ".join(errors))
 
 
+def _value_errors(cfg: TrainConfig, prefix: str = "") -> list[str]:
+    return [f"{key} must be {allowed}, got {_get(cfg, key)!r}" for key, ok, allowed in _CHECKS
+            if key.startswith(prefix) and not ok(_get(cfg, key))]
+
+
+def _size_errors(cfg: TrainConfig) -> list[str]:
+    try:
+        image_hw(cfg.data.image_size, "data.image_size")
+        # The patch size must divide the image size; with init_from the checkpoint's is checked at load.
+        if not cfg.init_from and not _value_errors(cfg, "model."):
+            architecture(cfg, num_classes=1)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def current_layout(saved: dict) -> dict:
+    """A config saved with a checkpoint by an earlier version, in today's layout, so that a resume
+    compares like with like: ``compute_dtype`` in the model section, no ``num_classes``,
+    ``image_size`` or ``in_chans`` there (the data decides them), and the variant its dimensions are."""
+    model = saved.get("model")
+    if not isinstance(model, dict) or "variant" in model:
+        return saved
+    model = {k: v for k, v in model.items() if k not in ("num_classes", "image_size", "in_chans")}
+    try:
+        dims = {d: model[d] for d in DIMENSIONS}
+        model["variant"] = variant_name(MixerConfig(**dims, image_size=dims["patch_size"]))
+    except (KeyError, TypeError, ValueError):
+        model["variant"] = None
+    out = {k: v for k, v in saved.items() if k != "compute_dtype"}
+    out["model"] = {**model, "compute_dtype": saved.get("compute_dtype", "float32")}
+    return out
+
+
 def expand_paths(cfg: TrainConfig) -> TrainConfig:
     """``~`` in any path the user gives is their home, as in a shell."""
     init = os.path.expanduser(cfg.init_from) if cfg.init_from else cfg.init_from
     data_dir = os.path.expanduser(cfg.data.data_dir) if cfg.data.data_dir else cfg.data.data_dir
     return dataclasses.replace(cfg, init_from=init, data=dataclasses.replace(cfg.data, data_dir=data_dir))
-
-
-def data_errors(d: DataConfig) -> list[str]:
-    errors = []
-    if d.workers is not None and d.workers < 0:
-        errors.append(f"data.workers must be >= 0 (0: in the training thread) or none (one per core), got {d.workers}")
-    if d.worker_type not in ("thread", "process"):
-        errors.append(f"data.worker_type must be 'thread' or 'process', got {d.worker_type!r}")
-    if d.train_augment not in AUGMENTS:
-        errors.append(f"data.train_augment must be one of {AUGMENTS}, got {d.train_augment!r}")
-    lo, hi = d.crop_area
-    if not 0 < lo <= hi <= 1:
-        errors.append(f"data.crop_area must satisfy 0 < min <= max <= 1, got {d.crop_area}")
-    return errors
 
 
 # ---- named recipes --------------------------------------------------------------------------
@@ -188,8 +283,8 @@ def digits() -> TrainConfig:
     """The embedded default: a small Mixer on scikit-learn's real handwritten digits (8x8,
     upsampled to 32x32, 4x4 patches), a few minutes on a 2-core CPU."""
     return TrainConfig(
-        model=MixerConfig(patch_size=4, hidden_dim=128, num_blocks=4, tokens_mlp_dim=64, channels_mlp_dim=256,
-                          image_size=32),
+        model=ModelConfig(variant=None, patch_size=4, hidden_dim=128, num_blocks=4, tokens_mlp_dim=64,
+                          channels_mlp_dim=256),
         data=DataConfig(name="digits", image_size=32, train_augment="inception_crop", crop_area=(0.5, 1.0)),
         optim=OptimConfig(name="adam", lr=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50,
                           grad_clip=1.0),
@@ -200,7 +295,7 @@ def digits() -> TrainConfig:
 def finetune(variant: str = "B/16", dataset: str = "cifar10", image_size: int = 224) -> TrainConfig:
     """vit_jax's fine-tuning recipe (configs/common.py): SGD momentum 0.9, lr 0.03, cosine,
     500 warmup steps, clip 1.0, batch 512, 10k steps, no weight decay. Set init_from."""
-    return TrainConfig(model=config_for(variant), data=DataConfig(name=dataset, image_size=image_size),
+    return TrainConfig(model=ModelConfig(variant), data=DataConfig(name=dataset, image_size=image_size),
                        optim=OptimConfig(), batch_size=512, steps=10_000, eval_every=1000)
 
 
@@ -208,10 +303,9 @@ def pretrain_i1k(variant: str = "B/16") -> TrainConfig:
     """The paper's ImageNet-1k pre-training (big_vision configs/mlp_mixer_i1k.py) without
     RandAugment: Adam (0.9, 0.999), lr 1e-3, decoupled wd 1e-4 on kernels, 10k linear warmup
     then linear decay, batch 4096, clip 1.0, mixup 0.5, stochastic depth 0.1."""
-    return TrainConfig(model=config_for(variant, stoch_depth=0.1),
+    return TrainConfig(model=ModelConfig(variant, stoch_depth=0.1),
                        data=DataConfig(name="imagenet2012", eval_split="validation", image_size=224),
-                       optim=OptimConfig(name="adam", lr=1e-3, weight_decay=1e-4, schedule="linear",
-                                         warmup_steps=10_000),
+                       optim=OptimConfig("adam", lr=1e-3, weight_decay=1e-4, schedule="linear", warmup_steps=10_000),
                        batch_size=4096, steps=300 * 1251, mixup_alpha=0.5, eval_every=5000, checkpoint_every=5000)
 
 
@@ -224,10 +318,11 @@ def get_config(name: str) -> TrainConfig:
     return CONFIGS[name]()
 
 
-# Model fields that another source decides: a --set of one would be silently overwritten.
-_DECIDED_BY_DATA = {"model.num_classes": "the dataset's number of classes",
-                    "model.image_size": "data.image_size (set that instead)"}
-_KEPT_WITH_INIT_FROM = {"model.stoch_depth", "model.dropout_rate"}
+# Keys that another source decides, or that moved: a --set of one is refused, saying what wins.
+_NOT_SETTABLE = {"model.num_classes": "it is decided by the dataset's number of classes",
+                 "model.image_size": "it is decided by data.image_size (set that instead)",
+                 "compute_dtype": "it moved into the model section: --set model.compute_dtype=..."}
+_KEPT_WITH_INIT_FROM = {"model.stoch_depth", "model.dropout_rate", "model.compute_dtype"}
 
 
 def override(cfg, assignments: list[str]):
@@ -239,19 +334,22 @@ def override(cfg, assignments: list[str]):
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        cfg = _set(cfg, key.split("."), raw.strip(), key)
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if key in _NOT_SETTABLE:
+            raise ValueError(f"{key} cannot be set: {_NOT_SETTABLE[key]}")
+        cfg = _set(cfg, key.split("."), raw, key)
         keys.append(key)
-    _check_decided(cfg, keys)
+    _check_init_from(cfg, keys)
+    if isinstance(cfg, TrainConfig) and _size_errors(cfg):  # e.g. a patch size that does not divide the images
+        raise ValueError(_size_errors(cfg)[0])
     return cfg
 
 
-def _check_decided(cfg, keys: list[str]) -> None:
+def _check_init_from(cfg, keys: list[str]) -> None:
+    if not getattr(cfg, "init_from", None):
+        return
     for key in keys:
-        if key in _DECIDED_BY_DATA:
-            raise ValueError(f"{key} cannot be set: it is decided by {_DECIDED_BY_DATA[key]}")
-        if key.startswith("model.") and key not in _KEPT_WITH_INIT_FROM and getattr(cfg, "init_from", None):
+        if key.startswith("model.") and key not in _KEPT_WITH_INIT_FROM:
             raise ValueError(f"{key} cannot be set together with init_from: the checkpoint decides the "
                              f"architecture; only {', '.join(sorted(_KEPT_WITH_INIT_FROM))} apply")
 
@@ -268,7 +366,10 @@ def _set(obj, path: list[str], raw: str, full: str):
     if dataclasses.is_dataclass(cur):
         first = dataclasses.fields(cur)[0].name
         raise ValueError(f"{full!r} is a section, not a value; set its fields, e.g. {full}.{first}=...")
-    return dataclasses.replace(obj, **{path[0]: _parse(raw, cur, full)})
+    value = _parse(raw, cur, full)
+    if isinstance(obj, ModelConfig):
+        return obj.with_field(path[0], value)
+    return dataclasses.replace(obj, **{path[0]: value})
 
 
 def _parse(raw: str, current, full: str):

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from mixer_convert.spec import image_hw
 from mixer_jax.configs import DataConfig
 from mixer_jax.images import BadImageError, crop_resize, inception_box, read_image
 
@@ -45,10 +46,6 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def _hw(image_size) -> tuple[int, int]:
-    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
 
 
 # ---- one example ------------------------------------------------------------------------------
@@ -65,7 +62,7 @@ class Preprocess:
 
     @classmethod
     def from_config(cls, d: DataConfig) -> "Preprocess":
-        return cls(_hw(d.image_size), d.train_augment, tuple(d.crop_area), d.jpeg_draft)
+        return cls(image_hw(d.image_size, "data.image_size"), d.train_augment, tuple(d.crop_area), d.jpeg_draft)
 
     def train(self, payload, rng: np.random.Generator, name: str | None = None) -> np.ndarray:
         """Official train preprocessing: inception crop, resized (bilinear, no antialias), optional

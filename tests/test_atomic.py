@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import has_module, subprocess_env
-from mixer_convert.atomic import Interrupted, atomic_path, check_destination, interruptible, writing
+from mixer_convert.atomic import atomic_path, check_destination, interruptible, writing
 from mixer_convert.errors import CheckpointError
 
 

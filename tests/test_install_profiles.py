@@ -19,7 +19,7 @@ from mixer_convert import config_for, random_params
 
 # Modules of each extra beyond the core (numpy, ml_dtypes, tqdm, pillow).
 JAX = {"jax", "jaxlib", "flax", "optax", "orbax"}
-TRAIN_ONLY = {"sklearn", "tensorflow_datasets", "tensorflow", "matplotlib"}
+TRAIN_ONLY = {"sklearn", "tensorflow_datasets", "tensorflow", "matplotlib", "tensorboardX"}
 PROFILES = {  # profile -> modules that are "not installed"
     "torch": JAX | TRAIN_ONLY,
     "jax": {"torch"} | TRAIN_ONLY,

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from mixer_convert import (VARIANTS, MixerConfig, ParamMismatchError, check_params, check_variant, config_for, infer_config,
@@ -45,6 +46,21 @@ def test_image_size_not_divisible_by_patch_is_a_clear_error():
 def test_bad_config_values_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         config_for("S/32", **{field: value})
+
+
+@pytest.mark.parametrize("size, hw", [(224, (224, 224)), ((384, 224), (384, 224)), ([32, 48], (32, 48)),
+                                      (np.int64(16), (16, 16))])
+def test_image_hw_turns_an_int_or_a_pair_into_height_and_width(size, hw):
+    from mixer_convert.spec import image_hw
+    assert image_hw(size) == hw and all(type(v) is int for v in image_hw(size))
+
+
+@pytest.mark.parametrize("size", [0, -3, True, (16,), (16, 16, 3), "224", None, (16.0, 16), (16, 0)])
+def test_image_hw_refuses_anything_else_in_one_message_naming_the_field(size):
+    from mixer_convert.spec import image_hw
+    with pytest.raises(ValueError, match=r"^data.image_size must be a positive int or a pair of positive ints "
+                                         r"\(height, width\), got "):
+        image_hw(size, "data.image_size")
 
 
 def test_param_tree_is_the_official_one():

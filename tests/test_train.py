@@ -1,5 +1,6 @@
-"""The Flax training stack: steps, recipes, data, sharding across devices and processes,
-checkpoint/resume after SIGKILL, failure handling, fine-tuning and export."""
+"""mixer_jax.train: whole runs. Data sources, sharding across devices and processes, TensorBoard
+events, checkpoint/resume after SIGKILL, failure handling, init_from, fine-tuning and export. (The
+pieces have their own tests: test_configs, test_steps, test_loop, test_checkpointing, test_metrics.)"""
 import dataclasses
 import json
 import signal
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, requires_jax, subprocess_env
+from tensorboard_events import scalars, texts
 
 pytestmark = requires_jax
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -45,15 +47,10 @@ def tiny(**kw):
 # ---- config errors come before any compute ----------------------------------------------------
 
 
-def test_bad_configs_fail_before_any_compute(tmp_path):
+def test_bad_data_configs_fail_before_any_compute(tmp_path):
     from mixer_jax.configs import DataConfig
-    from mixer_jax.configs import validate
     from mixer_jax.train import train_and_evaluate
 
-    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-        validate(tiny(batch_size=36), num_devices=8)
-    with pytest.raises(ValueError, match="not divisible by accum_steps"):
-        validate(tiny(batch_size=32, accum_steps=3), num_devices=1)
     with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset'"):
         train_and_evaluate(tiny(data=DataConfig(name="no_such_dataset")), tmp_path / "a")
     with pytest.raises(ValueError, match="data_dir '/nonexistent/dir' does not exist"):
@@ -63,154 +60,7 @@ def test_bad_configs_fail_before_any_compute(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "checkpoints").exists()
 
 
-def test_overrides_are_typed_and_typos_are_errors():
-    from mixer_jax.configs import get_config, override
-
-    cfg = override(get_config("digits"), ["steps=7", "optim.lr=0.5", "data.crop_area=0.2,0.9",
-                                          "export_torch=true", "model.hidden_dim=16"])
-    assert (cfg.steps, cfg.optim.lr, cfg.data.crop_area, cfg.export_torch, cfg.model.hidden_dim) == \
-        (7, 0.5, (0.2, 0.9), True, 16)
-    assert override(cfg, ["init_from=x.npz", "model.stoch_depth=0.1"]).init_from == "x.npz"
-    assert override(cfg, ["model.patch_size=8"]).model.patch_size == (8, 8)
-    with pytest.raises(ValueError, match="image_size 32x32 is not divisible by patch_size 5x5"):
-        override(cfg, ["model.patch_size=5"])  # validated as it is set, before anything runs
-    with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
-        override(cfg, ["optim.lrr=1"])
-    with pytest.raises(ValueError, match="bad value for 'steps'"):
-        override(cfg, ["steps=many"])
-    with pytest.raises(ValueError, match="unknown config 'nope'"):
-        get_config("nope")
-
-
-def test_cli_rejects_a_bad_override_with_exit_code_2(tmp_path, capsys):
-    from mixer_jax.cli import main
-    assert main(["--workdir", str(tmp_path), "--set", "batch_sise=3"]) == 2
-    assert "unknown config key 'batch_sise'" in capsys.readouterr().err
-
-
-# ---- recipes -----------------------------------------------------------------------------------
-
-
-def test_schedules_warm_up_then_decay_to_zero():
-    from mixer_jax.configs import OptimConfig
-    from mixer_jax.train import make_schedule
-
-    cos = make_schedule(OptimConfig(lr=0.03, warmup_steps=500, schedule="cosine"), 10_000)
-    assert float(cos(0)) == 0 and float(cos(250)) == pytest.approx(0.015) and float(cos(500)) == pytest.approx(0.03)
-    assert float(cos(10_000)) == pytest.approx(0, abs=1e-9)
-    lin = make_schedule(OptimConfig(lr=1e-3, warmup_steps=100, schedule="linear"), 1100)
-    assert float(lin(100)) == pytest.approx(1e-3) and float(lin(600)) == pytest.approx(5e-4)
-
-
-def test_weight_decay_is_decoupled_and_applies_to_kernels_only():
-    import jax.numpy as jnp
-    from mixer_jax.configs import OptimConfig
-    from mixer_jax.train import make_optimizer
-
-    tx, _ = make_optimizer(OptimConfig(name="adam", lr=0.1, weight_decay=0.5, warmup_steps=0, grad_clip=0,
-                                       schedule="cosine"), 10)
-    params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "LayerNorm_0": {"scale": jnp.ones(2)}}
-    zero = {"Dense_0": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}, "LayerNorm_0": {"scale": jnp.zeros(2)}}
-    updates, _ = tx.update(zero, tx.init(params), params)
-    assert np.allclose(updates["Dense_0"]["kernel"], -0.1 * 0.5)  # -lr * wd * w with zero gradient
-    assert not np.any(updates["Dense_0"]["bias"]) and not np.any(updates["LayerNorm_0"]["scale"])
-
-
-def _state_and_batch(accum, mixup=0.0, smoothing=0.0):
-    import jax
-    from mixer_jax.data import make_source
-    from mixer_jax.input_pipeline import TrainBatches
-    from mixer_jax.model import MlpMixer
-    from mixer_jax.train import create_train_state, make_optimizer
-
-    cfg = tiny()
-    model = MlpMixer(cfg.model.replace(num_classes=10, image_size=(16, 16)))
-    tx, sched = make_optimizer(cfg.optim, 10)
-    state = create_train_state(model, tx, jax.random.PRNGKey(0))
-    x, y, _, _ = TrainBatches(make_source(cfg.data, "train"), cfg.data, 32, seed=0)(0)
-    return model, state, x.reshape(accum, 32 // accum, *x.shape[1:]), y.reshape(accum, -1), sched
-
-
-def test_gradient_accumulation_equals_one_big_batch():
-    import jax
-    from mixer_jax.train import train_step
-
-    outs = []
-    for accum in (1, 4):
-        model, state, x, y, sched = _state_and_batch(accum)
-        new, m = jax.jit(lambda s, a, b: train_step(s, a, b, jax.random.PRNGKey(1), model=model, num_classes=10))(
-            state, x, y)
-        outs.append((new.params, m))
-    leaves = zip(jax.tree_util.tree_leaves(outs[0][0]), jax.tree_util.tree_leaves(outs[1][0]))
-    assert max(float(np.abs(a - b).max()) for a, b in leaves) < 1e-6
-    assert float(outs[0][1]["loss"]) == pytest.approx(float(outs[1][1]["loss"]), abs=1e-6)
-
-
-def test_label_smoothing_and_mixup_build_the_documented_targets():
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from mixer_jax.input_pipeline import normalize
-    from mixer_jax.train import _loss, cross_entropy
-
-    model, state, x, y, _ = _state_and_batch(1)
-    x = normalize(x)  # _loss takes model inputs; train_step normalises the pipeline's uint8
-    leaves, tree = jax.tree_util.tree_flatten(state.params)
-    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-    params = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    x, y, rng = x[0], y[0], jax.random.PRNGKey(3)
-    assert x.dtype == np.float32 and x.min() >= -1 and x.max() <= 1
-    onehot = jax.nn.one_hot(y, 10)
-
-    def logits(images):
-        return model.apply({"params": params}, images)
-
-    loss, correct = _loss(params, model, x, y, rng, 10, 0.1, 0.0)
-    want = cross_entropy(logits(x), optax.smooth_labels(onehot, 0.1)).mean()
-    assert float(loss) == pytest.approx(float(want), rel=1e-5)
-    assert int(correct) == int(jnp.sum(jnp.argmax(logits(x), -1) == y))
-
-    # mixup: each batch mixed with its reverse, weight lam ~ Beta(a, a) from the step's key
-    loss, correct = _loss(params, model, x, y, rng, 10, 0.0, 0.4)
-    lam = jax.random.beta(jax.random.split(rng)[0], 0.4, 0.4)
-    mixed_x = lam * x + (1 - lam) * x[::-1]
-    want = cross_entropy(logits(mixed_x), lam * onehot + (1 - lam) * onehot[::-1]).mean()
-    assert 0 < float(lam) < 1 and float(loss) == pytest.approx(float(want), rel=1e-5)
-    assert int(correct) == int(jnp.sum(jnp.argmax(logits(mixed_x), -1) == y))  # accuracy vs the true labels
-
-
 # ---- data --------------------------------------------------------------------------------------
-
-
-def test_uint8_batches_are_normalised_on_the_device_like_float_batches():
-    import jax
-    from mixer_jax.input_pipeline import normalize
-    from mixer_jax.train import eval_step, train_step
-
-    model, state, x, y, _ = _state_and_batch(1)
-    assert x.dtype == np.uint8
-    step = jax.jit(lambda s, a: train_step(s, a, y, jax.random.PRNGKey(1), model=model, num_classes=10))
-    (new_u8, m_u8), (new_f32, m_f32) = step(state, x), step(state, np.asarray(normalize(x)))
-    for a, b in zip(jax.tree_util.tree_leaves(new_u8.params), jax.tree_util.tree_leaves(new_f32.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    mask = np.ones(32, bool)
-    assert float(eval_step(new_u8, x[0], y[0], mask, model=model)["correct"]) == \
-        float(eval_step(new_u8, np.asarray(normalize(x[0])), y[0], mask, model=model)["correct"])
-
-
-def test_top5_counts_labels_among_the_five_largest_logits():
-    import jax.numpy as jnp
-    from mixer_jax.train import eval_step
-
-    class Fixed:  # a "model" whose logits are given
-        def apply(self, variables, images):
-            return jnp.asarray(logits)
-
-    logits = np.array([[9, 8, 7, 6, 5, 4, 0], [0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0]], np.float32)
-    labels = np.array([4, 0, 0])  # 5th best, worst, best
-    state = type("S", (), {"params": {}})()
-    out = eval_step(state, np.zeros((3, 1, 1, 3), np.float32), labels, np.array([True, True, False]), model=Fixed())
-    assert (int(out["correct"]), int(out["correct5"]), int(out["count"])) == (0, 1, 2)
 
 
 @pytest.mark.slow
@@ -271,6 +121,16 @@ def test_a_run_writes_metrics_plot_checkpoints_and_official_npz(reference_run):
     # the bridge reads the training checkpoint itself (params beside opt_state and step)
     from_ckpt = read_params(w / "checkpoints" / "12" / "state")
     assert set(from_ckpt) == set(params) and all(np.array_equal(from_ckpt[k], params[k]) for k in params)
+    # TensorBoard: every logged value at its step, the final eval, the config once
+    tb = scalars(w)
+    for key, tag in (("loss", "train/loss"), ("accuracy", "train/accuracy"), ("lr", "train/lr"),
+                     ("grad_norm", "train/grad_norm"), ("img_per_s", "train/img_per_s")):
+        assert tb[tag] == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in train], tag
+    assert tb["eval/top1"] == [(12, pytest.approx(acc))]
+    assert tb["eval/top5"] == [(12, pytest.approx(recs[-1]["eval_top5"]))]
+    assert tb["eval/loss"] == [(12, pytest.approx(recs[-1]["eval_loss"]))]
+    [(step, text)] = texts(w)["config/text_summary"]
+    assert step == 0 and json.loads(text)["steps"] == 12
 
 
 @pytest.mark.slow
@@ -302,6 +162,8 @@ def test_two_processes_on_localhost_train_like_one(reference_run, tmp_path):
         assert p.returncode == 0, err[-4000:]
     params, hist, _, devices = load_run(tmp_path / "o.npz")
     assert devices == 4
+    assert len(list((tmp_path / "w").glob("events.out.tfevents.*"))) == 1  # process 0's only
+    assert [s for s, _ in scalars(tmp_path / "w")["train/loss"]] == list(range(1, 13))
     assert_params_close(params, ref, atol=1e-5)
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], abs=1e-5)
 
@@ -326,6 +188,10 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_params(reference_run,
     logged = [json.loads(line)["step"] for line in open(tmp_path / "w" / "metrics.jsonl")
               if "loss" in json.loads(line)]
     assert logged == list(range(1, 13))  # steps 9-10 of the killed run are not logged twice
+    # TensorBoard, as it reads the two runs' files: each step once, the resumed run's values after step 8
+    assert len(list((tmp_path / "w").glob("events.out.tfevents.*"))) == 2
+    assert scalars(tmp_path / "w")["train/loss"] == [(h["step"], pytest.approx(h["loss"], rel=1e-6)) for h in ref_hist]
+    assert [s for s, _ in texts(tmp_path / "w")["config/text_summary"]] == [0]
 
 
 @pytest.mark.slow
@@ -362,7 +228,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(np.isfinite(x).all() for x in leaves)
 
 
-def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export_to_pytorch(tmp_path):
+def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export_to_pytorch(tmp_path, monkeypatch):
     from mixer_convert import config_for, random_params
     from mixer_convert.load import read_params
     from mixer_convert.resize import new_head, resize_token_mixing
@@ -372,18 +238,20 @@ def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export
                           image_size=8, num_classes=21)
     flat = random_params(base_cfg, 0)
     np.savez(tmp_path / "Mixer-tiny.npz", **flat)
-    cfg = tiny(steps=1, init_from=str(tmp_path / "Mixer-tiny.npz"), resize_scale=2, export_torch=True,
+    monkeypatch.setenv("HOME", str(tmp_path))  # and a ~ in workdir and init_from means home
+    cfg = tiny(steps=1, init_from="~/Mixer-tiny.npz", resize_scale=2, export_torch=True,
                optim=dataclasses.replace(tiny().optim, lr=1e-12, warmup_steps=0, weight_decay=0.0))
-    res = train_and_evaluate(cfg, tmp_path / "w", progress=False)
+    res = train_and_evaluate(cfg, "~/runs/w", progress=False)
+    assert res.step == 1 and (tmp_path / "runs" / "w" / "model.npz").exists()
     expected, _ = new_head(*resize_token_mixing(flat, base_cfg, 2), 10)
-    got = read_params(tmp_path / "w" / "model.npz")
+    got = read_params(tmp_path / "runs" / "w" / "model.npz")
     assert set(got) == set(expected)
     for k in expected:  # one step at lr 1e-12 leaves the loaded weights as they were
         np.testing.assert_allclose(got[k], expected[k], atol=1e-6, err_msg=k)
     assert res.model_config.image_size == (16, 16) and res.model_config.num_classes == 10
     pytest.importorskip("torch")
     from mixer_torch import from_checkpoint
-    model = from_checkpoint(tmp_path / "w" / "model.pt")
+    model = from_checkpoint(tmp_path / "runs" / "w" / "model.pt")
     assert model.config.num_classes == 10 and model.config.tokens_mlp_dim == 64
 
 
@@ -398,6 +266,44 @@ def test_init_from_a_checkpoint_for_another_resolution_is_a_clear_error(tmp_path
         train_and_evaluate(tiny(init_from=str(tmp_path / "m.npz")), tmp_path / "w", progress=False)
 
 
+def _tiny_checkpoint(path, num_classes):
+    from mixer_convert import config_for, random_params
+
+    cfg = config_for("S/16", patch_size=4, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=64,
+                     image_size=16, num_classes=num_classes)
+    flat = random_params(cfg, 0)
+    np.savez(path, **flat)
+    return flat
+
+
+def test_init_from_keeps_a_head_of_the_right_size_and_replaces_any_other(tmp_path):
+    from mixer_jax.model import params_to_flat
+    from mixer_jax.train import load_init_params
+
+    same = _tiny_checkpoint(tmp_path / "ten.npz", 10)
+    params, cfg = load_init_params(tiny(init_from=str(tmp_path / "ten.npz")), num_classes=10)
+    np.testing.assert_array_equal(params_to_flat(params)["head/kernel"], same["head/kernel"])
+    _tiny_checkpoint(tmp_path / "other.npz", 21)
+    params, cfg = load_init_params(tiny(init_from=str(tmp_path / "other.npz")), num_classes=10)
+    head = params_to_flat(params)["head/kernel"]
+    assert cfg.num_classes == 10 and head.shape == (32, 10) and not head.any()
+
+
+def test_init_from_with_nan_weights_is_refused_unless_allowed(tmp_path):
+    from mixer_convert.errors import CheckpointError
+    from mixer_jax.model import params_to_flat
+    from mixer_jax.train import load_init_params
+
+    flat = _tiny_checkpoint(tmp_path / "nan.npz", 10)
+    flat["stem/bias"][:2] = [np.nan, np.inf]
+    np.savez(tmp_path / "nan.npz", **flat)
+    with pytest.raises(CheckpointError, match=r"nan.npz: stem/bias: 2 of 32 values are NaN or Inf "
+                                              r"\(--set init_allow_nonfinite=true"):
+        load_init_params(tiny(init_from=str(tmp_path / "nan.npz")), num_classes=10)
+    params, _ = load_init_params(tiny(init_from=str(tmp_path / "nan.npz"), init_allow_nonfinite=True), num_classes=10)
+    assert np.array_equal(params_to_flat(params)["stem/bias"], flat["stem/bias"], equal_nan=True)
+
+
 
 
 @pytest.mark.slow
@@ -408,7 +314,8 @@ def test_bf16_compute_follows_the_float32_run_with_float32_parameters(reference_
     from mixer_jax.train import train_and_evaluate
 
     (_, ref_hist, _, _), _ = reference_run
-    res = train_and_evaluate(tiny(steps=12, compute_dtype="bfloat16"), tmp_path / "w", progress=False)
+    res = train_and_evaluate(tiny(steps=12, model=dataclasses.replace(tiny().model, compute_dtype="bfloat16")),
+                             tmp_path / "w", progress=False)
     bf16, fp32 = [h["loss"] for h in res.history], [h["loss"] for h in ref_hist]
     assert bf16 == pytest.approx(fp32, abs=2e-2) and bf16 != fp32
     assert {x.dtype for x in jax.tree_util.tree_leaves(res.params)} == {np.dtype("float32")}
@@ -440,3 +347,18 @@ def test_steps_0_evaluates_the_latest_checkpoint_or_init_from_and_reports_top5(r
     assert not (tmp_path / "e").exists()  # nothing written
     with pytest.raises(ValueError, match="steps=0 evaluates init_from or the latest checkpoint"):
         train_and_evaluate(tiny(steps=0), tmp_path / "empty", progress=False)
+
+
+@pytest.mark.slow
+def test_resuming_with_other_steps_is_refused_then_allowed_with_the_flag(tmp_path):
+    from mixer_jax.checkpointing import ResumeConfigError
+    from mixer_jax.train import train_and_evaluate
+
+    train_and_evaluate(tiny(steps=2, checkpoint_every=2), tmp_path / "w", progress=False)
+    with pytest.raises(ResumeConfigError, match="steps: 2 -> 4"):
+        train_and_evaluate(tiny(steps=4), tmp_path / "w", progress=False)
+    res = train_and_evaluate(tiny(steps=4), tmp_path / "w", progress=False, allow_config_change=True)
+    assert res.step == 4 and [h["step"] for h in res.history] == [3, 4]
+    # TensorBoard: each step once, and the config again at the step the changed run resumed from
+    assert [s for s, _ in scalars(tmp_path / "w")["train/loss"]] == [1, 2, 3, 4]
+    assert [(s, json.loads(t)["steps"]) for s, t in texts(tmp_path / "w")["config/text_summary"]] == [(0, 2), (2, 4)]

@@ -12,8 +12,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from mixer_convert.errors import CheckpointError, needs
-from mixer_convert.source import Entry, Source, no_duplicate_keys
-from mixer_convert.trees import flatten, nest
+from mixer_convert.source import Entry, Source, no_duplicate_keys, tree_entries
+from mixer_convert.trees import nest
 
 
 def leaf_entry(src: Source, key: str, v: Any) -> Entry:
@@ -41,7 +41,7 @@ def read(src: Source) -> tuple[dict[str, Entry], None]:
         tree = serialization.msgpack_restore(data)
     if not isinstance(tree, Mapping):
         raise CheckpointError(f"{path}: Flax msgpack does not hold a parameter tree")
-    return {k: leaf_entry(src, k, v) for k, v in flatten(tree, where=str(path)).items()}, None
+    return {k: leaf_entry(src, k, v) for k, v in tree_entries(str(path), tree).items()}, None
 
 
 def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> None:

@@ -22,8 +22,8 @@ import numpy as np
 
 from mixer_convert.atomic import check_interrupted
 from mixer_convert.errors import CheckpointError, WriteError, needs, why
-from mixer_convert.source import Entry, MAX_METADATA_BYTES, Source, no_duplicate_keys, reading
-from mixer_convert.trees import flatten, nest
+from mixer_convert.source import Entry, MAX_METADATA_BYTES, Source, no_duplicate_keys, reading, tree_entries
+from mixer_convert.trees import nest
 
 
 @contextlib.contextmanager
@@ -79,7 +79,7 @@ class _OrbaxTree:
                 # Straight to host numpy: a converter has no use for device arrays or shardings.
                 as_numpy = tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
                 tree = ckptr.restore(self.path.absolute(), args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-            arrays = {k: v for k, v in flatten(tree, where=str(self.path)).items() if v is not None}
+            arrays = {k: v for k, v in tree_entries(str(self.path), tree).items() if v is not None}
             if set(arrays) != set(self.declared):
                 raise CheckpointError(f"{self.path}: restored tree differs from its metadata")
             for k, (shape, dtype, _) in self.declared.items():
@@ -106,7 +106,7 @@ def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None]]:
     if not isinstance(meta, Mapping):
         raise CheckpointError(f"{path}: orbax checkpoint does not hold a parameter tree")
     declared = {}
-    for k, m in flatten(meta, where=str(path)).items():
+    for k, m in tree_entries(str(path), meta).items():
         if m is None:  # an empty optimizer state: nothing stored
             continue
         shape, dtype = getattr(m, "shape", None), getattr(m, "dtype", None)

@@ -1,0 +1,172 @@
+"""mixer_jax.configs: the typed sections, every value validated naming its key, --set overrides,
+the model section (a variant or its dimensions), and the one place the data decides the model's
+image size and classes."""
+import dataclasses
+
+import pytest
+
+from conftest import requires_jax
+from tests_config import BAD_VALUES
+
+pytestmark = requires_jax  # the configs import nothing heavy, but the package is the jax extra's
+
+
+def tiny(**kw):
+    from tests_config import tiny_digits
+    return dataclasses.replace(tiny_digits(), **kw)
+
+
+# ---- config values: every bad one names its key and the allowed range -----------------------------
+
+
+@pytest.mark.parametrize("assignment,message", BAD_VALUES)
+def test_every_bad_config_value_is_refused_naming_the_key_and_range(assignment, message):
+    from mixer_jax.configs import get_config, override, validate
+
+    cfg = override(get_config("digits"), [assignment])
+    with pytest.raises(ValueError, match="bad training config") as e:
+        validate(cfg, num_devices=1)
+    assert message in str(e.value)
+
+
+def test_bad_batch_splits_are_refused_before_any_compute():
+    from mixer_jax.configs import validate
+
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        validate(tiny(batch_size=36), num_devices=8)
+    with pytest.raises(ValueError, match="not divisible by accum_steps"):
+        validate(tiny(batch_size=32, accum_steps=3), num_devices=1)
+
+
+def test_the_named_configs_are_valid():
+    from mixer_jax.configs import CONFIGS, validate
+
+    for name, make in CONFIGS.items():
+        validate(make(), num_devices=1)
+
+
+# ---- --set -------------------------------------------------------------------------------------------
+
+
+def test_overrides_are_typed_and_typos_are_errors():
+    from mixer_jax.configs import get_config, override
+
+    cfg = override(get_config("digits"), ["steps=7", "optim.lr=0.5", "data.crop_area=0.2,0.9",
+                                          "export_torch=true", "model.hidden_dim=16"])
+    assert (cfg.steps, cfg.optim.lr, cfg.data.crop_area, cfg.export_torch, cfg.model.hidden_dim) == \
+        (7, 0.5, (0.2, 0.9), True, 16)
+    assert override(cfg, ["init_from=x.npz", "model.stoch_depth=0.1"]).init_from == "x.npz"
+    assert override(cfg, ["model.patch_size=8"]).model.patch_size == (8, 8)
+    with pytest.raises(ValueError, match="image_size 32x32 is not divisible by patch_size 5x5"):
+        override(cfg, ["model.patch_size=5"])  # validated as it is set, before anything runs
+    with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
+        override(cfg, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="bad value for 'steps'"):
+        override(cfg, ["steps=many"])
+    with pytest.raises(ValueError, match="unknown config 'nope'"):
+        get_config("nope")
+
+
+@pytest.mark.parametrize("section", ["model", "data", "optim"])
+def test_a_whole_section_cannot_be_replaced_by_a_value(section):
+    from mixer_jax.configs import get_config, override
+
+    with pytest.raises(ValueError, match=f"'{section}' is a section, not a value; set its fields, e.g. {section}\\."):
+        override(get_config("digits"), [f"{section}=5"])
+
+
+def test_model_fields_the_data_decides_cannot_be_set():
+    from mixer_jax.configs import get_config, override
+
+    with pytest.raises(ValueError, match="model.num_classes cannot be set: it is decided by the dataset"):
+        override(get_config("digits"), ["model.num_classes=7"])
+    with pytest.raises(ValueError, match=r"model.image_size cannot be set: it is decided by data.image_size"):
+        override(get_config("digits"), ["model.image_size=64"])
+
+
+def test_the_old_compute_dtype_key_names_the_new_one():
+    from mixer_jax.configs import get_config, override
+
+    with pytest.raises(ValueError, match=r"compute_dtype cannot be set: it moved into the model section: "
+                                         r"--set model.compute_dtype="):
+        override(get_config("digits"), ["compute_dtype=bfloat16"])
+    assert override(get_config("digits"), ["model.compute_dtype=bfloat16"]).model.compute_dtype == "bfloat16"
+
+
+def test_with_init_from_only_regularisation_and_dtype_model_fields_can_be_set():
+    from mixer_jax.configs import get_config, override
+
+    with pytest.raises(ValueError, match="model.hidden_dim cannot be set together with init_from: the checkpoint "
+                                         "decides the architecture"):
+        override(get_config("finetune"), ["init_from=m.npz", "model.hidden_dim=16"])
+    with pytest.raises(ValueError, match="model.variant cannot be set together with init_from"):
+        override(get_config("finetune"), ["model.variant=S/16", "init_from=m.npz"])
+    cfg = override(get_config("finetune"), ["model.stoch_depth=0.1", "model.dropout_rate=0.1", "init_from=m.npz",
+                                            "model.compute_dtype=bfloat16"])
+    assert (cfg.model.stoch_depth, cfg.model.dropout_rate, cfg.model.compute_dtype) == (0.1, 0.1, "bfloat16")
+
+
+# ---- the model section: a variant or its dimensions ----------------------------------------------
+
+
+def test_a_variant_fills_in_its_dimensions_and_a_contradicting_one_is_an_error():
+    from mixer_jax.configs import ModelConfig
+
+    m = ModelConfig("S/16")
+    assert (m.patch_size, m.hidden_dim, m.num_blocks, m.tokens_mlp_dim, m.channels_mlp_dim) == \
+        ((16, 16), 512, 8, 256, 2048)
+    assert ModelConfig("S/16", hidden_dim=512) == m == ModelConfig("mixer_s16_224")
+    with pytest.raises(ValueError, match=r"model.hidden_dim=16 contradicts model.variant='S/16' \(512\)"):
+        ModelConfig("S/16", hidden_dim=16)
+    with pytest.raises(ValueError, match="without model.variant, model.hidden_dim, model.num_blocks"):
+        ModelConfig(None, patch_size=4)
+    with pytest.raises(ValueError, match="model.variant: unknown Mixer variant 'Z/3'"):
+        ModelConfig("Z/3")
+
+
+def test_set_variant_replaces_the_dimensions_and_a_dimension_drops_the_variant_name():
+    from mixer_jax.configs import get_config, override
+
+    cfg = override(get_config("digits"), ["model.variant=S/16", "data.image_size=64"])
+    assert (cfg.model.variant, cfg.model.patch_size, cfg.model.hidden_dim) == ("S/16", (16, 16), 512)
+    cfg = override(get_config("finetune"), ["model.num_blocks=4"])
+    assert (cfg.model.variant, cfg.model.num_blocks, cfg.model.hidden_dim) == (None, 4, 768)  # B/16 with 4 blocks
+    with pytest.raises(ValueError, match="image_size 32x32 is not divisible by patch_size 14x14"):
+        override(get_config("digits"), ["model.variant=H/14"])
+
+
+def test_the_image_size_and_the_classes_come_from_the_data_in_one_place():
+    from mixer_jax.configs import architecture, finetune
+
+    arch = architecture(finetune("S/16", image_size=384), num_classes=10)
+    assert (arch.image_size, arch.num_classes, arch.hidden_dim) == ((384, 384), 10, 512)
+    assert not hasattr(finetune().model, "image_size") and not hasattr(finetune().model, "num_classes")
+    arch = architecture(tiny(data=dataclasses.replace(tiny().data, image_size=(16, 24))), num_classes=3)
+    assert arch.image_size == (16, 24) and arch.grid == (4, 6)
+
+
+def test_with_a_checkpoint_its_shapes_win_and_only_the_regularisation_applies():
+    from mixer_convert.spec import config_for
+    from mixer_jax.configs import ModelConfig, architecture
+
+    ck = config_for("S/16", image_size=16, patch_size=4, hidden_dim=8, num_classes=10)
+    cfg = tiny(init_from="m.npz", model=ModelConfig("B/16", stoch_depth=0.1, dropout_rate=0.2))
+    assert architecture(cfg, 10, checkpoint=ck) == ck.replace(stoch_depth=0.1, dropout_rate=0.2)
+    with pytest.raises(ValueError, match=r"checkpoint m.npz is for \(16, 16\) images .* data.image_size is \(32, 32\)"):
+        architecture(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=32)), 10, checkpoint=ck)
+
+
+def test_a_config_saved_by_an_earlier_version_compares_in_todays_layout():
+    from mixer_jax.checkpointing import config_changes, jsonable
+    from mixer_jax.configs import current_layout, digits, finetune
+
+    for cfg in (finetune(), digits()):
+        now = jsonable(cfg)
+        old = {k: v for k, v in now.items() if k not in ("model", "init_allow_nonfinite")}
+        old["model"] = {k: v for k, v in now["model"].items() if k not in ("variant", "compute_dtype")}
+        old["model"].update(num_classes=1000, image_size=[224, 224], in_chans=3)
+        old["compute_dtype"] = "float32"
+        assert config_changes(current_layout(old), now) == []
+        assert current_layout(now) == now
+    old["compute_dtype"] = "bfloat16"
+    assert config_changes(current_layout(old), jsonable(digits())) == ["model.compute_dtype: 'bfloat16' -> 'float32'"]
