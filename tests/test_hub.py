@@ -377,7 +377,8 @@ def test_torch_create_model_pretrained_loads_the_published_weights(bucket, s32_p
     tuned = from_pretrained("S/32", "gsam", num_classes=10, stoch_depth=0.1)
     assert tuned.num_classes == 10 and tuned.config.stoch_depth == 0.1 and not tuned.head.weight.any()
     assert len(bucket.requests) == 1  # the second load came from the cache
-    with pytest.raises(ValueError, match="image_size cannot be overridden"):
+    with pytest.raises(ValueError, match=r"image_size 448x448 does not fit the checkpoint: .* 49 tokens \(7x7 "
+                                         r"patches: 224x224 images\); for 448x448 images load it with scale=2"):
         create_model("S/32", pretrained="gsam", image_size=448)
 
 
