@@ -62,8 +62,9 @@ def test_linen_only_report_has_exactly_the_keys_it_always_had(tmp_path, capsys):
                  "--json", str(tmp_path / "r.json")]) == 0
     assert "NNX" not in capsys.readouterr().out
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["pass"] and set(r["reports"][0]["checks"]) == {"forward_fp32", "forward_bf16", "grads_fp32"}
-    assert {"forward_fp32", "first_divergence_fp32", "forward_bf16", "grads_fp32", "grads_worst"} <= set(r["reports"][0])
+    report = r["reports"][0]
+    assert r["pass"] and set(report["checks"]) == {"forward_fp32", "forward_bf16", "grads_fp32"}
+    assert {"forward_fp32", "first_divergence_fp32", "forward_bf16", "grads_fp32", "grads_worst"} <= set(report)
 
 
 def test_nnx_only_report_checks_nnx_against_pytorch(tmp_path, capsys):
