@@ -6,8 +6,9 @@ A layout is a key map plus a value map, applied one tensor at a time so converte
 stream. Pure numpy; no framework is imported here.
 
 - ``flax``: canonical itself (what .npz, Flax msgpack and orbax hold), possibly under a prefix
-  (``params/``, ``opt/target/``, a training state's ``state/params/``) or in big_vision's
-  legacy layout (``Mixer/encoderblock_N/...``).
+  (``params/``, ``opt/target/``, a training state's ``state/params/``), in big_vision's
+  legacy layout (``Mixer/encoderblock_N/...``), or as a saved Flax NNX state (each array under a
+  trailing ``value``, RNG stream state beside the weights: :func:`from_nnx_state`).
 - ``torch`` (our PyTorch model), one generic rule: '/' -> '.', leaf kernel|scale -> weight;
   Dense kernel (in, out) -> Linear weight (out, in); Conv kernel HWIO -> OIHW. A DataParallel
   ``module.`` prefix is accepted.
@@ -272,6 +273,39 @@ def from_legacy(entries: Mapping[str, Entry]) -> list[tuple[str, str, Entry]]:
     return out
 
 
+# ---- the flax side: a Flax NNX state (nnx.state(model)) saved as a tree ----------------------
+
+# An nnx.RngStream's state, wherever NNX keeps one: a module's own stream (nnx.Dropout's:
+# '.../rngs/key', '.../rngs/count') or a stored nnx.Rngs ('.../rngs/<stream>/key').
+_RNG_STATE_RE = re.compile(r"(?:.*/)?rngs/(?:[^/]+/)?(?:key|count)")
+
+
+def is_rng_state(name: str, dtype: Any) -> bool:
+    """Whether an entry is NNX random-number state (a stream's key data or counter, both integer
+    arrays), as opposed to a weight. Decided by name *and* dtype: a float array is never RNG state."""
+    return _RNG_STATE_RE.fullmatch(name) is not None and dtype is not None and np.dtype(dtype).kind in "ui"
+
+
+def from_nnx_state(entries: Mapping[str, Entry]) -> dict[str, Entry]:
+    """A saved ``nnx.state(model)`` -> the weights' own names. Orbax stores each nnx.Variable's
+    array under a trailing ``value`` ('stem/kernel/value'), which is removed; RNG streams' keys and
+    counters (:func:`is_rng_state`) are left out: they are no weights, and a model built from the
+    file gets fresh ones. Everything else passes unchanged, so anything that is not a Mixer
+    parameter is still reported as unexpected. Two entries for one name are refused, naming both."""
+    out: dict[str, Entry] = {}
+    source: dict[str, list[str]] = {}
+    for key, entry in entries.items():
+        name = key[: -len("/value")] if key.endswith("/value") else key
+        if is_rng_state(name, entry[1]):
+            continue
+        source.setdefault(name, []).append(key)
+        out[name] = entry
+    duplicated = [(name, keys) for name, keys in source.items() if len(keys) > 1]
+    if duplicated:
+        raise ParamMismatchError([], [], [], what="flax-layout checkpoint", duplicated=duplicated)
+    return out
+
+
 # ---- the one map ------------------------------------------------------------------------------
 
 
@@ -288,7 +322,7 @@ def canonicalize(entries: Mapping[str, Entry], layout: str | None = None,
     lay = LAYOUTS[layout]
     named = [(k, k, e) for k, e in entries.items()]
     if layout == "flax":
-        entries = select_root(entries, prefix)
+        entries = select_root(from_nnx_state(entries), prefix)
         legacy = any(k.startswith("Mixer/") for k in entries)
         named = from_legacy(entries) if legacy else [(k, k, e) for k, e in entries.items()]
     out: dict[str, Entry] = {}

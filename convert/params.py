@@ -141,7 +141,8 @@ def infer_config(shapes: Mapping[str, Any], image_size: int | tuple[int, int] | 
     """Architecture from parameter shapes alone (values may be shapes or arrays).
 
     The token count S fixes the image size only up to its aspect ratio: a square grid is
-    assumed unless ``image_size`` is given. Raises ValueError naming what is missing.
+    assumed unless ``image_size`` is given, which must give S patches. Raises ValueError naming
+    what is missing, or both sizes when ``image_size`` contradicts the weights.
     """
     def shape(key: str, ndim: int) -> tuple[int, ...]:
         if key not in shapes:
@@ -161,15 +162,24 @@ def infer_config(shapes: Mapping[str, Any], image_size: int | tuple[int, int] | 
     tokens, d_s = shape("MixerBlock_0/token_mixing/Dense_0/kernel", 2)
     _, d_c = shape("MixerBlock_0/channel_mixing/Dense_0/kernel", 2)
     num_classes = shape("head/kernel", 2)[1] if "head/kernel" in shapes else None
+    side = math.isqrt(tokens)
+    square = side * side == tokens
     if image_size is None:
-        side = math.isqrt(tokens)
-        if side * side != tokens:
+        if not square:
             raise ValueError(f"checkpoint has {tokens} tokens, not a square grid; pass image_size=(H, W)")
         image_size = (side * ph, side * pw)
     kw = dict(patch_size=(ph, pw), hidden_dim=hidden, num_blocks=blocks, tokens_mlp_dim=d_s,
               channels_mlp_dim=d_c, num_classes=num_classes, image_size=image_size, in_chans=in_chans)
     kw.update(overrides)
-    return MixerConfig(**kw)
+    cfg = MixerConfig(**kw)
+    if cfg.num_tokens != tokens:
+        (h, w), (gh, gw) = cfg.image_size, cfg.grid
+        found = f" ({side}x{side} patches: {side * ph}x{side * pw} images)" if square else ""
+        k = gh // side if square and gh == gw and gh % side == 0 else 0
+        hint = f"; for {h}x{w} images load it with scale={k} (image_size is the checkpoint's own)" if k > 1 else ""
+        raise ValueError(f"image_size {h}x{w} does not fit the checkpoint: it gives {gh}x{gw} = {cfg.num_tokens} "
+                         f"patches of {ph}x{pw}, the checkpoint has {tokens} tokens{found}{hint}")
+    return cfg
 
 
 def check_variant(inferred: MixerConfig, variant: str) -> None:

@@ -144,17 +144,18 @@ def params_to_flat(params: Mapping) -> dict[str, np.ndarray]:
 
 
 def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
-                    dtype: Any = jnp.float32, prefix: str | None = None, **overrides) -> tuple[MlpMixer, dict]:
+                    dtype: Any = jnp.float32, prefix: str | None = None, image_size=None,
+                    **overrides) -> tuple[MlpMixer, dict]:
     """(model, params) from any checkpoint the bridge reads (official .npz, Flax, PyTorch,
     timm, safetensors), a path or a published name/URL (``B/16-i21k``, ``gs://mixer_models/...``,
     ``hf-hub:timm/...``; downloaded into the cache): optionally a fresh head for ``num_classes``
     and token-mixing resized for ``scale`` x larger images. The params are built straight from
-    the checkpoint (no ``model.init``). ``overrides`` (stoch_depth, dropout_rate) change
-    non-shape fields; ``prefix`` picks the parameter tree of a file that holds several
-    (e.g. 'params/')."""
+    the checkpoint (no ``model.init``). ``image_size`` (H, W) is the file's, needed only for a
+    non-square patch grid. ``overrides`` (stoch_depth, dropout_rate) change non-shape fields;
+    ``prefix`` picks the parameter tree of a file that holds several (e.g. 'params/')."""
     from mixer_convert.load import load_checkpoint, with_overrides
 
-    flat, cfg = load_checkpoint(path, num_classes, scale, variant, prefix=prefix)
+    flat, cfg = load_checkpoint(path, num_classes, scale, variant, image_size=image_size, prefix=prefix)
     cfg = with_overrides(cfg, overrides)
     return MlpMixer(cfg, dtype=dtype), params_from_flat(flat, cfg)
 

@@ -228,16 +228,17 @@ def model_from_flat(flat: Mapping[str, np.ndarray], cfg: MixerConfig) -> MlpMixe
 
 
 def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
-                    prefix: str | None = None, **overrides) -> MlpMixer:
+                    prefix: str | None = None, image_size=None, **overrides) -> MlpMixer:
     """A model from any checkpoint the bridge reads (official .npz, Flax, PyTorch, timm,
     safetensors), a path or a published name/URL (``B/16-i21k``, ``gs://mixer_models/...``,
     ``hf-hub:timm/...``; downloaded into the cache): optionally a fresh head for ``num_classes``
-    and token-mixing resized for ``scale`` x larger images. ``overrides`` (stoch_depth,
-    dropout_rate) change non-shape fields; ``prefix`` picks the parameter tree of a file that
-    holds several (e.g. 'params/')."""
+    and token-mixing resized for ``scale`` x larger images. ``image_size`` (H, W) is the file's,
+    needed only for a non-square patch grid. ``overrides`` (stoch_depth, dropout_rate) change
+    non-shape fields; ``prefix`` picks the parameter tree of a file that holds several
+    (e.g. 'params/')."""
     from mixer_convert.load import load_checkpoint, with_overrides
 
-    flat, cfg = load_checkpoint(path, num_classes, scale, variant, prefix=prefix)
+    flat, cfg = load_checkpoint(path, num_classes, scale, variant, image_size=image_size, prefix=prefix)
     return model_from_flat(flat, with_overrides(cfg, overrides))
 
 

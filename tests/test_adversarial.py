@@ -1,4 +1,4 @@
-"""Hostile and broken inputs (issue #10): mixer-convert, both from_checkpoint()s and init_from, run
+"""Hostile and broken inputs (issue #10): mixer-convert, every from_checkpoint() and init_from, run
 on damaged, mutated and malicious files, semantic traps, odd paths and destinations, and signals.
 
 Every case is judged by one rule (tests/hostile.py ``judge``): exit 0 or 2, never a traceback; a
@@ -666,7 +666,7 @@ def test_targeted_case(name, bases, tmp_path):
     assert not (Path.cwd() / "pwned").exists() and not (folder / "pwned").exists()
 
 
-# ==== the loaders: both from_checkpoint()s and init_from share the converter's checks ==================
+# ==== the loaders: every from_checkpoint() and init_from share the converter's checks ==================
 
 LOADER_CASES = ["semantic/module-prefix-beside-plain-key", "semantic/legacy-and-canonical-layouts-in-one-npz",
                 "semantic/params-and-opt-target", "semantic/int-tensor-npz", "semantic/complex-tensor-npz",
@@ -674,7 +674,8 @@ LOADER_CASES = ["semantic/module-prefix-beside-plain-key", "semantic/legacy-and-
                 "malicious/pt-key-twice-in-pickle", "damaged/pt-flipped-tensor-byte", "paths/fifo",
                 "malicious/npz-one-tensor-declares-3GiB"]
 LOADERS = ["load_checkpoint", pytest.param("mixer_torch", marks=requires_torch),
-           pytest.param("mixer_jax", marks=requires_jax), pytest.param("init_from", marks=requires_jax)]
+           pytest.param("mixer_jax", marks=requires_jax), pytest.param("mixer_jax.nnx", marks=requires_jax),
+           pytest.param("init_from", marks=requires_jax)]
 
 
 def _load(loader: str, path: Path, **kw):
@@ -688,6 +689,9 @@ def _load(loader: str, path: Path, **kw):
         from mixer_jax import from_checkpoint
         from mixer_jax.model import params_to_flat
         return params_to_flat(from_checkpoint(path, **kw)[1])
+    if loader == "mixer_jax.nnx":
+        from mixer_jax.nnx import from_checkpoint, state_to_flat
+        return state_to_flat(from_checkpoint(path, **kw))
     import dataclasses
 
     from mixer_jax.model import params_to_flat
@@ -710,8 +714,8 @@ def test_loaders_refuse_what_the_converter_refuses(loader, case, bases, tmp_path
     assert re.search(error, _one_line(e.value)), str(e.value)
 
 
-@cases(3)
-@pytest.mark.parametrize("loader", LOADERS[:3])  # init_from has no prefix option
+@cases(4)
+@pytest.mark.parametrize("loader", LOADERS[:4])  # init_from has no prefix option
 def test_loaders_take_the_prefix_of_the_tree_to_load(loader, tmp_path):
     src = _npz(tmp_path, "p.npz", {**_prefixed("params/", _zeroed(FLAT)), **_prefixed("opt/target/", FLAT)})
     got = _load(loader, src, prefix="opt/target/")
@@ -1012,5 +1016,5 @@ def test_readme_reports_these_counts():
                  f"{SAFETENSORS_HEADER_MUTATIONS} of safetensors headers",
                  f"{TARGETED_CASES} targeted cases ({kinds['damaged']} damaged, {kinds['malicious']} malicious, "
                  f"{kinds['semantic']} semantic, {kinds['paths']} paths)",
-                 f"{len(LOADER_CASES) * len(LOADERS)} through the four loaders", f"{OTHER_CASES} more"):
+                 f"{len(LOADER_CASES) * len(LOADERS)} through the five loaders", f"{OTHER_CASES} more"):
         assert part in text, part

@@ -12,7 +12,7 @@ from mixer_convert import ParamMismatchError, config_for, random_params
 from mixer_convert.tools.bridge import NonFiniteWeightsError, convert_checkpoint
 from mixer_convert.errors import CheckpointError
 from mixer_convert.formats import format_of as detect_format
-from mixer_convert.load import read_params
+from mixer_convert.load import open_checkpoint, read_params
 from mixer_convert.save import write_params
 from mixer_convert.reference import forward
 
@@ -463,6 +463,31 @@ def test_the_param_tree_is_chosen_by_name_never_by_path_length():
     assert np.array_equal(picked["stem/kernel"][2](), flat["stem/kernel"])
     with pytest.raises(ValueError, match=r"no parameter tree under prefix 'nope/'"):
         select_root(tree(params=flat), prefix="nope/")
+
+
+def test_a_saved_nnx_state_is_read_by_its_weights_names_without_its_rng_state(tmp_path):
+    """As orbax saves nnx.state(model): each array under a trailing 'value', RNG streams' integer key
+    data and counters beside the weights (tests/test_nnx.py saves real NNX models)."""
+    flat = random_params(TINY, 3)
+    state = {f"{k}/value": v for k, v in flat.items()}
+    state.update({"MixerBlock_1/token_mixing/Dropout_0/rngs/key/value": np.array([1, 2], np.uint32),
+                  "MixerBlock_1/token_mixing/Dropout_0/rngs/count/value": np.array(3, np.uint32),
+                  "MixerBlock_2/rngs/dropout/key": np.array([4, 5], np.uint32)})
+    np.savez(tmp_path / "state.npz", **{f"params/{k}": v for k, v in state.items()})
+    params = read_params(tmp_path / "state.npz")
+    assert set(params) == set(flat) and all(np.array_equal(params[k], flat[k]) for k in flat)
+
+
+@pytest.mark.parametrize("beside, match", [
+    ({"MixerBlock_0/rngs/key": np.zeros(2, np.float32)}, "unexpected (1): MixerBlock_0/rngs/key"),  # float: a weight
+    ({"MixerBlock_0/step": np.array(3, np.uint32)}, "unexpected (1): MixerBlock_0/step"),  # integer, not RNG state
+    ({"stem/bias/value": np.zeros(24, np.float32)}, "stem/bias is given 2 times, as 'stem/bias', 'stem/bias/value'"),
+])
+def test_nnx_state_reading_never_drops_or_overwrites_a_weight(tmp_path, beside, match):
+    np.savez(tmp_path / "w.npz", **random_params(TINY, 0), **beside)
+    with pytest.raises(ParamMismatchError) as e:
+        open_checkpoint(tmp_path / "w.npz")
+    assert match in str(e.value)
 
 
 def test_read_params_and_open_checkpoint_take_a_prefix(tmp_path):

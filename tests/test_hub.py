@@ -322,7 +322,8 @@ def test_torch_create_model_pretrained_loads_the_published_weights(bucket, s32_p
     tuned = from_pretrained("S/32", "gsam", num_classes=10, stoch_depth=0.1)
     assert tuned.num_classes == 10 and tuned.config.stoch_depth == 0.1 and not tuned.head.weight.any()
     assert len(bucket.requests) == 1  # the second load came from the cache
-    with pytest.raises(ValueError, match="image_size cannot be overridden"):
+    with pytest.raises(ValueError, match=r"image_size 448x448 does not fit the checkpoint: .* 49 tokens \(7x7 "
+                                         r"patches: 224x224 images\); for 448x448 images load it with scale=2"):
         create_model("S/32", pretrained="gsam", image_size=448)
 
 
@@ -334,6 +335,19 @@ def test_flax_from_pretrained_loads_the_published_weights(bucket, s32_params):
     got = params_to_flat(params)
     assert model.config == S32 and got.keys() == s32_params.keys()
     assert all(np.array_equal(got[k], s32_params[k]) for k in got)
+
+
+@requires_jax
+def test_nnx_create_model_and_from_pretrained_load_the_published_weights(bucket, s32_params):
+    import mixer_jax.nnx
+
+    model = mixer_jax.nnx.from_pretrained("S/32", "gsam")  # the README's quick start, by tag
+    got = mixer_jax.nnx.state_to_flat(model)
+    assert model.config == S32 and got.keys() == s32_params.keys()
+    assert all(np.array_equal(got[k], s32_params[k]) for k in got)
+    tuned = mixer_jax.nnx.create_model("S/32", pretrained=True, num_classes=10, stoch_depth=0.1)
+    assert tuned.config.num_classes == 10 and tuned.config.stoch_depth == 0.1 and not tuned.head.kernel[...].any()
+    assert len(bucket.requests) == 1  # the second load came from the cache
 
 
 # ---- hf-hub: names, offline through huggingface_hub's own cache ----------------------------------------

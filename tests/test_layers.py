@@ -12,7 +12,7 @@ from conftest import ROOT, has_module, subprocess_env
 
 # folder -> import name (convert/ is installed as mixer_convert)
 PACKAGES = {"convert": "mixer_convert", "mixer_jax": "mixer_jax", "mixer_torch": "mixer_torch"}
-MODELS = {"mixer_jax", "mixer_jax.model", "mixer_torch", "mixer_torch.model", "mixer_torch.mlp_mixer"}
+MODELS = {"mixer_jax", "mixer_jax.model", "mixer_jax.nnx", "mixer_torch", "mixer_torch.model", "mixer_torch.mlp_mixer"}
 FRAMEWORKS = {"jax", "jaxlib", "flax", "optax", "orbax", "torch", "torchvision", "timm"}
 
 
@@ -116,6 +116,7 @@ def _fresh(code: str, cwd: Path) -> subprocess.CompletedProcess:
     ("mixer_convert.load", FRAMEWORKS),
     ("mixer_torch", {"jax", "flax", "optax", "orbax"}),
     ("mixer_jax", {"torch"}),
+    ("mixer_jax.nnx", {"torch"}),
     ("mixer_convert.tools.cli", FRAMEWORKS),
 ])
 def test_each_package_imports_alone_in_a_fresh_interpreter(package, absent, tmp_path):

@@ -1,4 +1,5 @@
-"""Both models are built from the one spec: same tree, official initialisers, clear input errors."""
+"""The models are built from the one spec: same tree, official initialisers, clear input errors; all three
+(Linen, NNX, PyTorch) load every format, non-square grids included."""
 import subprocess
 import sys
 
@@ -174,3 +175,60 @@ def test_torch_load_then_export_is_exact_and_keeps_bf16():
     bf = to_flat(load_flat(MlpMixer(cfg), flat).to(torch.bfloat16))
     assert bf["stem/kernel"].dtype == np.dtype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(bf["stem/kernel"], flat["stem/kernel"].astype(ml_dtypes.bfloat16))
+
+
+# ---- every model from a non-square checkpoint in every format ----------------------------------------
+
+# 32x48 with 4x4 patches: 96 tokens, which no square grid gives.
+NON_SQUARE = config_for("S/16", patch_size=4, image_size=(32, 48), hidden_dim=16, num_blocks=2, tokens_mlp_dim=8,
+                        channels_mlp_dim=24, num_classes=3)
+FORMAT_FILES = {"npz": ("w.npz", None), "msgpack": ("w.msgpack", requires_jax), "orbax": ("w_orbax", requires_jax),
+                "torch": ("w.pt", requires_torch), "safetensors": ("w.safetensors", None)}
+
+
+def _from_checkpoint(model: str):
+    """The model's from_checkpoint, returning its weights as canonical numpy."""
+    if model == "linen":
+        import mixer_jax
+        from mixer_jax.model import params_to_flat
+        return lambda path, **kw: params_to_flat(mixer_jax.from_checkpoint(path, **kw)[1])
+    if model == "nnx":
+        from mixer_jax.nnx import from_checkpoint, state_to_flat
+        return lambda path, **kw: state_to_flat(from_checkpoint(path, **kw))
+    import mixer_torch
+    return lambda path, **kw: mixer_torch.to_flat(mixer_torch.from_checkpoint(path, **kw))
+
+
+MODEL_MARKS = {"linen": requires_jax, "nnx": requires_jax, "torch": requires_torch}
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, marks=mark) for m, mark in MODEL_MARKS.items()])
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=mark or []) for f, (_, mark) in FORMAT_FILES.items()])
+def test_every_model_loads_a_non_square_checkpoint_given_its_image_size(tmp_path, fmt, model):
+    from mixer_convert import random_params
+    from mixer_convert.save import write_params
+
+    flat = random_params(NON_SQUARE, 0)
+    path = write_params(flat, tmp_path / FORMAT_FILES[fmt][0], fmt=fmt)
+    load = _from_checkpoint(model)
+    with pytest.raises(ValueError, match="checkpoint has 96 tokens, not a square grid; pass image_size"):
+        load(path)
+    got = load(path, image_size=(32, 48))
+    assert got.keys() == flat.keys() and all(np.array_equal(got[k], flat[k]) for k in flat)
+    with pytest.raises(ValueError, match=r"image_size 32x32 does not fit the checkpoint: it gives 8x8 = 64 "
+                                         r"patches of 4x4, the checkpoint has 96 tokens$"):
+        load(path, image_size=(32, 32))
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, marks=mark) for m, mark in MODEL_MARKS.items()])
+def test_a_contradicting_image_size_is_an_error_naming_both_sizes(tmp_path, model):
+    from mixer_convert import random_params
+    from mixer_convert.save import write_params
+
+    square = NON_SQUARE.replace(image_size=(32, 32))  # 64 tokens: an 8x8 grid
+    path = write_params(random_params(square, 1), tmp_path / "sq.npz")
+    load = _from_checkpoint(model)
+    with pytest.raises(ValueError, match=r"image_size 32x48 does not fit the checkpoint: it gives 8x12 = 96 patches "
+                                         r"of 4x4, the checkpoint has 64 tokens \(8x8 patches: 32x32 images\)"):
+        load(path, image_size=(32, 48))
+    assert load(path, image_size=(32, 32)).keys() == param_shapes(square).keys()

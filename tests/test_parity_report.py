@@ -1,4 +1,5 @@
-"""mixer-parity: gradients agree, the report passes on agreeing models, fails on a broken one."""
+"""mixer-parity: gradients agree, the report passes on agreeing models (Linen, NNX and PyTorch), fails on a
+broken one."""
 import json
 
 import numpy as np
@@ -43,9 +44,56 @@ def test_report_passes_writes_json_and_names_every_block(tmp_path, capsys):
 
     assert main(["--variant", "S/32", "--image-size", "64", "64", "--no-timm", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
-    assert "MixerBlock_7" in out and "gradients fp32 (102 parameters): ok" in out and "S/32: PASS" in out
+    assert "MixerBlock_7" in out and "S/32: PASS" in out
+    for pair in ("Linen vs PyTorch", "NNX vs PyTorch"):
+        assert f"gradients fp32, {pair} (102 parameters): ok" in out
+    assert "gradients fp32, NNX vs Linen: bit-identical (102 arrays): ok" in out
+    r = json.loads((tmp_path / "r.json").read_text())["reports"][0]
+    assert set(r["checks"]) == {"forward_fp32", "forward_bf16", "grads_fp32", "nnx_forward_fp32", "nnx_forward_bf16",
+                                "nnx_grads_fp32", "nnx_linen_forward_fp32", "nnx_linen_forward_bf16",
+                                "nnx_linen_grads_fp32"}
+    assert all(r["checks"].values()) and all(r["nnx_linen_bitwise"].values())
+
+
+def test_linen_only_report_has_exactly_the_keys_it_always_had(tmp_path, capsys):
+    from mixer_convert.tools.parity_report import main
+
+    assert main(["--variant", "S/32", "--image-size", "64", "64", "--no-timm", "--flax-api", "linen",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    assert "NNX" not in capsys.readouterr().out
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["pass"] and set(r["reports"][0]["checks"]) == {"forward_fp32", "forward_bf16", "grads_fp32"}
+    report = r["reports"][0]
+    assert r["pass"] and set(report["checks"]) == {"forward_fp32", "forward_bf16", "grads_fp32"}
+    assert {"forward_fp32", "first_divergence_fp32", "forward_bf16", "grads_fp32", "grads_worst"} <= set(report)
+
+
+def test_nnx_only_report_checks_nnx_against_pytorch(tmp_path, capsys):
+    from mixer_convert.tools.parity_report import main
+
+    assert main(["--variant", "S/32", "--image-size", "64", "64", "--no-timm", "--no-grads", "--flax-api", "nnx",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "forward fp32, NNX vs PyTorch: ok" in out and "Linen" not in out
+    r = json.loads((tmp_path / "r.json").read_text())["reports"][0]
+    assert set(r["checks"]) == {"nnx_forward_fp32", "nnx_forward_bf16"} and r["flax_api"] == "nnx"
+
+
+def test_nnx_differing_from_linen_fails_the_report_on_the_cpu(monkeypatch, capsys):
+    import mixer_jax.nnx as jn
+    from mixer_convert.tools.parity_report import main
+
+    orig = jn.MlpMixer.__call__
+
+    def nudged(self, x, **kw):  # one ulp-sized change: within every PyTorch bound, but not bitwise
+        out = orig(self, x, **kw)
+        if kw.get("return_intermediates"):
+            return out[0], {**out[1], "logits": out[1]["logits"] * (1 + 2 ** -22)}
+        return out
+    monkeypatch.setattr(jn.MlpMixer, "__call__", nudged)
+    assert main(["--variant", "S/32", "--image-size", "64", "64", "--no-timm", "--no-grads", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "forward fp32, NNX vs PyTorch: ok" in out
+    assert "forward fp32, NNX vs Linen: not bit-identical, worst logits" in out and "S/32: FAIL" in out
 
 
 def test_report_fails_and_names_the_block_when_pytorch_is_wrong(monkeypatch, capsys):
@@ -66,7 +114,9 @@ def test_report_fails_and_names_the_block_when_pytorch_is_wrong(monkeypatch, cap
     monkeypatch.setattr(tm.MlpMixer, "__init__", init)
     assert main(["--variant", "S/32", "--image-size", "64", "64", "--no-timm", "--no-grads"]) == 1
     out = capsys.readouterr().out
-    assert "forward fp32, Flax vs PyTorch: FAIL (first divergence: MixerBlock_4)" in out and "S/32: FAIL" in out
+    for pair in ("Linen vs PyTorch", "NNX vs PyTorch"):
+        assert f"forward fp32, {pair}: FAIL (first divergence: MixerBlock_4)" in out
+    assert "forward fp32, NNX vs Linen: bit-identical" in out and "S/32: FAIL" in out
 
 
 def test_report_accepts_a_weights_file(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Stochastic depth (big_vision's rule) and dropout behave the same way in both models.
+"""Stochastic depth (big_vision's rule) and dropout behave the same way in every model (Linen, NNX, PyTorch).
 
 big_vision: block i drops each residual branch per sample with p_i = i/(n-1) * stoch_depth
 and does NOT rescale the kept branch. So in training a sample whose branches are both
@@ -46,6 +46,18 @@ def test_flax_stochastic_depth_is_per_sample_and_not_rescaled():
     _check_train_outputs({k: np.asarray(v) for k, v in ev.items()}, {k: np.asarray(v) for k, v in tr.items()})
 
 
+@requires_jax
+def test_nnx_stochastic_depth_is_per_sample_and_not_rescaled():
+    from flax import nnx
+    from mixer_jax.nnx import from_flat
+
+    model = from_flat(random_params(CFG, 0), CFG, rngs=0)
+    x = np.repeat(images(1, 64, 64), N, axis=0)
+    _, ev = model(x, deterministic=True, return_intermediates=True)
+    _, tr = nnx.jit(lambda m, x: m(x, return_intermediates=True))(model, x)  # built in training mode (NNX)
+    _check_train_outputs({k: np.asarray(v) for k, v in ev.items()}, {k: np.asarray(v) for k, v in tr.items()})
+
+
 @requires_torch
 def test_torch_stochastic_depth_is_per_sample_and_not_rescaled():
     import torch
@@ -62,10 +74,11 @@ def test_torch_stochastic_depth_is_per_sample_and_not_rescaled():
 
 @requires_jax
 @requires_torch
-def test_dropout_acts_only_in_training_in_both_models():
+def test_dropout_acts_only_in_training_in_every_model():
     import jax
     import torch
     from mixer_jax import MlpMixer as JM, params_from_flat
+    from mixer_jax.nnx import from_flat
     from mixer_torch import MlpMixer as TM, load_flat
 
     cfg = CFG.replace(stoch_depth=0.0, dropout_rate=0.3)
@@ -80,3 +93,8 @@ def test_dropout_acts_only_in_training_in_both_models():
     j_train = np.asarray(jm.apply({"params": jp}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
     np.testing.assert_allclose(j_eval, t_eval, atol=1e-4)
     assert np.abs(j_train - j_eval).max() > 1e-2 and np.abs(t_train - t_eval).max() > 1e-2
+    nm = from_flat(flat, cfg, rngs=1)
+    n_train, n_eval = np.asarray(nm(x)), np.asarray(nm(x, deterministic=True))
+    np.testing.assert_array_equal(n_eval, j_eval)  # eager, op by op, as the Linen apply above
+    assert np.abs(n_train - n_eval).max() > 1e-2
+

@@ -1,5 +1,5 @@
-"""Run the Flax and the PyTorch model on the same weights and inputs and compare every
-intermediate. Imports each framework only when its side is run.
+"""Run the Flax (Linen and NNX) and the PyTorch model on the same weights and inputs and compare
+every intermediate. Imports each framework only when its side is run.
 
 Used by the test suite and by the parity report; a failure names the first block whose
 output diverges, not just the logits.
@@ -63,6 +63,24 @@ def flax_forward(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: 
     with precision:
         _, inter = jax.jit(lambda p, x: model.apply({"params": p}, x, return_intermediates=True))(
             params, jnp.asarray(images_nhwc))
+    return {k: np.asarray(v, dtype=np.float32) for k, v in inter.items()}
+
+
+def nnx_forward(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: np.ndarray,
+                dtype: str = "float32") -> dict[str, np.ndarray]:
+    """All intermediates of the Flax NNX model (eval mode, under ``nnx.jit``), as float32 numpy;
+    the same precision setting as :func:`flax_forward`."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mixer_jax.nnx import from_flat
+
+    model = from_flat(flat, cfg, dtype=jnp.dtype(dtype))
+    model.eval()
+    precision = jax.default_matmul_precision("highest") if dtype == "float32" else contextlib.nullcontext()
+    with precision:
+        _, inter = nnx.jit(lambda m, x: m(x, return_intermediates=True))(model, jnp.asarray(images_nhwc))
     return {k: np.asarray(v, dtype=np.float32) for k, v in inter.items()}
 
 
@@ -150,6 +168,26 @@ def flax_grads(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: np
     with jax.default_matmul_precision("highest"):
         g = jax.jit(jax.grad(loss))(params_from_flat(flat, cfg), jnp.asarray(images_nhwc), jnp.asarray(labels))
     return params_to_flat(g)
+
+
+def nnx_grads(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: np.ndarray,
+              labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The same gradients from the Flax NNX model (``nnx.grad`` under ``nnx.jit``), canonical names."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from mixer_jax.nnx import from_flat, state_to_flat
+
+    def loss(model, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    model = from_flat(flat, cfg)
+    model.eval()
+    with jax.default_matmul_precision("highest"):
+        g = nnx.jit(nnx.grad(loss))(model, jnp.asarray(images_nhwc), jnp.asarray(labels))
+    return state_to_flat(g)
 
 
 def torch_grads(cfg: MixerConfig, flat: Mapping[str, np.ndarray], images_nhwc: np.ndarray, labels: np.ndarray,

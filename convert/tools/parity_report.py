@@ -1,7 +1,7 @@
-"""mixer-parity: Flax vs PyTorch (and timm) on the same weights, every block, fp32 and bf16,
-forward and gradients; a table for people and JSON for CI. Exit code 1 if any bound fails.
+"""mixer-parity: Flax (Linen and NNX) vs PyTorch (and timm) on the same weights, every block, fp32
+and bf16, forward and gradients; a table for people and JSON for CI. Exit code 1 if any bound fails.
 
-Bounds (documented in README):
+Bounds (documented in README), for Linen vs PyTorch and NNX vs PyTorch alike:
 * fp32 forward: logits max-abs <= 1e-4 and every intermediate's max-abs <= 1e-5 x its max |value|.
 * bf16 forward: every intermediate within 5e-2 x its max |value| (one bf16 rounding is 3.9e-3).
 * fp32 gradients of the mean cross-entropy, per parameter:
@@ -11,6 +11,13 @@ Bounds (documented in README):
   rounding noise is left to compare.
 * timm (exact GELU) is reported, not bounded; with its GELU switched to tanh it must meet the
   fp32 logits bound.
+* NNX vs Linen (with ``--flax-api both``, the default): bit-identical forward (fp32 and bf16) and
+  gradients on the CPU, where both are the same XLA program on the same device. On GPU/TPU the two
+  are compiled separately and autotuning may pick other kernels, so there the bounds above apply
+  (whether they were bit-identical is still recorded, ``nnx_linen_bitwise``).
+
+JSON: Linen's results keep their keys (``forward_fp32``, ``grads_fp32``, ...); NNX's are the same
+keys prefixed ``nnx_``; NNX against Linen is under ``nnx_linen_``.
 """
 from __future__ import annotations
 
@@ -30,8 +37,8 @@ from mixer_convert.tools.command import (Parser, add_device, add_image_size, add
 from mixer_convert.tools.extras import require
 from mixer_convert.tools.parity import (BF16_REL, Diff, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL,
                                         compare, compare_params, first_divergence, flax_forward,
-                                        flax_grads, format_table, timm_python, torch_device, torch_forward,
-                                        torch_grads)
+                                        flax_grads, format_table, nnx_forward, nnx_grads, timm_python, torch_device,
+                                        torch_forward, torch_grads)
 
 
 def _rows(rows) -> list[dict]:
@@ -54,71 +61,121 @@ def load_case(variant: str | None, weights: str | None = None, image_size: tuple
     return variant, cfg, random_params(cfg, seed)
 
 
+# What each Flax API is checked with; Linen's results keep their original JSON keys, NNX's are
+# the same keys prefixed 'nnx_', and NNX against Linen is under 'nnx_linen_'.
+FORWARD = {"linen": flax_forward, "nnx": nnx_forward}
+GRADS = {"linen": flax_grads, "nnx": nnx_grads}
+FLAX_APIS = ("linen", "nnx", "both")
+
+
+def _key(api: str, name: str) -> str:
+    return name if api == "linen" else f"{api}_{name}"
+
+
 def run_variant(variant: str | None, weights: str | None = None, batch: int = 2, image_size=None,
                 device: str | None = None, grads: bool = True, timm: bool = True, seed: int = 0,
-                progress: Callable[[str], None] | None = None) -> dict:
+                progress: Callable[[str], None] | None = None, flax_api: str = "both") -> dict:
     """:func:`load_case` then :func:`run_case`."""
     if isinstance(image_size, int):
         image_size = (image_size,)
     label, cfg, flat = load_case(variant, weights, image_size, seed)
-    return run_case(label, cfg, flat, weights or f"random (seed {seed})", batch, device, grads, timm, seed, progress)
+    return run_case(label, cfg, flat, weights or f"random (seed {seed})", batch, device, grads, timm, seed, progress,
+                    flax_api)
 
 
 def run_case(label: str, cfg: MixerConfig, flat: dict[str, np.ndarray], source: str, batch: int = 2,
              device: str | None = None, grads: bool = True, timm: bool = True, seed: int = 0,
-             progress: Callable[[str], None] | None = None) -> dict:
+             progress: Callable[[str], None] | None = None, flax_api: str = "both") -> dict:
     """Every check on one model. ``device``: None/'auto' lets each framework pick (GPU/TPU when
     present); 'cpu' pins both to the CPU; 'gpu'/'cuda' puts PyTorch on CUDA (JAX uses its default
-    backend). ``progress`` is called with the name of each stage as it starts."""
+    backend). ``flax_api``: 'linen', 'nnx' or 'both' (then NNX is also checked against Linen).
+    ``progress`` is called with the name of each stage as it starts."""
     import contextlib
 
     import jax
 
+    if flax_api not in FLAX_APIS:
+        raise ValueError(f"flax_api must be one of {', '.join(FLAX_APIS)}, got {flax_api!r}")
     pin = jax.default_device(jax.devices("cpu")[0]) if device == "cpu" else contextlib.nullcontext()
     with pin:
-        return _run(label, cfg, flat, source, batch, device, grads, timm, seed, progress or (lambda stage: None))
+        return _run(label, cfg, flat, source, batch, device, grads, timm, seed, progress or (lambda stage: None),
+                    flax_api)
 
 
-def _run(label, cfg, flat, source, batch, device, grads, timm, seed, progress) -> dict:
+def _run(label, cfg, flat, source, batch, device, grads, timm, seed, progress, flax_api) -> dict:
+    apis = ("linen", "nnx") if flax_api == "both" else (flax_api,)
     rng = np.random.default_rng(seed + 1)
     x = rng.uniform(-1, 1, (batch, *cfg.image_size, cfg.in_chans)).astype(np.float32)
-    out: dict = {"variant": label, "weights": source, "batch": batch,
+    out: dict = {"variant": label, "weights": source, "batch": batch, "flax_api": flax_api,
                  "image_size": list(cfg.image_size), "torch_device": torch_device(device), "checks": {}}
     import jax
     out["jax_backend"] = "cpu" if device == "cpu" else jax.default_backend()
 
     progress("fp32 forward")
-    ref = flax_forward(cfg, flat, x)
-    fp32 = compare(ref, torch_forward(cfg, flat, x, device=device), cfg)
-    bad = first_divergence(fp32, FP32_REL)
-    out["forward_fp32"] = _rows(fp32)
-    out["checks"]["forward_fp32"] = bad is None and fp32[-1].max_abs <= FP32_LOGITS_MAX_ABS
-    out["first_divergence_fp32"] = bad.name if bad else None
+    t32 = torch_forward(cfg, flat, x, device=device)
+    f32 = {api: FORWARD[api](cfg, flat, x) for api in apis}
+    for api in apis:
+        rows = compare(f32[api], t32, cfg)
+        bad = first_divergence(rows, FP32_REL)
+        out[_key(api, "forward_fp32")] = _rows(rows)
+        out["checks"][_key(api, "forward_fp32")] = bad is None and rows[-1].max_abs <= FP32_LOGITS_MAX_ABS
+        out[_key(api, "first_divergence_fp32")] = bad.name if bad else None
 
     progress("bf16 forward")
-    jb, tb = flax_forward(cfg, flat, x, "bfloat16"), torch_forward(cfg, flat, x, "bfloat16", device)
-    bf16 = compare(jb, tb, cfg)
-    out["forward_bf16"] = _rows(bf16)
-    out["checks"]["forward_bf16"] = all(first_divergence(compare(a, b, cfg), BF16_REL) is None
-                                        for a, b in ((jb, tb), (ref, jb), (ref, tb)))
+    tb = torch_forward(cfg, flat, x, "bfloat16", device)
+    fb = {api: FORWARD[api](cfg, flat, x, "bfloat16") for api in apis}
+    for api in apis:
+        out[_key(api, "forward_bf16")] = _rows(compare(fb[api], tb, cfg))
+        out["checks"][_key(api, "forward_bf16")] = all(first_divergence(compare(a, b, cfg), BF16_REL) is None
+                                                       for a, b in ((fb[api], tb), (f32[api], fb[api]), (f32[api], tb)))
+    if flax_api == "both":
+        _nnx_vs_linen(out, "forward_fp32", f32, compare(f32["linen"], f32["nnx"], cfg), FP32_REL)
+        _nnx_vs_linen(out, "forward_bf16", fb, compare(fb["linen"], fb["nnx"], cfg), BF16_REL)
 
     if grads and cfg.num_classes:
         progress("gradients")
-        labels = rng.integers(0, cfg.num_classes, batch)
-        g = compare_params(flax_grads(cfg, flat, x, labels), torch_grads(cfg, flat, x, labels, device))
-        big = max(r.scale for r in g)
-        worst = max(g, key=lambda r: r.max_abs / (GRAD_RTOL * r.scale + GRAD_ATOL_GLOBAL * big))
-        out["grads_fp32"] = _rows(g)
-        out["grads_worst"] = worst.name
-        out["checks"]["grads_fp32"] = all(r.max_abs <= GRAD_RTOL * r.scale + GRAD_ATOL_GLOBAL * big for r in g)
+        _gradients(out, cfg, flat, x, rng.integers(0, cfg.num_classes, batch), device, apis)
 
     if timm:
         progress("timm")
-        out["timm"] = _timm(cfg, flat, x, ref)
+        out["timm"] = _timm(cfg, flat, x, f32[apis[0]])
         if "tanh_max_abs" in out["timm"]:
             out["checks"]["timm_tanh"] = out["timm"]["tanh_max_abs"] <= FP32_LOGITS_MAX_ABS
     out["pass"] = all(out["checks"].values())
     return out
+
+
+def _grads_within(rows: list[Diff]) -> tuple[bool, Diff]:
+    """(every parameter within the gradient bound, the one closest to its bound)."""
+    big = max(r.scale for r in rows)
+    worst = max(rows, key=lambda r: r.max_abs / (GRAD_RTOL * r.scale + GRAD_ATOL_GLOBAL * big))
+    return all(r.max_abs <= GRAD_RTOL * r.scale + GRAD_ATOL_GLOBAL * big for r in rows), worst
+
+
+def _gradients(out: dict, cfg: MixerConfig, flat, x, labels, device, apis) -> None:
+    tg = torch_grads(cfg, flat, x, labels, device)
+    fg = {api: GRADS[api](cfg, flat, x, labels) for api in apis}
+    for api in apis:
+        rows = compare_params(fg[api], tg)
+        ok, worst = _grads_within(rows)
+        out[_key(api, "grads_fp32")] = _rows(rows)
+        out[_key(api, "grads_worst")] = worst.name
+        out["checks"][_key(api, "grads_fp32")] = ok
+    if len(apis) == 2:
+        rows = compare_params(fg["linen"], fg["nnx"])
+        _nnx_vs_linen(out, "grads_fp32", fg, rows, None)
+
+
+def _nnx_vs_linen(out: dict, what: str, results: dict, rows: list[Diff], rel: float | None) -> None:
+    """NNX against Linen: bit-identical on the CPU (the same XLA program on the same device).
+    On an accelerator the two programs are compiled separately and may get different kernels
+    (autotuning), so there the fp32/bf16 parity bounds apply; whether they were bitwise is recorded."""
+    linen, nnx = results["linen"], results["nnx"]
+    bitwise = all(np.array_equal(linen[k], nnx[k]) for k in linen)
+    within = first_divergence(rows, rel) is None if rel is not None else _grads_within(rows)[0]
+    out[f"nnx_linen_{what}"] = _rows(rows)
+    out.setdefault("nnx_linen_bitwise", {})[what] = bitwise
+    out["checks"][f"nnx_linen_{what}"] = bitwise or (out["jax_backend"] != "cpu" and within)
 
 
 def _timm(cfg: MixerConfig, flat, x, ref) -> dict:
@@ -150,21 +207,27 @@ def _timm(cfg: MixerConfig, flat, x, ref) -> dict:
             "tanh_max_abs": float(np.abs(tanh - logits).max())}
 
 
+# (JSON key prefix, title) of each comparison with PyTorch.
+_PAIRS = (("", "Linen vs PyTorch"), ("nnx_", "NNX vs PyTorch"))
+_NNX_LINEN = (("forward_fp32", "forward fp32"), ("forward_bf16", "forward bf16"), ("grads_fp32", "gradients fp32"))
+
+
 def format_report(r: dict) -> str:
     lines = [f"== {r['variant']}  weights: {r['weights']}  batch {r['batch']} at {r['image_size'][0]}x"
              f"{r['image_size'][1]}  (jax: {r['jax_backend']}, torch: {r['torch_device']})"]
-    for key, title in (("forward_fp32", "forward fp32, Flax vs PyTorch"), ("forward_bf16", "forward bf16")):
-        verdict = "ok" if r["checks"][key] else "FAIL"
-        if key == "forward_fp32" and r["first_divergence_fp32"]:
-            verdict += f" (first divergence: {r['first_divergence_fp32']})"
-        lines.append(f"-- {title}: {verdict}")
-        lines.append(format_table([Diff(row["name"], row["max_abs"], row["scale"]) for row in r[key]]))
-    if "grads_fp32" in r:
-        g = r["grads_fp32"]
-        worst = next(row for row in g if row["name"] == r["grads_worst"])
-        lines.append(f"-- gradients fp32 ({len(g)} parameters): {'ok' if r['checks']['grads_fp32'] else 'FAIL'}; "
-                     f"median rel {np.median([row['rel'] for row in g]):.2e}; closest to its bound: "
-                     f"{worst['name']} (max-abs {worst['max_abs']:.2e}, max|grad| {worst['scale']:.2e})")
+    for prefix, pair in _PAIRS:
+        if prefix + "forward_fp32" in r:
+            lines += _pair_lines(r, prefix, pair)
+    for what, title in _NNX_LINEN:
+        if f"nnx_linen_{what}" in r:
+            ok = "ok" if r["checks"][f"nnx_linen_{what}"] else "FAIL"
+            rows = r[f"nnx_linen_{what}"]
+            if r["nnx_linen_bitwise"][what]:
+                lines.append(f"-- {title}, NNX vs Linen: bit-identical ({len(rows)} arrays): {ok}")
+            else:
+                worst = max(rows, key=lambda row: row["rel"])
+                lines.append(f"-- {title}, NNX vs Linen: not bit-identical, worst {worst['name']} max-abs "
+                             f"{worst['max_abs']:.2e} (rel {worst['rel']:.2e}): {ok}")
     t = r.get("timm", {})
     if "tanh_max_abs" in t:
         lines.append(f"-- timm {t['version']} {t['model']}: logits max-abs {t['exact_gelu_max_abs']:.2e} with its "
@@ -176,6 +239,24 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _pair_lines(r: dict, prefix: str, pair: str) -> list[str]:
+    lines = []
+    for key, title in ((prefix + "forward_fp32", "forward fp32"), (prefix + "forward_bf16", "forward bf16")):
+        verdict = "ok" if r["checks"][key] else "FAIL"
+        if key.endswith("fp32") and r[prefix + "first_divergence_fp32"]:
+            verdict += f" (first divergence: {r[prefix + 'first_divergence_fp32']})"
+        lines.append(f"-- {title}, {pair}: {verdict}")
+        lines.append(format_table([Diff(row["name"], row["max_abs"], row["scale"]) for row in r[key]]))
+    if prefix + "grads_fp32" in r:
+        g = r[prefix + "grads_fp32"]
+        worst = next(row for row in g if row["name"] == r[prefix + "grads_worst"])
+        lines.append(f"-- gradients fp32, {pair} ({len(g)} parameters): "
+                     f"{'ok' if r['checks'][prefix + 'grads_fp32'] else 'FAIL'}; "
+                     f"median rel {np.median([row['rel'] for row in g]):.2e}; closest to its bound: "
+                     f"{worst['name']} (max-abs {worst['max_abs']:.2e}, max|grad| {worst['scale']:.2e})")
+    return lines
+
+
 def build_parser() -> Parser:
     p = Parser(prog="mixer-parity", description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", action="append", help=f"one of {', '.join(VARIANTS)}, or 'all' (repeatable; "
@@ -185,6 +266,9 @@ def build_parser() -> Parser:
     p.add_argument("--batch", type=positive_int, default=2)
     add_image_size(p, "random weights: default 224 224; --weights: only for a non-square patch grid")
     add_device(p)
+    p.add_argument("--flax-api", choices=FLAX_APIS, default="both",
+                   help="which Flax model to check against PyTorch; 'both' also checks NNX against Linen "
+                        "(default: both)")
     p.add_argument("--no-grads", action="store_true")
     p.add_argument("--no-timm", action="store_true")
     add_json(p)
@@ -220,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         stage("loading weights" if args.weights else "random weights")
         label, cfg, flat = load_case(v, args.weights, args.image_size)
         r = run_case(label, cfg, flat, args.weights or "random (seed 0)", args.batch, args.device,
-                     not args.no_grads, not args.no_timm, progress=stage)
+                     not args.no_grads, not args.no_timm, progress=stage, flax_api=args.flax_api)
         stage(f"{'PASS' if r['pass'] else 'FAIL'} ({time.perf_counter() - t0:.1f} s)")
         if args.json != "-":
             print(format_report(r), flush=True)

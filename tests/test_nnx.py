@@ -1,0 +1,378 @@
+"""The Flax NNX model (mixer_jax.nnx): the official parameter paths, bit-identical to Linen (forward,
+every intermediate, gradients), within PyTorch's bounds, built from checkpoints through the one
+loading path without random initialisation, NNX's train/eval conventions, and NNX states saved by
+users read back into all three models."""
+import numpy as np
+import pytest
+
+from conftest import has_module, images, requires_jax, requires_torch
+from mixer_convert import ParamMismatchError, config_for, intermediate_names, param_shapes, random_params
+from mixer_convert.save import write_params
+
+pytestmark = requires_jax
+
+TINY = config_for("S/16", image_size=(32, 48), hidden_dim=24, num_blocks=3, tokens_mlp_dim=8, channels_mlp_dim=40,
+                  num_classes=5)  # a 2x3 patch grid
+CONFIGS = {
+    "non-square": TINY,
+    "headless": TINY.replace(image_size=(32, 32), num_classes=None),
+    "non-square patches, one channel": config_for("S/16", patch_size=(4, 8), image_size=(16, 32), in_chans=1,
+                                                  hidden_dim=16, num_blocks=2, tokens_mlp_dim=12,
+                                                  channels_mlp_dim=20, num_classes=3),
+}
+WITH_HEAD = [name for name, cfg in CONFIGS.items() if cfg.num_classes]
+
+
+def _x(cfg, batch=2, seed=1):
+    return images(batch, *cfg.image_size, seed=seed, c=cfg.in_chans)
+
+
+def _npz(tmp_path, cfg, seed=0, name="w.npz"):
+    flat = random_params(cfg, seed)
+    write_params(flat, tmp_path / name, fmt="npz")
+    return tmp_path / name, flat
+
+
+def assert_same_arrays(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert np.asarray(a[k]).dtype == np.asarray(b[k]).dtype and np.array_equal(a[k], b[k]), k
+
+
+# ---- the parameter tree ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_param_state_has_exactly_the_official_paths_and_shapes(name):
+    from flax import nnx
+    from mixer_jax.nnx import create_model
+
+    cfg = CONFIGS[name]
+    model = create_model(cfg, rngs=0)
+    got = {"/".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert got == param_shapes(cfg)
+    # without dropout or stochastic depth there is no RNG state: the model's state is its parameters
+    assert len(nnx.to_flat_state(nnx.state(model))) == len(got)
+
+
+@pytest.mark.parametrize("variant", ["S/32", "B/16", "H/14"])
+def test_published_variants_have_the_official_paths_without_building_them(variant):
+    from flax import nnx
+    from mixer_jax.nnx import MlpMixer
+
+    cfg = config_for(variant)
+    abstract = nnx.eval_shape(lambda: MlpMixer(cfg, rngs=nnx.Rngs(0)))
+    got = {"/".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    assert got == param_shapes(cfg)
+
+
+def test_fresh_weights_follow_the_official_initialisers():
+    from mixer_jax.nnx import create_model, state_to_flat
+
+    flat = state_to_flat(create_model("S/32", num_blocks=1, num_classes=10, rngs=0))
+    assert not flat["head/kernel"].any() and not flat["head/bias"].any()
+    assert not flat["stem/bias"].any() and (flat["pre_head_layer_norm/scale"] == 1).all()
+    w = flat["MixerBlock_0/channel_mixing/Dense_0/kernel"]
+    assert abs(w.std() * np.sqrt(512) - 1) < 0.05 and np.abs(w).max() <= 2 / np.sqrt(512) / 0.8796 + 1e-6
+
+
+def test_compute_dtype_leaves_the_parameters_float32():
+    import jax.numpy as jnp
+    from mixer_jax.nnx import from_flat, state_to_flat
+
+    model = from_flat(random_params(TINY, 0), TINY, dtype=jnp.bfloat16)
+    assert {v.dtype for v in state_to_flat(model).values()} == {np.dtype(np.float32)}
+    assert model(_x(TINY)).dtype == jnp.bfloat16
+
+
+def test_mixer_jax_exposes_the_nnx_module_lazily():
+    import mixer_jax
+
+    assert mixer_jax.nnx.MlpMixer.__module__ == "mixer_jax.nnx"
+
+
+# ---- exactness: NNX against Linen and PyTorch --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_and_every_intermediate_are_bit_identical_to_linen(name, dtype):
+    from mixer_convert.tools.parity import flax_forward, nnx_forward
+
+    cfg = CONFIGS[name]
+    flat, x = random_params(cfg, 1), _x(cfg, 3)
+    linen, nnx = flax_forward(cfg, flat, x, dtype), nnx_forward(cfg, flat, x, dtype)
+    assert set(nnx) == set(intermediate_names(cfg)) == set(linen)
+    assert_same_arrays(linen, nnx)
+
+
+@pytest.mark.parametrize("name", WITH_HEAD)
+def test_cross_entropy_gradients_are_bit_identical_to_linen(name):
+    from mixer_convert.tools.parity import flax_grads, nnx_grads
+
+    cfg = CONFIGS[name]
+    flat, x = random_params(cfg, 2), _x(cfg, 4)
+    labels = np.arange(4) % cfg.num_classes
+    linen, nnx = flax_grads(cfg, flat, x, labels), nnx_grads(cfg, flat, x, labels)
+    assert set(nnx) == set(param_shapes(cfg))
+    assert max(float(np.abs(g).max()) for g in nnx.values()) > 1e-3  # not trivially zero
+    assert_same_arrays(linen, nnx)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["S/32", "B/16"])
+def test_full_size_variants_are_bit_identical_to_linen(variant):
+    from mixer_convert.tools.parity import flax_forward, flax_grads, nnx_forward, nnx_grads
+
+    cfg = config_for(variant)
+    flat, x = random_params(cfg, 3), _x(cfg, 2)
+    assert_same_arrays(flax_forward(cfg, flat, x), nnx_forward(cfg, flat, x))
+    labels = np.array([0, 999])
+    assert_same_arrays(flax_grads(cfg, flat, x, labels), nnx_grads(cfg, flat, x, labels))
+
+
+@requires_torch
+@pytest.mark.parametrize("name", CONFIGS)
+def test_nnx_is_within_the_pytorch_parity_bounds(name):
+    from mixer_convert.tools.parity import (FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL, compare,
+                                            compare_params, first_divergence, nnx_forward, nnx_grads,
+                                            torch_forward, torch_grads)
+
+    cfg = CONFIGS[name]
+    flat, x = random_params(cfg, 4), _x(cfg, 3)
+    rows = compare(nnx_forward(cfg, flat, x), torch_forward(cfg, flat, x), cfg)
+    assert first_divergence(rows, FP32_REL) is None and rows[-1].max_abs <= FP32_LOGITS_MAX_ABS
+    if cfg.num_classes:
+        labels = np.arange(3) % cfg.num_classes
+        g = compare_params(nnx_grads(cfg, flat, x, labels), torch_grads(cfg, flat, x, labels))
+        big = max(r.scale for r in g)
+        assert all(r.max_abs <= GRAD_RTOL * r.scale + GRAD_ATOL_GLOBAL * big for r in g)
+
+
+def test_a_model_from_an_official_npz_matches_the_float64_reference(tmp_path):
+    from mixer_convert.reference import forward
+    from mixer_jax.nnx import from_checkpoint
+
+    cfg = config_for("S/16", image_size=(48, 32), hidden_dim=64, num_blocks=4, tokens_mlp_dim=16,
+                     channels_mlp_dim=128, num_classes=10)
+    path, flat = _npz(tmp_path, cfg, 5)
+    x = _x(cfg, 3)
+    got = np.asarray(from_checkpoint(path, image_size=(48, 32))(x), np.float64)
+    ref = forward(flat, cfg, x)
+    assert np.abs(ref).max() > 0.1 and np.abs(got - ref).max() < 1e-4
+
+
+# ---- building from checkpoints ---------------------------------------------------------------------
+
+
+def test_from_checkpoint_runs_no_random_initialiser(tmp_path, monkeypatch):
+    import jax
+    from jax._src import random as jax_random  # what jax.nn.initializers (lecun_normal) draws from
+    from mixer_jax.nnx import create_model, from_checkpoint, state_to_flat
+
+    concrete = []
+    draw = jax_random.truncated_normal
+
+    def spy(*args, **kwargs):
+        out = draw(*args, **kwargs)
+        concrete.append(not isinstance(out, jax.core.Tracer))
+        return out
+    monkeypatch.setattr(jax_random, "truncated_normal", spy)
+    create_model(TINY, rngs=0)
+    assert concrete and all(concrete)  # the spy sees a real initialisation...
+    concrete.clear()
+    path, flat = _npz(tmp_path, TINY)
+    model = from_checkpoint(path, image_size=(32, 48))
+    assert concrete and not any(concrete)  # ...and loading only traced one (shapes, no numbers)
+    assert_same_arrays(state_to_flat(model), flat)
+
+
+def test_a_missing_or_misshaped_key_is_refused_listing_every_one():
+    from mixer_jax.nnx import flat_to_state, from_flat
+
+    flat = random_params(TINY, 0)
+    del flat["MixerBlock_1/LayerNorm_0/scale"]
+    flat["head/bias"] = np.zeros(6, np.float32)
+    flat["extra/kernel"] = np.zeros(1, np.float32)
+    for build in (from_flat, flat_to_state):
+        with pytest.raises(ParamMismatchError) as e:
+            build(flat, TINY)
+        msg = str(e.value)
+        assert "missing (1): MixerBlock_1/LayerNorm_0/scale" in msg and "unexpected (1): extra/kernel" in msg
+        assert "mis-shaped: head/bias has (6,), model needs (5,)" in msg
+
+
+def test_state_and_flat_dict_convert_both_ways_exactly():
+    import ml_dtypes
+    from flax import nnx
+    from mixer_jax.nnx import flat_to_state, from_flat, state_to_flat
+
+    flat = random_params(TINY, 6)
+    state = flat_to_state(flat, TINY)
+    assert all(isinstance(v, nnx.Param) for _, v in nnx.to_flat_state(state))
+    assert_same_arrays(state_to_flat(state), {k: flat[k] for k in sorted(flat)})
+    from_model = state_to_flat(from_flat(flat, TINY))
+    assert_same_arrays(from_model, flat)
+    assert list(from_model) == list(param_shapes(TINY))  # a model's in model order, as Linen's params_to_flat
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in flat.items()}
+    assert_same_arrays(state_to_flat(from_flat(bf16, TINY)), {k: v.astype(np.float32) for k, v in bf16.items()})
+
+
+def test_from_checkpoint_takes_the_linen_arguments_with_the_same_result(tmp_path):
+    import mixer_jax
+    from mixer_jax.model import params_to_flat
+    from mixer_jax.nnx import from_checkpoint, state_to_flat
+
+    cfg = TINY.replace(image_size=(32, 32))
+    flat = random_params(cfg, 7)
+    np.savez(tmp_path / "p.npz", **{f"params/{k}": v for k, v in flat.items()},
+             **{f"opt/1/{k}": v for k, v in flat.items()})
+    kw = dict(num_classes=9, scale=2, prefix="params/", stoch_depth=0.1)
+    model = from_checkpoint(tmp_path / "p.npz", **kw)
+    linen_model, linen_params = mixer_jax.from_checkpoint(tmp_path / "p.npz", **kw)
+    assert model.config == linen_model.config and model.config.image_size == (64, 64)
+    assert_same_arrays(state_to_flat(model), params_to_flat(linen_params))
+
+
+def test_published_names_go_through_the_one_loading_path(tmp_path):
+    from mixer_jax.nnx import create_model, from_pretrained, state_to_flat
+
+    path, flat = _npz(tmp_path, TINY.replace(image_size=(32, 32)), 8)
+    assert_same_arrays(state_to_flat(from_pretrained(str(path))), flat)
+    with pytest.raises(ValueError, match="not B/16"):  # pretrained= is checked against the variant named
+        create_model("B/16", pretrained=str(path))
+
+
+# ---- train / eval ------------------------------------------------------------------------------------
+
+
+def test_eval_mode_equals_linen_and_training_draws_fresh_masks_each_call():
+    import jax
+    from flax import nnx
+    from mixer_convert.tools.parity import flax_forward
+    from mixer_jax.nnx import from_flat
+
+    cfg = TINY.replace(stoch_depth=0.5, dropout_rate=0.2)
+    flat, x = random_params(cfg, 9), _x(cfg, 8)
+    model = from_flat(flat, cfg, rngs=3)
+    assert not model.MixerBlock_2.deterministic  # NNX's convention: built for training
+    train = nnx.jit(lambda m, x: m(x))
+    a, b = np.asarray(train(model, x)), np.asarray(train(model, x))
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, np.asarray(train(from_flat(flat, cfg, rngs=3), x)))  # the seed fixes the masks
+    once = nnx.jit(lambda m, x, key: m(x, rngs=nnx.Rngs(dropout=key)))  # call-time rngs, as nnx.Dropout takes
+    key = jax.random.key(5)
+    assert np.array_equal(once(model, x, key), once(model, x, key)) and not np.array_equal(once(model, x, key), a)
+    with jax.default_matmul_precision("highest"):
+        ev = nnx.jit(lambda m, x: m(x))(nnx.view(model, deterministic=True), x)
+    linen = flax_forward(cfg, flat, x)["logits"]
+    np.testing.assert_array_equal(np.asarray(ev), linen)
+    model.eval()
+    assert np.array_equal(model(x), model(x)) and np.array_equal(model(x), model(x, deterministic=True))
+    model.train()
+    assert not np.array_equal(model(x), model(x, deterministic=True))
+
+
+def test_each_stochastic_module_keeps_its_own_mode():
+    from flax import nnx
+    from mixer_jax.nnx import MixerBlock, from_flat
+
+    cfg = TINY.replace(dropout_rate=0.2)  # dropout only, no stochastic depth
+    model = from_flat(random_params(cfg, 9), cfg)
+    x = _x(cfg, 4)
+    ev = np.asarray(model(x, deterministic=True))
+    assert not np.array_equal(nnx.view(model, only=MixerBlock, deterministic=True)(x), ev)  # Dropouts still drop
+    np.testing.assert_array_equal(nnx.view(model, only=nnx.Dropout, deterministic=True)(x), ev)
+
+
+# ---- NNX states saved by users, read through the one loading path --------------------------------
+
+
+def _nnx_model_with_rng_state():
+    from mixer_jax.nnx import from_flat
+
+    cfg = TINY.replace(stoch_depth=0.3, dropout_rate=0.1)  # RNG streams beside the weights
+    return from_flat(random_params(cfg, 10), cfg, rngs=1)
+
+
+def _save_orbax(path, tree, standard: bool):
+    import orbax.checkpoint as ocp
+
+    if standard:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(path, tree)
+        ckptr.wait_until_finished()
+    else:
+        ocp.PyTreeCheckpointer().save(path, tree)
+
+
+def _save_msgpack(path, tree):
+    from flax import serialization
+
+    path.write_bytes(serialization.msgpack_serialize(tree))
+
+
+def _saves():
+    import jax
+    from flax import nnx
+
+    def pure_with_key_data(state):  # typed PRNG keys do not serialise; their data does
+        return nnx.to_pure_dict(state, lambda v: jax.random.key_data(v.get_value())
+                                if isinstance(v, nnx.RngKey) else v.get_value())
+    return {
+        "orbax standard, nnx.state(model)": lambda m, p: _save_orbax(p, nnx.state(m), True),
+        "orbax standard, nnx.state(model, nnx.Param)": lambda m, p: _save_orbax(p, nnx.state(m, nnx.Param), True),
+        "orbax pytree, nnx.state(model)": lambda m, p: _save_orbax(p, nnx.state(m), False),
+        "orbax, nnx.to_pure_dict(nnx.state(model))": lambda m, p: _save_orbax(p, nnx.to_pure_dict(nnx.state(m)), True),
+        "msgpack, pure dict of nnx.state(model, nnx.Param)":
+            lambda m, p: _save_msgpack(p, nnx.to_pure_dict(nnx.state(m, nnx.Param))),
+        "msgpack, pure dict of nnx.state(model), key data":
+            lambda m, p: _save_msgpack(p, pure_with_key_data(nnx.state(m))),
+    }
+
+
+SAVES = ["orbax standard, nnx.state(model)", "orbax standard, nnx.state(model, nnx.Param)",
+         "orbax pytree, nnx.state(model)", "orbax, nnx.to_pure_dict(nnx.state(model))",
+         "msgpack, pure dict of nnx.state(model, nnx.Param)", "msgpack, pure dict of nnx.state(model), key data"]
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_a_saved_nnx_state_loads_into_every_model_bit_exactly(tmp_path, save):
+    from mixer_convert.load import load_checkpoint
+    from mixer_jax.nnx import state_to_flat
+
+    model = _nnx_model_with_rng_state()
+    path = tmp_path / ("state.msgpack" if save.startswith("msgpack") else "state_orbax")
+    _saves()[save](model, path)
+    want = state_to_flat(model)
+    flat, cfg = load_checkpoint(path, image_size=(32, 48))
+    assert cfg == TINY
+    assert_same_arrays(flat, want)
+    for load in _loaders():
+        assert_same_arrays(load(path, image_size=(32, 48)), want)
+
+
+def _loaders():
+    """Each model's from_checkpoint, as canonical numpy (PyTorch's where torch is installed)."""
+    import mixer_jax
+    from mixer_jax.model import params_to_flat
+    from mixer_jax.nnx import from_checkpoint, state_to_flat
+
+    out = [lambda p, **kw: params_to_flat(mixer_jax.from_checkpoint(p, **kw)[1]),
+           lambda p, **kw: state_to_flat(from_checkpoint(p, **kw))]
+    if has_module("torch"):
+        import mixer_torch
+        out.append(lambda p, **kw: mixer_torch.to_flat(mixer_torch.from_checkpoint(p, **kw)))
+    return out
+
+
+def test_mixer_convert_reads_a_saved_nnx_state(tmp_path):
+    from flax import nnx
+    from mixer_convert.tools.bridge import convert_checkpoint
+    from mixer_jax.nnx import state_to_flat
+
+    model = _nnx_model_with_rng_state()
+    _save_orbax(tmp_path / "state", nnx.state(model), True)
+    convert_checkpoint(tmp_path / "state", tmp_path / "out.npz", image_size=(32, 48), progress=False)
+    with np.load(tmp_path / "out.npz") as z:
+        assert_same_arrays({k: z[k] for k in z.files}, state_to_flat(model))
