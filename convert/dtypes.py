@@ -44,7 +44,11 @@ def cast(key: str, arr: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def count_nonfinite(arr: np.ndarray) -> int:
-    """How many values are NaN or +-Inf."""
-    if arr.dtype == np.float32 or arr.dtype == np.float64:
-        return int(arr.size - np.count_nonzero(np.isfinite(arr)))
-    return int(arr.size - np.count_nonzero(np.isfinite(arr.astype(np.float32))))
+    """How many values are NaN or +-Inf. The common answer, none, comes from the minimum and the
+    maximum (NaN propagates through both, +Inf reaches the max, -Inf the min): SIMD reductions
+    that allocate nothing, several times faster than counting ``isfinite`` over every value."""
+    if arr.size == 0:
+        return 0
+    if arr.dtype.kind == "f" and np.isfinite(arr.min()) and np.isfinite(arr.max()):
+        return 0
+    return int(arr.size - np.count_nonzero(np.isfinite(arr.astype(np.float32, copy=False))))

@@ -41,6 +41,16 @@ class MissingExtraError(ImportError):
         super().__init__(msg)
 
 
+def importable(module: str) -> bool:
+    """Whether ``module`` can be found, without importing it (a finder that refuses it counts as absent)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def needs(module: str, extra: str, what: str):
     """Import an optional dependency, or raise :class:`MissingExtraError` naming its extra."""
     import importlib

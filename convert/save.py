@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
 from collections.abc import Iterator, Mapping
+from contextlib import closing
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from mixer_convert import formats
 from mixer_convert.atomic import check_destination, check_interrupted, writing
 from mixer_convert.errors import CheckpointError, WriteError, why
-from mixer_convert.layouts import LAYOUTS
+from mixer_convert.layouts import LAYOUTS, Layout, contiguous
 
 Progress = Callable[[str, np.ndarray], None]  # called with each canonical tensor as it is written
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +82,9 @@ class Output:
         dtypes = getattr(flat, "dtypes", None) or {k: np.asarray(flat[k]).dtype for k in flat}
         specs = [(lay.key_to(k), lay.shape_to(k, shapes[k]), np.dtype(dtypes[k])) for k in flat]
 
-        def items() -> Iterator[tuple[str, np.ndarray]]:
-            for k in flat:
-                check_interrupted()
-                v = flat[k]
-                if progress:
-                    progress(k, v)
-                yield lay.key_to(k), lay.value_to(k, v)
-
         try:
-            with writing(self.path, self.is_dir) as tmp:
-                formats.write(self.fmt, tmp, items(), specs)
+            with writing(self.path, self.is_dir) as tmp, closing(prefetched(mapped(flat, lay, progress))) as items:
+                formats.write(self.fmt, tmp, items, specs)
                 if before_commit is not None:
                     before_commit(tmp)
         except WriteError as e:
@@ -96,6 +92,57 @@ class Output:
         except OSError as e:
             raise CheckpointError(f"cannot write {self.path} ({why(e)})") from None
         return self.path
+
+
+def mapped(flat: Mapping[str, np.ndarray], lay: Layout, progress: Progress | None) -> Iterator[tuple[str, np.ndarray]]:
+    """Each canonical tensor read, in ``lay``'s naming and layout, in C order, as the writers take it."""
+    for k in flat:
+        check_interrupted()
+        v = flat[k]
+        if progress:
+            progress(k, v)
+        yield lay.key_to(k), contiguous(lay.value_to(k, v))
+
+
+def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """``items`` produced up to ``depth`` ahead in a second thread. Reading a tensor (its CRC, the
+    NaN check, a transpose) and writing the previous one (its CRC, the write) release the GIL, so
+    the two overlap on two cores. The producer's error is raised here; closing stops it."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    worker = threading.Thread(target=_produce, args=(items, q, stop), daemon=True, name="mixer-prefetch")
+    worker.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _produce(items: Iterator, q: queue.Queue, stop: threading.Event) -> None:
+    try:
+        for item in items:
+            if not _put(q, ("item", item), stop):
+                return
+        _put(q, ("done", None), stop)
+    except BaseException as e:  # noqa: B902 (handed to the consumer, which raises it)
+        _put(q, ("error", e), stop)
+
+
+def _put(q: queue.Queue, entry: tuple, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(entry, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def write_params(flat: Mapping[str, np.ndarray], dst: str | os.PathLike, fmt: str = "npz", layout: str | None = None,

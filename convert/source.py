@@ -122,6 +122,20 @@ def no_duplicate_keys(where: str):
     return hook
 
 
+def pread_into(fd: int, buf: memoryview, offset: int, exact: bool = True) -> int:
+    """Fill ``buf`` from ``fd`` at ``offset`` (positional reads, the file offset untouched);
+    returns how many bytes there were, or raises if ``exact`` and the file ended first."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            if exact:
+                raise CheckpointError(f"file ended {len(buf) - done} bytes early (truncated?)")
+            break
+        done += n
+    return done
+
+
 class Source:
     """A local checkpoint that passed :func:`check_source`, with the budget of what it may declare
     (``max_bytes``; None: no limit). A folder's reader checks its tree (:meth:`check_tree`)."""
@@ -157,6 +171,16 @@ class Source:
     def cap(self, size: int, what: str) -> None:
         """A whole file or member the reader must hold (``what``: 'is a msgpack file of')."""
         check_size(self.where, size, self.max_bytes, what)
+
+    def read_at(self, offset: int, size: int) -> memoryview:
+        """``size`` bytes at ``offset``, read into a new buffer; the file ending first is an error."""
+        buf = memoryview(bytearray(size))
+        with open(self.path, "rb", buffering=0) as f:
+            try:
+                pread_into(f.fileno(), buf, offset)
+            except CheckpointError as e:
+                raise CheckpointError(f"{self.path}: {e}") from None
+        return buf
 
     def reading(self, what: str):
         """Turn a third-party reader's failure on damaged input into one CheckpointError."""

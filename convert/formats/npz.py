@@ -7,15 +7,18 @@ own: numpy writes it as the 2-byte void type ``V2``, as big_vision's checkpoints
 """
 from __future__ import annotations
 
+import io
+import math
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from mixer_convert.layouts import contiguous
 from mixer_convert.dtypes import bf16
 from mixer_convert.errors import CheckpointError
-from mixer_convert.formats.archive import Zip
+from mixer_convert.formats.archive import Zip, ZipWriter
 from mixer_convert.source import Entry, Source, check_shape, nbytes
 
 
@@ -38,6 +41,9 @@ def _header(f, where: str, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     return check_shape(where, key, shape), bool(fortran), dtype
 
 
+_HEADER_MAX = 1 << 20  # an .npy header is a few hundred bytes; this bounds what is parsed
+
+
 def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None]]:
     path = src.path
     z = Zip(path)
@@ -55,28 +61,39 @@ def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None]]:
 
 def _entry(src: Source, z: Zip, info: zipfile.ZipInfo) -> Entry:
     path, key = src.path, info.filename[:-4]
-    with src.reading(f".npz (entry {key!r})"), z.open(info) as f:
-        shape, fortran, dtype = _header(f, str(path), key)
-        offset = f.tell()
+    stored = info.compress_type == zipfile.ZIP_STORED
+    with src.reading(f".npz (entry {key!r})"):
+        with (io.BytesIO(z.read_stored(info, 0, min(_HEADER_MAX, info.file_size))) if stored else z.open(info)) as f:
+            shape, fortran, dtype = _header(f, str(path), key)
+            offset = f.tell()
     src.declare(key, shape, dtype)
     size = nbytes(shape, dtype)
     if offset + size != info.file_size:
         raise CheckpointError(f"{path}: entry {key!r} declares {shape} {dtype} ({size} bytes) but holds "
                               f"{info.file_size - offset} bytes; truncated or corrupt")
-    native = dtype.newbyteorder("=")
+    native, order = dtype.newbyteorder("="), "F" if fortran else "C"
 
     def load() -> np.ndarray:
-        buf = np.empty(size, np.uint8)  # exactly the declared size, checked above
-        with src.reading(".npz"):
-            z.read_into(info, offset, memoryview(buf))
-        arr = buf.view(dtype).reshape(shape, order="F" if fortran else "C")
-        return arr.astype(native, copy=False)  # big-endian files become native
+        if stored:  # one read of the whole member, its CRC checked
+            arr = np.frombuffer(z.read_stored(info), dtype, math.prod(shape), offset) if size else np.zeros(0, dtype)
+        else:  # deflated (np.savez_compressed): streamed, zipfile checks the CRC at the end
+            arr = np.empty(size, np.uint8)
+            with src.reading(".npz"):
+                z.read_into(info, offset, memoryview(arr))
+            arr = arr.view(dtype)
+        return arr.reshape(shape, order=order).astype(native, copy=False)  # big-endian files become native
     return shape, native, load
 
 
 def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> None:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+    """Like ``np.savez`` (stored, .npy version 1.0 headers), each tensor written as it comes, its
+    data 64-byte aligned in the file so a reader's views of it are aligned."""
+    with open(path, "wb") as f:
+        z = ZipWriter(f)
         for k, v in items:
-            with z.open(k + ".npy", "w", force_zip64=True) as f:
-                # C order always, so a round trip through a transposing format gives the same bytes.
-                np.lib.format.write_array(f, np.ascontiguousarray(v), allow_pickle=False)
+            # C order always, so a round trip through a transposing format gives the same bytes.
+            v = contiguous(v)
+            head = io.BytesIO()
+            np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(v))
+            z.add(k + ".npy", [head.getvalue(), v.reshape(-1).view(np.uint8).data], align=64)
+        z.close()

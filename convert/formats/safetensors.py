@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from mixer_convert.layouts import contiguous
 from mixer_convert.dtypes import np_dtype
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.source import Entry, Source, nbytes, no_duplicate_keys
@@ -94,10 +95,8 @@ def read(src: Source) -> tuple[dict[str, Entry], None]:
         if end - begin != nbytes(shape, dtype):
             raise CheckpointError(f"{path}: tensor {k!r} is {shape} {info['dtype']} but spans {end - begin} bytes")
 
-        def load(begin=begin, shape=shape, dtype=dtype):
-            if 0 in shape:
-                return np.zeros(shape, dtype)
-            return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+        def load(begin=begin, end=end, shape=shape, dtype=dtype):
+            return np.frombuffer(src.read_at(8 + n + begin, end - begin), dtype).reshape(shape)
         entries[k] = (shape, dtype, load)
     return entries, None
 
@@ -119,4 +118,4 @@ def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list[tuple
         for (k, shape, dtype), (k2, v) in zip(specs, items, strict=True):
             if k != k2 or tuple(v.shape) != tuple(shape) or v.dtype != dtype:
                 raise ValueError(f"safetensors writer: {k2} {v.shape} {v.dtype} where the header has {k} {shape} {dtype}")
-            f.write(np.ascontiguousarray(v).reshape(-1).view(np.uint8).data)  # no copy; bf16 has no buffer format
+            f.write(contiguous(v).reshape(-1).view(np.uint8).data)  # no copy; bf16 has no buffer format

@@ -1,25 +1,31 @@
-"""PyTorch checkpoints (.pt/.pth/.bin): a pickled state dict of tensors; needs torch.
+"""PyTorch checkpoints (.pt/.pth/.bin): a pickled state dict of tensors.
 
-Nothing is unpickled that ``torch.load(weights_only=True)`` would not accept, and everything it
-would trust is checked first: one ``data.pkl`` of bounded size (torch reads it whole), no
-duplicate or encrypted members, a bounded total, every CRC; the pickle's opcodes are counted
-without unpickling, so a key given twice (two tensors rebuilt, one reachable) is refused.
-The legacy (non-zip) format is read too. Written with ``torch.save``.
+The zip format that ``torch.save`` writes is read and written here without torch
+(:mod:`~mixer_convert.formats.torchpickle`): each storage is a range of the memory-mapped file,
+its CRC checked before use; the archive is checked first (one ``data.pkl`` of bounded size, every
+member in its folder, no duplicate or encrypted members, a bounded total). A key given twice is
+refused (the pickle builds more tensors than the dict keeps). A pickle naming globals beyond a
+plain state dict's is handed to ``torch.load(weights_only=True)`` when torch is installed (it
+refuses anything that could run code), as is the legacy (non-zip) format.
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import io
 import pickletools
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from mixer_convert.layouts import contiguous
 from mixer_convert.dtypes import bf16, is_bf16
-from mixer_convert.errors import CheckpointError, WriteError, needs, why
-from mixer_convert.formats.archive import Zip
+from mixer_convert.errors import CheckpointError, importable, needs, why
+from mixer_convert.formats import torchpickle
+from mixer_convert.formats.archive import Zip, ZipWriter
 from mixer_convert.source import Entry, MAX_METADATA_BYTES, Source
 
 
@@ -34,12 +40,13 @@ def torch_to_numpy(t) -> np.ndarray:
 
 
 def numpy_to_torch(v: np.ndarray):
-    """The inverse, copying only when torch needs its own writable C-ordered buffer. A transposed
-    view is made contiguous by torch, about 3x faster than numpy's copy of a large transpose."""
+    """The inverse, copying only when torch needs its own writable C-ordered buffer (a transposed
+    view tile by tile: :func:`~mixer_convert.layouts.contiguous`)."""
     import torch
 
+    v = contiguous(v)
     if not v.flags.writeable:
-        v = np.array(v, order="C")
+        v = v.copy()
     t = torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) if is_bf16(v.dtype) else torch.from_numpy(v)
     return t.contiguous()
 
@@ -136,10 +143,127 @@ def _count_legacy(path: Path) -> int:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({why(e)})") from None
 
 
-def read(src: Source) -> tuple[dict[str, Entry], None]:
-    torch = needs("torch", "torch", "reading a PyTorch checkpoint")
+def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None] | None]:
     path = src.path
-    is_zip = zipfile.is_zipfile(path)
+    if not zipfile.is_zipfile(path):
+        return _read_with_torch(src, is_zip=False), None
+    z = Zip(path)
+    try:
+        pkl = _check_archive(src, z)
+        try:
+            obj, rebuilt = torchpickle.load(z.read(pkl, MAX_METADATA_BYTES))
+        except torchpickle.UnsupportedPickle as e:
+            if not importable("torch"):
+                raise CheckpointError(f"{path}: refusing to load: not a plain tensor state dict ({e})") from None
+            z.close()  # a state dict in another form torch writes: its weights_only reader judges it
+            return _read_with_torch(src, is_zip=True), None
+        except Exception as e:
+            raise CheckpointError(f"{path}: refusing to load: not a plain tensor state dict ({why(e)})") from None
+        entries = _archive_entries(src, z, pkl, obj, rebuilt)
+    except BaseException:
+        z.close()
+        raise
+    return entries, z.close
+
+
+def _check_archive(src: Source, z: Zip) -> zipfile.ZipInfo:
+    """One data.pkl of bounded size, every member inside its folder, a bounded total; the small
+    members' CRCs checked now (the storages' when each is used). Returns data.pkl's entry."""
+    path = src.path
+    pkls = [i for i in z.members if i.filename.endswith("data.pkl")]
+    if len(pkls) != 1:
+        raise CheckpointError(f"{path}: a PyTorch archive has one data.pkl, this one has {len(pkls)}")
+    pkl = pkls[0]
+    folder = pkl.filename[: -len("data.pkl")]
+    stray = [i.filename for i in z.members if not i.filename.startswith(folder)]
+    if stray:
+        raise CheckpointError(f"{path}: member {stray[0]!r} lies outside the archive's folder {folder!r}")
+    if pkl.file_size > MAX_METADATA_BYTES:
+        raise CheckpointError(f"{path}: {pkl.filename} declares {pkl.file_size} bytes; a state dict's pickle "
+                              f"is far smaller (limit {MAX_METADATA_BYTES})")
+    src.cap(sum(i.file_size for i in z.members if i is not pkl), "holds tensor data of")
+    if not any(i.CRC for i in z.members):  # torch.save(compute_crc32=False) writes 0 for every CRC
+        for i in z.members:
+            i.CRC = None  # nothing to check, for zipfile and for Zip.check_crc
+    with src.reading("a PyTorch checkpoint"):
+        for i in z.members:
+            if not i.filename.startswith(folder + "data/"):
+                z.verify(i)
+    return pkl
+
+
+def _archive_entries(src: Source, z: Zip, pkl: zipfile.ZipInfo, obj: Any, rebuilt: int) -> dict[str, Entry]:
+    path, folder = src.path, pkl.filename[: -len("data.pkl")]
+    held = _unique_refs(obj, path)
+    if len(held) != rebuilt:
+        raise CheckpointError(f"{path}: the pickle builds {rebuilt} tensors but only {len(held)} are reachable; "
+                              "a key given twice? refusing an ambiguous file")
+    sd = _state_dict(obj)
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torchpickle.TensorRef) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    members = {i.filename: i for i in z.members}
+    big = members.get(folder + "byteorder") is not None and z.read(members[folder + "byteorder"], 16) == b"big"
+    storages: dict[str, np.ndarray] = {}  # only storages that several tensors view stay read
+    owners = collections.Counter(ref.storage.key for ref in sd.values())
+
+    def storage(ref: torchpickle.TensorRef) -> np.ndarray:
+        s = ref.storage
+        if s.key not in storages:
+            data = z.read_stored(members[folder + "data/" + s.key])
+            storages[s.key] = np.frombuffer(data, s.dtype.newbyteorder(">") if big else s.dtype, s.numel)
+        return storages.pop(s.key) if owners[s.key] == 1 else storages[s.key]
+
+    entries = {}
+    for key, ref in sd.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: state dict key {key!r} is not a string")
+        _check_storage(path, key, ref, members.get(folder + "data/" + ref.storage.key))
+        entries[key] = (src.declare(key, ref.shape, ref.storage.dtype), ref.storage.dtype,
+                        (lambda ref=ref: torchpickle.view(ref, storage(ref)).astype(ref.storage.dtype, copy=False)))
+    return entries
+
+
+def _check_storage(path: Path, key: str, ref: torchpickle.TensorRef, info: zipfile.ZipInfo | None) -> None:
+    s, problem = ref.storage, None
+    if info is None:
+        problem = f"tensor {key!r} refers to storage {s.key!r}, which the archive does not hold"
+    elif info.file_size != s.numel * s.dtype.itemsize:
+        problem = f"storage {s.key!r} holds {info.file_size} bytes, the pickle says {s.numel} x {s.dtype}"
+    elif torchpickle.extent(ref) > s.numel:
+        problem = f"tensor {key!r} reaches past the end of its storage"
+    if problem:
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({problem}; truncated or corrupt?)")
+
+
+def _unique_refs(obj: Any, path: Path, depth: int = 0, seen: dict | None = None) -> dict:
+    seen = {} if seen is None else seen
+    if depth > 32:
+        raise CheckpointError(f"{path}: nested more than 32 levels deep; not a state dict")
+    if isinstance(obj, torchpickle.TensorRef):
+        seen[id(obj)] = obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            _unique_refs(v, path, depth + 1, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _unique_refs(v, path, depth + 1, seen)
+    return seen
+
+
+def _state_dict(obj: Any) -> Any:
+    """The state dict inside a training checkpoint's dict, wherever the usual keys put it."""
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    return obj
+
+
+# ---- through torch: the legacy format, and state dicts in forms torch alone knows -----------------
+
+
+def _read_with_torch(src: Source, is_zip: bool) -> dict[str, Entry]:
+    torch = needs("torch", "torch", "reading this PyTorch checkpoint")
+    path = src.path
     if is_zip:
         rebuilt = _check_torch_zip(src)
     else:
@@ -154,12 +278,10 @@ def read(src: Source) -> tuple[dict[str, Entry], None]:
     if held != rebuilt:
         raise CheckpointError(f"{path}: the pickle builds {rebuilt} tensors but only {held} are reachable; "
                               "a key given twice? refusing an ambiguous file")
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
+    obj = _state_dict(obj)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
-    return _torch_entries(obj, src), None
+    return _torch_entries(obj, src)
 
 
 def _torch_load(torch, path: Path, is_zip: bool):
@@ -177,10 +299,23 @@ def _torch_load(torch, path: Path, is_zip: bool):
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({why(e)})") from None
 
 
+# ---- writing ----------------------------------------------------------------------------------------
+
+
 def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> None:
-    torch = needs("torch", "torch", "writing a PyTorch checkpoint")
-    sd = {k: numpy_to_torch(v) for k, v in items}
-    try:
-        torch.save(sd, path)
-    except RuntimeError as e:  # torch's zip writer reports a failed write ("unexpected pos ...") this way
-        raise WriteError(f"torch.save failed ({why(e)}); disk full or not writable?") from None
+    """The archive ``torch.save`` writes for a dict of contiguous tensors (storages 64-byte aligned,
+    as ``torch.load(..., mmap=True)`` wants), one tensor at a time."""
+    folder = path.stem or "archive"
+    pkl = torchpickle.dumps(specs)
+    with open(path, "wb") as f:
+        z = ZipWriter(f)
+        z.add(f"{folder}/data.pkl", [pkl])
+        for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
+            z.add(f"{folder}/{name}", [value])
+        for i, ((key, shape, dtype), (k, v)) in enumerate(zip(specs, items, strict=True)):
+            if k != key or tuple(v.shape) != tuple(shape) or v.dtype != dtype:
+                raise ValueError(f"PyTorch writer: {k} {v.shape} {v.dtype} where the pickle has {key} {shape} {dtype}")
+            z.add(f"{folder}/data/{i}", [contiguous(v).reshape(-1).view(np.uint8).data], align=64)
+        z.add(f"{folder}/version", [b"3\n"])
+        z.add(f"{folder}/.data/serialization_id", [str(int(hashlib.sha256(pkl).hexdigest(), 16) % 10**40).encode()])
+        z.close()

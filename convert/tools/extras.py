@@ -14,7 +14,7 @@ import importlib.metadata as metadata
 import importlib.util
 import re
 
-from mixer_convert.errors import MissingExtraError
+from mixer_convert.errors import MissingExtraError, importable
 
 DIST = "mixer-toolkit"
 # When a module is missing, the smallest extra that provides it is named.
@@ -34,14 +34,6 @@ def extras_table() -> dict[str, tuple[str, ...]]:
         if extra:
             table.setdefault(extra.group(1), []).append(_normalise(re.match(r"\s*([\w.-]+)", req).group(1)))
     return {e: tuple(d) for e, d in table.items()}
-
-
-def importable(module: str) -> bool:
-    """Whether ``module`` can be found, without importing it (a finder that refuses it counts as absent)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 @functools.lru_cache(maxsize=None)
