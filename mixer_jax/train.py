@@ -28,11 +28,11 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mixer_convert.datasets import save_class_names
 from mixer_convert.spec import MixerConfig
 from mixer_jax.checkpointing import Checkpointer, check_resume_config, jsonable, to_host
 from mixer_jax.configs import OptimConfig, TrainConfig, expand_paths, validate
-from mixer_jax.data import make_source, save_class_names
-from mixer_jax.input_pipeline import eval_iterator, make_train_iterator, normalize
+from mixer_jax.input_pipeline import eval_iterator, make_source, make_train_iterator, normalize
 from mixer_jax.metrics import MetricsLog, NonFiniteLossError, check_finite, last_good_text, plot_metrics
 from mixer_jax.model import MlpMixer, params_from_flat
 

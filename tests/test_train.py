@@ -118,7 +118,7 @@ def test_weight_decay_is_decoupled_and_applies_to_kernels_only():
 
 def _state_and_batch(accum, mixup=0.0, smoothing=0.0):
     import jax
-    from mixer_jax.data import make_source
+    from mixer_jax.input_pipeline import make_source
     from mixer_jax.input_pipeline import TrainBatches
     from mixer_jax.model import MlpMixer
     from mixer_jax.train import create_train_state, make_optimizer
@@ -219,10 +219,10 @@ def test_imagefolder_and_mocked_tfds_datasets_train(tmp_path):
     from PIL import Image
 
     from mixer_jax.configs import DataConfig
-    from mixer_jax.data import digits_source
+    from mixer_convert.datasets import digits
     from mixer_jax.train import train_and_evaluate
 
-    src = digits_source("test")
+    src = digits("test")
     for split, idx in (("train", range(0, 200)), ("test", range(200, 260))):
         for i in idx:
             d = tmp_path / "folder" / split / f"class_{src.labels[i]}"
