@@ -249,6 +249,14 @@ def inception_box(width: int, height: int, rng: np.random.Generator,
     return (0.0, 0.0, float(width), float(height))
 
 
+def default_workers() -> int:
+    """How many image readers to run: one per core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 _cv2_module = None
 
 

@@ -37,9 +37,12 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from mixer_convert.images import read_image
+from mixer_convert.images import ImageError, read_image
 
 PIPELINES = ("vit_jax", "big_vision")
+# read_image and ImageError live in mixer_convert.images; also importable from here, their old home.
+__all__ = ["PIPELINES", "ImageError", "central_crop", "load_image", "preprocess", "read_image", "resize_area",
+           "resize_bilinear", "resize_small", "value_range"]
 
 # big_vision's ImageNet eval resizes the shorter side to 256 for a 224 crop; other crop sizes keep the ratio.
 _BIG_VISION_RESIZE_RATIO = 256 / 224
@@ -99,11 +102,11 @@ def _scratch(key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
 def _rows(a: np.ndarray, index: np.ndarray | slice, key: str) -> np.ndarray:
     if isinstance(index, slice):
         return a[index]
-    return np.take(a, index, axis=0, out=_scratch(key, (len(index), a.shape[1]), a.dtype), mode="clip")
+    return a.take(index, 0, _scratch(key, (len(index), a.shape[1]), a.dtype), "clip")
 
 
 def _columns(a: np.ndarray, index: np.ndarray, key: str) -> np.ndarray:
-    return np.take(a, index, axis=1, out=_scratch(key, (a.shape[0], len(index)), a.dtype), mode="clip")
+    return a.take(index, 1, _scratch(key, (a.shape[0], len(index)), a.dtype), "clip")
 
 
 def _as_slice(index: np.ndarray) -> np.ndarray | slice:
@@ -183,7 +186,7 @@ def _bilinear_block(image: np.ndarray, p: _BilinearPlan, o: np.ndarray) -> None:
     np.add(along_x, left_f, out=along_x)
     # ... then the two rows of each output row along y, top + (bottom - top) * y_lerp.
     top = _rows(along_x, p.top, "bl_top")
-    np.take(along_x, p.bottom, axis=0, out=o, mode="clip")
+    along_x.take(p.bottom, 0, o, "clip")
     np.subtract(o, top, out=o)
     np.multiply(o, p.y_lerp, out=o)
     np.add(o, top, out=o)
@@ -272,7 +275,7 @@ def _area_block(image: np.ndarray, p: _AreaPlan, o: np.ndarray) -> None:
     row_term = _scratch("area_rows", o.shape, np.float32)
     for k, (taps, weights) in enumerate(zip(p.row_taps, p.y_weights)):
         dst = o if k == 0 else row_term
-        np.take(along_x, taps, axis=0, out=dst, mode="clip")
+        along_x.take(taps, 0, dst, "clip")
         np.multiply(dst, weights, out=dst)
         if k:
             np.add(o, row_term, out=o)
@@ -341,15 +344,12 @@ def preprocess(image: np.ndarray, pipeline: str = "vit_jax", image_size: int | S
     if image.dtype != np.uint8:  # no truncation: value_range of the float resize
         out[...] = value_range(crop, "big_vision")
         return out
-    # tf.cast to uint8 truncates toward zero; an area mean of uint8 pixels is in [0, 255 + rounding],
-    # so the int64 truncation clipped at 255 (take's mode="clip") is that uint8, used as a table index.
-    index = _scratch("bv_index", out.shape, np.intp)
-    np.copyto(index, crop, casting="unsafe")
-    return np.take(_BIG_VISION_VALUES, index, out=out, mode="clip")
-
-
-# value_range(x, "big_vision") of every uint8 value x.
-_BIG_VISION_VALUES = _frozen(value_range(np.arange(256, dtype=np.uint8), "big_vision"))
+    # tf.cast truncates toward zero; an area mean of uint8 pixels lies in [0, 255 + rounding] < 256.
+    pixels = _scratch("bv_uint8", out.shape, np.uint8)
+    np.copyto(pixels, crop, casting="unsafe")
+    np.divide(pixels, np.float32(255), out=out, dtype=np.float32)  # value_range(pixels, "big_vision") in place
+    np.multiply(out, np.float32(2), out=out)
+    return np.add(out, np.float32(-1), out=out)
 
 
 def load_image(path, pipeline: str = "vit_jax", image_size: int | Sequence[int] = 224,

@@ -38,20 +38,12 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 
 from mixer_convert.datasets import ImageFolder, TfdsSource, digits, folder_classes
-from mixer_convert.images import ImageError, crop_resize, inception_box, read_crop
+from mixer_convert.images import ImageError, crop_resize, default_workers, inception_box, read_crop
 from mixer_convert.preprocess import value_range
 from mixer_jax.configs import AUGMENTS, DataConfig
 
 WORKER_TYPES = ("thread", "process")
 MAX_CONSECUTIVE_BAD = 100  # skip_bad gives up (an error) after this many unreadable examples in a row
-
-
-def default_workers() -> int:
-    """One worker per core this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _hw(image_size) -> tuple[int, int]:

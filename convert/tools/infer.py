@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import sys
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from mixer_convert.images import default_workers
 from mixer_convert.preprocess import load_image
 from mixer_convert.spec import MixerConfig, variant_name
 from mixer_convert.tools.extras import MissingExtraError, has_extra, require
@@ -138,14 +138,6 @@ class Files:
 
     def name(self, index: int) -> str:
         return self.paths[index]
-
-
-def default_workers() -> int:
-    """One worker per core this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def load_batches(source: Any, count: int, batch: int, pipeline: str, image_size: Sequence[int], *,
