@@ -23,10 +23,11 @@ bit-identical to ``tf.image.resize`` (tested against TensorFlow). Both are separ
 compute what is kept: the rows of the input that some output row needs, and for big_vision only
 the central crop of the resized image, never the whole of it.
 
-Speed: every large intermediate lives in a per-thread scratch buffer reused from call to call,
-and ``out=`` lets the caller's batch be written in place. A fresh few-MB array per image costs
-more in page faults than the arithmetic does (measured on the 2-core CI machine: 1.0 ms vs 2.2-4 ms
-per 500x375 image); see benchmarks/bench_preprocess.py.
+Speed: output rows are computed in blocks small enough to stay in a core's cache; every
+intermediate lives in a per-thread scratch buffer reused from call to call, and ``out=`` lets the
+caller's batch be written in place -- fresh multi-MB arrays per image cost more in page faults than
+the arithmetic (measured on the 2-core development machine: 1.0 ms vs 2.2-4 ms per 500x375 image).
+benchmarks/bench_preprocess.py times it against Pillow's decoding of the same JPEG.
 """
 from __future__ import annotations
 
