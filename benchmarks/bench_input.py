@@ -36,8 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from mixer_jax.configs import DataConfig, TrainConfig  # noqa: E402
-from mixer_jax.data import make_source  # noqa: E402
-from mixer_jax.input_pipeline import default_workers, make_train_iterator  # noqa: E402
+from mixer_jax.input_pipeline import default_workers, make_source, make_train_iterator  # noqa: E402
 
 
 def make_jpeg_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:

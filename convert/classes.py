@@ -49,3 +49,14 @@ def read_class_names(path: str | os.PathLike) -> ClassNames:
     if not names:
         raise ValueError(f"{path}: no class names in the file")
     return ClassNames(names, None, str(path))
+
+
+def head_class_names(num_classes: int, labels_file: str | os.PathLike | None = None) -> ClassNames | None:
+    """The names for a model head: ``labels_file`` if given (one name per class of the head), else
+    the shipped ImageNet names for a 1000- or 21843-class head, else None (callers show indices)."""
+    if labels_file is None:
+        return imagenet_classes(num_classes)
+    names = read_class_names(labels_file)
+    if len(names) != num_classes:
+        raise ValueError(f"{labels_file}: {len(names)} class names for a {num_classes}-class head")
+    return names

@@ -17,7 +17,11 @@ batch would change with the number of processes.)
 Images leave the pipeline as uint8 (4x less host->device traffic than float32); the model's
 (x - 127.5) / 127.5 runs on the device, inside the jitted step (``normalize``).
 
-Bad data: an unreadable example stops the pipeline with ``BadImageError`` naming it. With
+The data sources (``make_source``: digits, imagefolder, tfds) and everything about one image
+(reading, mode conversion, the crops and the resize) are the core's, shared with mixer-eval and
+mixer-predict: :mod:`mixer_convert.datasets` and :mod:`mixer_convert.images`.
+
+Bad data: an unreadable example stops the pipeline with ``ImageError`` naming it. With
 ``data.skip_bad`` a training example that cannot be read is replaced by the next readable
 example of the dataset (index + 1, + 2, ...) with that example's own label, augmented with the
 same generator, so every other example and label stays where it was and a rerun makes the
@@ -28,24 +32,49 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from mixer_convert.datasets import ImageFolder, TfdsSource, digits, folder_classes
+from mixer_convert.images import ImageError, crop_resize, default_workers, inception_box, read_crop
+from mixer_convert.preprocess import value_range
 from mixer_convert.spec import image_hw
-from mixer_jax.configs import DataConfig
-from mixer_jax.images import BadImageError, crop_resize, inception_box, read_image
+from mixer_jax.configs import AUGMENTS, DataConfig
 
 WORKER_TYPES = ("thread", "process")
 MAX_CONSECUTIVE_BAD = 100  # skip_bad gives up (an error) after this many unreadable examples in a row
 
 
-def default_workers() -> int:
-    """One worker per core this process may run on."""
+# ---- the data ---------------------------------------------------------------------------------
+
+
+def make_source(cfg: DataConfig, split: str):
+    """The config's dataset split as a core data source. Fails before any compute on an unknown
+    dataset or a missing data dir; every split of an image folder takes its class list (and so
+    its label numbers) from the train split."""
+    if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
+        raise ValueError(f"data_dir {cfg.data_dir!r} does not exist")
+    if cfg.train_augment not in AUGMENTS:
+        raise ValueError(f"train_augment must be one of {AUGMENTS}, got {cfg.train_augment!r}")
+    if cfg.name == "digits":
+        return digits(split)
+    if cfg.name != "imagefolder":
+        return TfdsSource(cfg.name, split, cfg.data_dir)
+    if cfg.data_dir is None:
+        raise ValueError("imagefolder needs data_dir (DIR/<split>/<class>/*.jpg)")
+    classes = None if split == cfg.train_split else folder_classes(
+        Path(cfg.data_dir) / cfg.train_split, f"DIR/{cfg.train_split}/<class>/*.jpg: the train split names the classes")
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        src = ImageFolder(Path(cfg.data_dir) / split, classes, skip_bad=cfg.skip_bad,
+                          expected=f"DIR/{split}/<class>/*.jpg")
+    except ImageError as e:
+        raise ImageError(e.name, f"{e.reason} (data.skip_bad=true leaves them out)") from None
+    if src.left_out:
+        print(f"imagefolder: left out {src.left_out} {'entry' if src.left_out == 1 else 'entries'} named like images "
+              f"that are not files, e.g. {str(src.root / src.not_files[0])!r}", file=sys.stderr)
+    return src
 
 
 # ---- one example ------------------------------------------------------------------------------
@@ -69,15 +98,15 @@ class Preprocess:
         flip. ``augment='none'`` is the eval preprocessing."""
         if self.augment == "none":
             return self.eval(payload, name)
-        im, box = read_image(payload, lambda w, h: inception_box(w, h, rng, self.crop_area), self.out_hw,
-                             draft=self.draft, name=name)
+        im, box = read_crop(payload, lambda w, h: inception_box(w, h, rng, self.crop_area), self.out_hw,
+                            draft=self.draft, name=name)
         flip = self.augment == "inception_crop_flip" and rng.random() < 0.5
         return crop_resize(im, box, self.out_hw, flip)
 
     def eval(self, payload, name: str | None = None) -> np.ndarray:
         """vit_jax's eval preprocessing: the whole image resized to the model size (bilinear, no
         antialias), here rounded to uint8."""
-        im, box = read_image(payload, None, self.out_hw, draft=self.draft, name=name)
+        im, box = read_crop(payload, None, self.out_hw, draft=self.draft, name=name)
         return crop_resize(im, box, self.out_hw)
 
 
@@ -143,12 +172,12 @@ class TrainBatches:
                 payload, label = self.source[i]
                 # a fresh generator per attempt: the replacement's crop does not depend on the failure
                 return self.pre.train(payload, np.random.default_rng(key), name), label
-            except BadImageError as e:
+            except ImageError as e:
                 if not self.skip_bad:
-                    raise BadImageError(e.name, f"{e.reason} (data.skip_bad=true replaces unreadable examples)") \
+                    raise ImageError(e.name, f"{e.reason} (data.skip_bad=true replaces unreadable examples)") \
                         from None
                 bad.append(str(e))
-        raise BadImageError(_safe_name(self.source, index) or str(index),
+        raise ImageError(_safe_name(self.source, index) or str(index),
                             f"and the {MAX_CONSECUTIVE_BAD - 1} examples after it cannot be read")
 
 
@@ -180,9 +209,9 @@ class EvalBatches:
             try:
                 payload, labels[j] = self.source[i]
                 images[j], mask[j] = self.pre.eval(payload, name), True
-            except BadImageError as e:
+            except ImageError as e:
                 if not self.skip_bad:
-                    raise BadImageError(e.name, f"{e.reason} (data.skip_bad=true leaves unreadable examples out)") \
+                    raise ImageError(e.name, f"{e.reason} (data.skip_bad=true leaves unreadable examples out)") \
                         from None
                 labels[j] = 0
                 bad.append(str(e))
@@ -215,7 +244,7 @@ def _report_stderr(message: str) -> None:
 
 class BatchIterator:
     """Batches in order from Grain; counts (and reports once per example) what was skipped.
-    A bad example in a worker comes out here as ``BadImageError`` (one line, names the file).
+    A bad example in a worker comes out here as ``ImageError`` (one line, names the file).
     Workers start at the first ``next``, so building one is cheap and checks the config only."""
 
     def __init__(self, fn: Callable[[int], Batch], start: int, stop: int, cfg: DataConfig,
@@ -257,10 +286,10 @@ class BatchIterator:
         self._it = None
 
 
-def _find_bad_image(e: BaseException) -> BadImageError | None:
+def _find_bad_image(e: BaseException) -> ImageError | None:
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, BadImageError):
+        if isinstance(e, ImageError):
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
@@ -306,8 +335,9 @@ def eval_iterator(cfg: DataConfig, source, batch: int, process_index: int = 0, p
 
 
 def normalize(images):
-    """uint8 [0, 255] -> [-1, 1], the official (x - 127.5) / 127.5, in ``images``' framework
-    (jax inside a jitted step, numpy on the host). Float images are taken as already in [-1, 1]."""
+    """uint8 [0, 255] -> [-1, 1] by the core's ``value_range`` (vit_jax's (x - 127.5) / 127.5), in
+    ``images``' framework (jax inside a jitted step, numpy on the host). Float images are taken
+    as already in [-1, 1]."""
     if images.dtype != np.uint8:
         return images
-    return (images.astype(np.float32) - 127.5) / 127.5
+    return value_range(images)

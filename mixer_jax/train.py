@@ -24,11 +24,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mixer_convert.datasets import save_class_names
 from mixer_convert.spec import MixerConfig
 from mixer_jax.checkpointing import Checkpointer, check_resume_config, jsonable, to_host
 from mixer_jax.configs import TrainConfig, architecture, current_layout, expand_paths, validate
-from mixer_jax.data import make_source, save_class_names
-from mixer_jax.input_pipeline import make_train_iterator
+from mixer_jax.input_pipeline import make_source, make_train_iterator
 from mixer_jax.loop import Compiled, Loop, Sinks, evaluate, finish, train_loop
 from mixer_jax.metrics import Console, MetricsLog, NonFiniteLossError, TensorBoardLog
 from mixer_jax.optimizer import make_optimizer

@@ -43,6 +43,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# Worker processes that libraries start themselves (Grain's, mixer-eval's process pool; spawn
+# copies this interpreter's sys.path) import this checkout's code too.
+sys.path.insert(0, _link_dir())
+
+
 def import_blocker(*names: str) -> str:
     """Python source that makes importing any of the top-level packages ``names`` fail; prepend it
     to a child interpreter's code to prove that code path does not need them."""

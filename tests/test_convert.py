@@ -327,7 +327,7 @@ def test_flax_side_works_without_torch(official, tmp_path):
 from mixer_convert.tools.cli import main
 assert main([{str(src)!r}, 'm.msgpack', '--verify', '--quiet']) == 0
 assert main(['m.msgpack', 'orbax_dir', '--to', 'orbax', '--quiet']) == 0
-import mixer_jax, mixer_jax.train, mixer_jax.data
+import mixer_jax, mixer_jax.train, mixer_jax.input_pipeline
 assert 'torch' not in sys.modules
 print('ok')
 """

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import has_module
 from mixer_convert import config_for, random_params
-from mixer_convert.classes import imagenet_classes, read_class_names
+from mixer_convert.classes import imagenet_classes
 from mixer_convert.preprocess import load_image, preprocess
 from mixer_convert.reference import forward
 from mixer_convert.tools import evaluate, predict
@@ -66,25 +66,6 @@ def crops(tmp_path_factory):
 def _reference_top1(flat, cfg, paths, pipeline):
     x = np.stack([load_image(p, pipeline, cfg.image_size) for p in paths])
     return forward(flat, cfg, x).argmax(-1)
-
-
-# ---- class names --------------------------------------------------------------------------------
-
-
-def test_imagenet_class_names_are_shipped_for_1k_and_21k_heads():
-    k1, k21 = imagenet_classes(1000), imagenet_classes(21843)
-    assert len(k1) == 1000 and k1.names[0] == "tench, Tinca tinca" and k1.names[281] == "tabby, tabby cat"
-    assert list(k1.synsets) == sorted(set(k1.synsets))  # the standard order: sorted synset ids
-    assert len(k21) == 21843 and len(set(k21.synsets)) == 21843
-    assert imagenet_classes(10) is None
-
-
-def test_class_names_file_skips_comments_and_blank_lines(tmp_path):
-    (tmp_path / "n.txt").write_text("# my classes\ncat\n\ndog\n")
-    assert read_class_names(tmp_path / "n.txt").names == ("cat", "dog")
-    (tmp_path / "e.txt").write_text("# nothing\n")
-    with pytest.raises(ValueError, match="no class names"):
-        read_class_names(tmp_path / "e.txt")
 
 
 # ---- mixer-predict ------------------------------------------------------------------------------
@@ -198,19 +179,34 @@ def test_eval_cli_prints_a_table_or_json(weights_1k, crops, capsys):
     assert evaluate.main(["--weights", str(path), "--data", f"imagefolder:{crops}", "--quiet", "--limit", "4"]) == 0
     text = capsys.readouterr().out
     assert "top-1" in text and all(fw in text for fw in INSTALLED) and "4 images" in text
+    assert "end-to-end" in text and "img/s (reading + preprocessing in" in text
     if len(INSTALLED) == 2:
         assert "identical top-1, torch vs flax" in text
     assert evaluate.main(["--weights", str(path), "--data", f"imagefolder:{crops}", "--json", "--quiet",
                           "--framework", INSTALLED[0]]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert list(doc["results"]) == INSTALLED[:1] and doc["images"] == 15 and "identical_top1" not in doc
+    assert doc["end_to_end_images_per_second"] > 0 and doc["input"]["worker_type"] == "thread"
+    assert 0 <= doc["input"]["seconds_waiting"] and doc["input"]["workers"] >= 1
+
+
+@pytest.mark.slow
+def test_eval_in_worker_processes_equals_eval_in_threads(weights_1k, crops):
+    path, _ = weights_1k
+    runs = [evaluate.evaluate(str(path), f"imagefolder:{crops}", INSTALLED[0], "big_vision", batch=4, progress=False,
+                              workers=2, worker_type=kind) for kind in ("thread", "process")]
+    assert runs[1]["input"] == {**runs[0]["input"], "worker_type": "process",
+                                "seconds_waiting": runs[1]["input"]["seconds_waiting"]}
+    for a, b in zip(runs[0]["results"].values(), runs[1]["results"].values()):
+        assert (a["correct_top1"], a["correct_top5"]) == (b["correct_top1"], b["correct_top5"])
 
 
 @pytest.mark.parametrize("case, match", [
-    ("spec", "--data must be imagefolder:DIR or tfds:NAME"), ("not_dir", "is not a directory"),
+    ("spec", "--data must be imagefolder:DIR or tfds:NAME"), ("not_dir", "imagefolder: no directory"),
     ("no_classes", "has no class folders"), ("no_images", "no image files"),
     ("too_many_classes", "4 class folders but the model has 3 classes"), ("bad_image", "corrupt or truncated"),
     ("unknown_synset", "not in the model's 1000-class head"), ("tfds_unknown", "unknown dataset"),
+    ("workers", "argument --workers: expected a positive integer, got 0"),
 ])
 def test_eval_errors_are_one_line_and_exit_2(tmp_path, photos, capsys, case, match):
     cfg = TINY_1K.replace(num_classes=1000 if case == "unknown_synset" else 3)
@@ -234,7 +230,8 @@ def test_eval_errors_are_one_line_and_exit_2(tmp_path, photos, capsys, case, mat
             "tfds_unknown": "tfds:no_such_dataset_xyz"}.get(case, f"imagefolder:{data}")
     if case == "tfds_unknown" and not has_module("tensorflow_datasets"):
         match = "needs the 'train' extra (no module 'tensorflow_datasets')"
-    assert evaluate.main(["--weights", str(tmp_path / "w.npz"), "--data", spec, "--quiet"]) == 2
+    extra = ["--workers", "0"] if case == "workers" else []
+    assert evaluate.main(["--weights", str(tmp_path / "w.npz"), "--data", spec, "--quiet", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mixer-eval: error: ") and match in err[0], err
     if case == "bad_image":

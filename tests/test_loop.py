@@ -181,7 +181,7 @@ def test_a_second_ctrl_c_interrupts_at_once_and_one_process_needs_no_agreement()
 
 def test_evaluate_averages_over_the_real_examples_of_the_whole_split(tmp_path):
     import jax.numpy as jnp
-    from mixer_jax.data import make_source
+    from mixer_jax.input_pipeline import make_source
     from mixer_jax.loop import evaluate
 
     cfg = tiny(eval_batch_size=64)

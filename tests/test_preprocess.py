@@ -1,21 +1,23 @@
-"""mixer_convert.preprocess: the two official eval pipelines in numpy, and image reading.
+"""mixer_convert.preprocess: the two official eval pipelines, bit-identical to TensorFlow's ops.
 
-Oracles: hand-derived values (always), jax.image.resize without antialias (when JAX is installed)
-and tf.image.resize itself, in a child interpreter (when TensorFlow is installed; slow tier).
+Oracles: hand-derived values; TensorFlow's kernels transcribed loop by loop (tests/tf_kernels.py)
+on many random sizes; jax.image.resize without antialias (when JAX is installed); and
+tf.image.resize itself, in a child interpreter, on random sizes, scikit-learn's photos and digits
+(when TensorFlow is installed; slow tier).
 """
 import importlib.util
-import struct
 import subprocess
 import sys
-import zlib
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import tf_kernels
 from conftest import requires_jax, subprocess_env
+from image_data import digit_images, photos
 from mixer_convert import preprocess as pp
-from mixer_convert.preprocess import ImageError, read_image
 
 RNG = np.random.default_rng(0)
 # (input H, W) -> (output H, W): down, up, non-integer ratios, aspect changes, identity, tiny.
@@ -140,181 +142,163 @@ def test_unknown_pipeline_is_an_error():
         pp.preprocess(np.zeros((8, 8, 3), np.uint8), "timm")
 
 
+# ---- the fast kernels against TensorFlow's loops (tests/tf_kernels.py) ---------------------------
+
+
+def _random_cases(n: int, max_in: int, max_out: int, seed: int):
+    """(input H, W, C, dtype) -> (output H, W): random sizes, and the corners that break index maths."""
+    rng = np.random.default_rng(seed)
+    cases = [((1, 1, 3, np.uint8), (5, 7)), ((1, 9, 1, np.uint8), (3, 4)), ((9, 1, 4, np.uint8), (2, 5)),
+             ((300, 200, 3, np.uint8), (7, 5)), ((13, 17, 3, np.float32), (13, 17)), ((6, 4, 3, np.uint16), (11, 3))]
+    for _ in range(n):
+        ih, iw = (int(v) for v in rng.integers(1, max_in + 1, 2))
+        oh, ow = (int(v) for v in rng.integers(1, max_out + 1, 2))
+        cases.append(((ih, iw, int(rng.choice([1, 3, 4])), np.uint8), (oh, ow)))
+    return cases
+
+
+def _image(h, w, c, dtype, seed=0):
+    img = np.random.default_rng(seed).integers(0, 256, (h, w, c))
+    return (img + 0.37).astype(dtype) if dtype == np.float32 else img.astype(dtype)
+
+
+@pytest.mark.parametrize("src, dst", _random_cases(24, 40, 24, seed=1))
+def test_resizes_equal_tensorflows_kernels_bit_for_bit(src, dst):
+    img = _image(*src)
+    np.testing.assert_array_equal(pp.resize_bilinear(img, dst), tf_kernels.bilinear(img, *dst))
+    full = tf_kernels.area(img, *dst)
+    np.testing.assert_array_equal(pp.resize_area(img, dst), full)
+    top, left = dst[0] // 3, dst[1] // 2  # a window is computed exactly as the whole
+    np.testing.assert_array_equal(pp.resize_area(img, dst, window=(top, left, dst[0] - top, dst[1] - left)),
+                                  full[top:, left:])
+
+
+def test_big_vision_is_resize_small_then_central_crop_then_its_value_range():
+    for img in (_image(427, 640, 3, np.uint8), _image(37, 300, 3, np.uint8), _image(1, 1, 3, np.uint8)):
+        want = pp.value_range(pp.central_crop(pp.resize_small(img, 256), 224), "big_vision")
+        np.testing.assert_array_equal(pp.preprocess(img, "big_vision", 224), want)
+        want = pp.value_range(pp.resize_bilinear(img, (224, 224)))
+        np.testing.assert_array_equal(pp.preprocess(img, "vit_jax", 224), want)
+
+
+def test_the_two_value_range_formulas_agree_to_one_ulp():
+    x = np.arange(256, dtype=np.uint8)
+    vit, bv = pp.value_range(x), pp.value_range(x, "big_vision")
+    np.testing.assert_array_equal(vit, (x.astype(np.float32) - np.float32(127.5)) / np.float32(127.5))
+    np.testing.assert_array_equal(bv, np.float32(-1) + x.astype(np.float32) / np.float32(255) * np.float32(2))
+    assert np.abs(vit - bv).max() <= np.spacing(np.float32(1)) and (vit != bv).any()
+
+
+def test_out_is_filled_in_place_and_checked():
+    img = _image(50, 70, 3, np.uint8)
+    for pipeline in pp.PIPELINES:
+        out = np.full((32, 48, 3), np.nan, np.float32)
+        assert pp.preprocess(img, pipeline, (32, 48), out=out) is out
+        np.testing.assert_array_equal(out, pp.preprocess(img, pipeline, (32, 48)))
+    with pytest.raises(ValueError, match="out must be a C-contiguous float32 array of shape"):
+        pp.preprocess(img, "vit_jax", 32, out=np.empty((32, 32, 3), np.float64))
+    with pytest.raises(ValueError, match="not inside"):
+        pp.resize_area(img, (10, 10), window=(5, 0, 6, 10))
+
+
+def test_threads_preprocess_independently():
+    """Intermediates live in per-thread scratch buffers: concurrent calls must not see each other's."""
+    images = [_image(60 + 7 * i, 90 - 5 * i, 3, np.uint8, seed=i) for i in range(4)]
+    want = [[pp.preprocess(im, pl, 40) for pl in pp.PIPELINES] for im in images]
+    got = [None] * 4
+
+    def work(i):
+        got[i] = [[pp.preprocess(images[i], pl, 40) for pl in pp.PIPELINES] for _ in range(20)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        for rep in got[i]:
+            for a, b in zip(rep, want[i]):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_load_image_reads_paths_bytes_and_arrays_alike(tmp_path):
+    Image.fromarray(photos()[1]).save(tmp_path / "f.jpg", quality=90)
+    decoded = np.asarray(Image.open(tmp_path / "f.jpg"))
+    for pipeline in pp.PIPELINES:
+        want = pp.preprocess(decoded, pipeline, 64)
+        for payload in (tmp_path / "f.jpg", str(tmp_path / "f.jpg"), (tmp_path / "f.jpg").read_bytes(), decoded):
+            np.testing.assert_array_equal(pp.load_image(payload, pipeline, 64), want)
+
+
 # ---- TensorFlow itself as the oracle (child interpreter; slow: TF takes seconds to import) --------
 
 _TF_ORACLE = r"""
-import os, sys
+import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np, tensorflow as tf
-data = np.load(sys.argv[1])
+data, sizes = np.load(sys.argv[1]), json.load(open(sys.argv[2]))
 out = {}
 for key in data.files:
     img = data[key]
-    for (oh, ow) in SIZES[key]:
+    for oh, ow in sizes[key]:
         out[f"{key}/bilinear/{oh}x{ow}"] = tf.image.resize(img, [oh, ow]).numpy()
         out[f"{key}/area/{oh}x{ow}"] = tf.image.resize(img, [oh, ow], method="area").numpy()
+    if img.shape[-1] != 3:
+        continue
     # big_vision, pp/ops_image.py + ops_general.py: resize_small(256) | central_crop(224) | value_range(-1, 1)
     h, w = tf.shape(img)[0], tf.shape(img)[1]
     factor = tf.cast(256, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
     nh = tf.cast(tf.round(tf.cast(h, tf.float32) * factor), tf.int32)
     nw = tf.cast(tf.round(tf.cast(w, tf.float32) * factor), tf.int32)
-    small = tf.cast(tf.clip_by_value(tf.image.resize(img, (nh, nw), method="area"), 0, 255), tf.uint8)
+    small = tf.cast(tf.image.resize(img, (nh, nw), method="area"), tf.uint8)
     dy, dx = (tf.shape(small)[0] - 224) // 2, (tf.shape(small)[1] - 224) // 2
     crop = tf.image.crop_to_bounding_box(small, dy, dx, 224, 224)
-    out[f"{key}/big_vision"] = (-1 + tf.cast(crop, tf.float32) / 255.0 * 2).numpy()
+    out[f"{key}/big_vision_uint8"] = crop.numpy()
+    out[f"{key}/big_vision"] = (-1 + (tf.cast(crop, tf.float32) - 0.0) / (255.0 - 0.0) * 2).numpy()
     # vit_jax, input_pipeline.py (eval): tf.image.resize to the model size, then (x - 127.5) / 127.5
     out[f"{key}/vit_jax"] = ((tf.image.resize(img, [224, 224]) - 127.5) / 127.5).numpy()
-np.savez(sys.argv[2], **out)
+np.savez(sys.argv[3], **out)
 """
+
+
+def _oracle_inputs() -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Random images of random sizes (up and down, odd, 1-pixel), scikit-learn's two photos
+    (427x640 as shipped, and re-encoded at 500x375 as ImageNet's typical size) and its digits."""
+    import io
+
+    images, sizes = {}, {}
+    for i, (src, dst) in enumerate(SIZES + [(s[:2], d) for s, d in _random_cases(30, 700, 400, seed=2)]):
+        images[f"img{i}"], sizes[f"img{i}"] = _image(*src[:2], 3 if len(src) < 3 else src[2], np.uint8, seed=i), [dst]
+    for j, photo in enumerate(photos()):
+        buf = io.BytesIO()
+        Image.fromarray(photo).resize((500, 375), Image.BICUBIC).save(buf, "JPEG", quality=90)
+        images[f"photo{j}"], sizes[f"photo{j}"] = photo, [(224, 224), (256, 384), (300, 451)]
+        images[f"photo{j}_500"] = np.asarray(Image.open(buf).convert("RGB"))
+        sizes[f"photo{j}_500"] = [(224, 224), (256, 341), (37, 600)]
+    for j, digit in enumerate(digit_images()[:5]):
+        images[f"digit{j}"], sizes[f"digit{j}"] = digit, [(224, 224), (16, 16), (5, 3)]
+    return images, sizes
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow (test oracle) not installed")
 def test_resizes_and_pipelines_equal_tensorflow(tmp_path):
-    images = {f"img{i}": RNG.integers(0, 256, (*src, 3), dtype=np.uint8) for i, (src, _) in enumerate(SIZES)}
-    images["photo"] = _sample_photo()
-    sizes = {f"img{i}": [dst] for i, (_, dst) in enumerate(SIZES)}
-    sizes["photo"] = [(224, 224), (256, 341)]
+    import json
+
+    images, sizes = _oracle_inputs()
     np.savez(tmp_path / "in.npz", **images)
-    code = f"SIZES = {sizes!r}\n" + _TF_ORACLE
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-                       capture_output=True, text=True, timeout=300, env=subprocess_env())
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    r = subprocess.run([sys.executable, "-c", _TF_ORACLE, str(tmp_path / "in.npz"), str(tmp_path / "sizes.json"),
+                        str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert r.returncode == 0, r.stderr[-2000:]
     with np.load(tmp_path / "out.npz") as tf_out:
         for key, img in images.items():
-            for dst in sizes[key]:
-                oh, ow = dst
+            for oh, ow in sizes[key]:
                 # bit-identical: the same float32 arithmetic in the same order
-                np.testing.assert_array_equal(pp.resize_bilinear(img, dst), tf_out[f"{key}/bilinear/{oh}x{ow}"])
-                np.testing.assert_array_equal(pp.resize_area(img, dst), tf_out[f"{key}/area/{oh}x{ow}"])
-            if min(img.shape[:2]) >= 2:
-                for pipeline in pp.PIPELINES:  # value_range differs by at most 1 float32 ulp
-                    np.testing.assert_allclose(pp.preprocess(img, pipeline, 224), tf_out[f"{key}/{pipeline}"],
-                                               rtol=0, atol=2.5e-7)
-
-
-def _sample_photo() -> np.ndarray:
-    try:
-        from sklearn.datasets import load_sample_images
-    except ImportError:
-        return RNG.integers(0, 256, (427, 640, 3), dtype=np.uint8)
-    return load_sample_images().images[0]  # 427 x 640 real photo
-
-
-# ---- reading ------------------------------------------------------------------------------------
-
-
-def _save(tmp_path, name, im, **kw):
-    path = tmp_path / name
-    im.save(path, **kw)
-    return path
-
-
-def test_grayscale_palette_and_one_bit_images_become_rgb(tmp_path):
-    grey = RNG.integers(0, 256, (6, 5), dtype=np.uint8)
-    out = read_image(_save(tmp_path, "g.png", Image.fromarray(grey)))
-    assert out.shape == (6, 5, 3) and out.dtype == np.uint8 and all(np.array_equal(out[..., c], grey) for c in range(3))
-    pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
-    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
-    np.testing.assert_array_equal(read_image(_save(tmp_path, "p.png", pal))[0, :], [[255, 0, 0], [0, 0, 255]])
-    one = Image.fromarray(np.array([[True, False]]))
-    np.testing.assert_array_equal(read_image(_save(tmp_path, "b.png", one))[0, :, 0], [255, 0])
-
-
-def test_alpha_is_dropped_not_composited(tmp_path):
-    rgba = np.zeros((2, 2, 4), np.uint8)
-    rgba[..., :3] = [10, 20, 30]
-    rgba[0, 0, 3] = 0  # fully transparent pixel keeps its colour (as tf.io.decode_image(channels=3))
-    rgba[1, 1, 3] = 255
-    out = read_image(_save(tmp_path, "a.png", Image.fromarray(rgba, "RGBA")))
-    assert (out == [10, 20, 30]).all()
-    la = Image.fromarray(np.array([[[50, 0], [60, 255]]], np.uint8), "LA")
-    np.testing.assert_array_equal(read_image(_save(tmp_path, "la.png", la))[0, :, 0], [50, 60])
-
-
-def test_cmyk_jpeg_is_converted_to_rgb(tmp_path):
-    rgb = np.zeros((16, 16, 3), np.uint8)
-    rgb[:, :8] = [200, 30, 30]
-    path = _save(tmp_path, "c.jpg", Image.fromarray(rgb).convert("CMYK"), quality=95)
-    with Image.open(path) as im:
-        assert im.mode == "CMYK"
-    out = read_image(path)
-    assert out.shape == (16, 16, 3)
-    assert np.abs(out[4, 2].astype(int) - [200, 30, 30]).max() < 12 and out[4, 12].max() < 12
-
-
-def test_16_bit_greyscale_is_scaled_not_saturated(tmp_path):
-    values = np.array([[0, 257, 1000, 32896, 65535]], np.uint16)
-    path = _save(tmp_path, "g16.png", Image.fromarray(values))
-    with Image.open(path) as im:
-        assert im.mode.startswith("I")
-    np.testing.assert_array_equal(read_image(path)[0, :, 0], [0, 1, 4, 128, 255])
-
-
-def _png_rgb16(path, rgb16: np.ndarray) -> None:
-    """A 48-bit RGB PNG (Pillow cannot write one)."""
-    h, w, _ = rgb16.shape
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    raw = b"".join(b"\0" + rgb16[y].astype(">u2").tobytes() for y in range(h))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-
-
-def test_16_bit_rgb_is_scaled_not_saturated(tmp_path):
-    _png_rgb16(tmp_path / "rgb16.png", np.array([[[0x8000, 0x0100, 0xFFFF]]], np.uint16))
-    r, g, b = read_image(tmp_path / "rgb16.png")[0, 0].astype(int)
-    assert abs(r - 128) <= 1 and g <= 1 and b == 255
-
-
-def test_exif_orientation_is_applied_unless_disabled(tmp_path):
-    img = np.zeros((20, 40, 3), np.uint8)
-    img[:, :10] = 255  # white on the left
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored rotated: display rotated 90 degrees clockwise
-    path = _save(tmp_path, "o.jpg", Image.fromarray(img), exif=exif.tobytes(), quality=95)
-    shown = read_image(path)
-    assert shown.shape == (40, 20, 3) and shown[:10].mean() > 200 and shown[-10:].mean() < 50  # white on top
-    assert read_image(path, exif_orientation=False).shape == (20, 40, 3)
-
-
-def test_animation_reads_its_first_frame(tmp_path):
-    frames = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (0, 255)]
-    path = tmp_path / "a.gif"
-    frames[0].save(path, save_all=True, append_images=frames[1:])
-    assert read_image(path).max() == 0
-
-
-def _jpeg_bytes() -> bytes:
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-@pytest.mark.parametrize("case, match", [
-    ("missing", "no such file"), ("directory", "is a directory"), ("empty", "empty file"),
-    ("text", "not an image"), ("corrupt", "not an image|corrupt"), ("truncated", "corrupt or truncated"),
-    ("float", "floating-point"), ("bomb", "decompression bomb"),
-])
-def test_bad_files_raise_one_clear_error_naming_the_file(tmp_path, monkeypatch, case, match):
-    path = tmp_path / f"{case}.jpg"
-    if case == "directory":
-        path.mkdir()
-    elif case == "empty":
-        path.write_bytes(b"")
-    elif case == "text":
-        path.write_text("hello, not a picture\n")
-    elif case == "corrupt":
-        path.write_bytes(b"\xff\xd8\xff\xe0" + bytes(RNG.integers(0, 256, 500, dtype=np.uint8)))
-    elif case == "truncated":
-        path.write_bytes(_jpeg_bytes()[:700])
-    elif case == "float":
-        path = _save(tmp_path, "f.tif", Image.fromarray(np.ones((4, 4), np.float32)))
-    elif case == "bomb":
-        path = _save(tmp_path, "big.png", Image.fromarray(np.zeros((60, 60, 3), np.uint8)))
-        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 3600 px: over the limit, under 2x
-    with pytest.raises(ImageError, match=match) as e:
-        read_image(path)
-    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+                np.testing.assert_array_equal(pp.resize_bilinear(img, (oh, ow)), tf_out[f"{key}/bilinear/{oh}x{ow}"])
+                np.testing.assert_array_equal(pp.resize_area(img, (oh, ow)), tf_out[f"{key}/area/{oh}x{ow}"])
+            if img.shape[-1] == 3:
+                for pipeline in pp.PIPELINES:
+                    np.testing.assert_array_equal(pp.preprocess(img, pipeline, 224), tf_out[f"{key}/{pipeline}"])
+                small = pp.resize_small(img, 256)  # and no truncation flipped: the uint8 crop is tf's
+                np.testing.assert_array_equal(pp.central_crop(small, 224), tf_out[f"{key}/big_vision_uint8"])

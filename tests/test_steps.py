@@ -16,7 +16,7 @@ def setup():
     from functools import partial
     from mixer_convert.spec import MixerConfig
     from mixer_jax.configs import OptimConfig
-    from mixer_jax.data import make_source
+    from mixer_jax.input_pipeline import make_source
     from mixer_jax.input_pipeline import TrainBatches
     from mixer_jax.optimizer import make_optimizer
     from mixer_jax.steps import create_train_state, model_fns, train_step

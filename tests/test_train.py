@@ -69,10 +69,10 @@ def test_imagefolder_and_mocked_tfds_datasets_train(tmp_path):
     from PIL import Image
 
     from mixer_jax.configs import DataConfig
-    from mixer_jax.data import digits_source
+    from mixer_convert.datasets import digits
     from mixer_jax.train import train_and_evaluate
 
-    src = digits_source("test")
+    src = digits("test")
     for split, idx in (("train", range(0, 200)), ("test", range(200, 260))):
         for i in idx:
             d = tmp_path / "folder" / split / f"class_{src.labels[i]}"

@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from mixer_convert.tools.parity import (FP32_LOGITS_MAX_ABS, FP32_REL, compare, first_divergence, flax_forward,
                                 format_table, torch_forward)
     from mixer_jax.configs import digits
-    from mixer_jax.data import make_source
-    from mixer_jax.input_pipeline import eval_iterator, normalize
+    from mixer_jax.input_pipeline import eval_iterator, make_source, normalize
     from mixer_jax.train import train_and_evaluate
 
     cfg = digits()

@@ -1,18 +1,18 @@
 """Shared by ``mixer-predict`` and ``mixer-eval``: load a checkpoint once through the one loading
-path, build a classifier in either framework from it, read and preprocess images in parallel.
+path, build a classifier in either framework from it, and feed it batches that worker threads
+(or processes) decode and preprocess while the model runs.
 
 The PyTorch side imports only torch, the Flax side only jax/flax.
 """
 from __future__ import annotations
 
-import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence, TypeVar
+import collections
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from mixer_convert.classes import ClassNames, imagenet_classes, read_class_names
+from mixer_convert.images import default_workers
 from mixer_convert.preprocess import load_image
 from mixer_convert.spec import MixerConfig, variant_name
 from mixer_convert.errors import MissingExtraError
@@ -21,7 +21,7 @@ from mixer_convert.tools.extras import has_extra, require
 FRAMEWORKS = ("torch", "flax")
 FRAMEWORK_EXTRA = {"torch": "torch", "flax": "jax"}
 Classifier = Callable[[np.ndarray], np.ndarray]  # (B, H, W, 3) float32 in [-1, 1] -> (B, classes) float32 logits
-T, R = TypeVar("T"), TypeVar("R")
+WORKER_TYPES = ("thread", "process")
 
 
 def available_frameworks() -> list[str]:
@@ -60,17 +60,6 @@ def describe(cfg: MixerConfig) -> str:
     name = variant_name(cfg) or f"custom Mixer (patch {cfg.patch_size[0]}x{cfg.patch_size[1]}, " \
                                   f"width {cfg.hidden_dim}, {cfg.num_blocks} blocks)"
     return f"{name} at {cfg.image_size[0]}x{cfg.image_size[1]}, {cfg.num_classes} classes"
-
-
-def class_names(cfg: MixerConfig, labels_file: str | None = None) -> ClassNames | None:
-    """``--labels FILE`` if given (must have one name per class), else the shipped ImageNet names
-    for a 1000- or 21843-class head, else None (callers print class indices)."""
-    if labels_file is None:
-        return imagenet_classes(cfg.num_classes)
-    names = read_class_names(labels_file)
-    if len(names) != cfg.num_classes:
-        raise ValueError(f"{labels_file}: {len(names)} class names for a {cfg.num_classes}-class head")
-    return names
 
 
 def make_classifier(framework: str, flat: dict[str, np.ndarray], cfg: MixerConfig,
@@ -118,33 +107,81 @@ def _flax_classifier(flat, cfg) -> Classifier:
     return run
 
 
-def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+class Files:
+    """Image files as a data source (mixer-predict): record i is (path, -1), named by its path."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        return self.paths[index], -1
+
+    def name(self, index: int) -> str:
+        return self.paths[index]
 
 
-def load_batches(items: Sequence[T], load_one: Callable[[T], R], batch: int, workers: int | None = None
-                 ) -> Iterator[list[R]]:
-    """``[load_one(item) ...]`` per batch of ``items``, loaded by a thread pool (Pillow's decoders
-    and numpy release the GIL), the next batch loading while the caller uses this one."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    chunks = list(batched(items, batch))
-    with ThreadPoolExecutor(workers) as pool:
-        pending = [pool.submit(load_one, it) for it in chunks[0]] if chunks else []
-        for i in range(len(chunks)):
-            futures = pending
-            pending = [pool.submit(load_one, it) for it in chunks[i + 1]] if i + 1 < len(chunks) else []
-            try:
-                yield [f.result() for f in futures]
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
+def load_batches(source: Any, count: int, batch: int, pipeline: str, image_size: Sequence[int], *,
+                 exif_orientation: bool = True, workers: int | None = None, worker_type: str = "thread"
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images (b, H, W, 3) float32, labels (b,)) for records 0..count-1 of ``source``, batch by
+    batch in order, read and preprocessed by ``workers`` threads or processes, each preparing a
+    whole batch while the caller uses the previous one. With threads a batch's array is reused
+    once the next batch is asked for (the model has copied it by then)."""
+    workers = default_workers() if workers is None else workers
+    if workers < 1 or worker_type not in WORKER_TYPES:
+        raise ValueError(f"workers must be >= 1 and the worker type one of {WORKER_TYPES}, got {workers}, {worker_type!r}")
+    chunks = [range(i, min(i + batch, count)) for i in range(0, count, batch)]
+    shape = (batch, *tuple(image_size), 3)
+    args = (source, pipeline, tuple(image_size), exif_orientation)
+    if worker_type == "thread":
+        with ThreadPoolExecutor(workers) as pool:
+            buffers = [np.empty(shape, np.float32) for _ in range(workers + 1)]  # in flight + the caller's
+            yield from _in_order(pool, chunks, workers, lambda c: (_load_chunk, *args, c, buffers.pop()),
+                                 lambda x: buffers.append(x.base if x.base is not None else x))
+    else:
+        import multiprocessing
+
+        # spawn: the parent may hold torch's or XLA's threads, which fork would copy in a broken state
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield from _in_order(pool, chunks, workers, lambda c: (_load_chunk, *args, c, None), lambda x: None)
 
 
-def image_loader(pipeline: str, image_size: Sequence[int]) -> Callable[[str], np.ndarray]:
-    """path -> preprocessed float32 image."""
-    return functools.partial(load_image, pipeline=pipeline, image_size=tuple(image_size))
+def _in_order(pool: Executor, chunks: list, depth: int, task: Callable, done: Callable
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    pending: collections.deque = collections.deque()
+    todo = iter(chunks)
+
+    def submit() -> None:
+        chunk = next(todo, None)
+        if chunk is not None:
+            fn, *args = task(chunk)
+            pending.append(pool.submit(fn, *args))
+
+    try:
+        for _ in range(depth):
+            submit()
+        while pending:
+            x, y = pending.popleft().result()
+            submit()  # keeps `depth` batches in the workers while the caller has this one
+            yield x, y
+            done(x)
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def _load_chunk(source: Any, pipeline: str, image_size: tuple[int, int], exif_orientation: bool,
+                indices: range, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """One batch, in a worker; ``out``: the array to fill (threads) or None (processes)."""
+    x = np.empty((len(indices), *image_size, 3), np.float32) if out is None else out[:len(indices)]
+    labels = np.empty(len(indices), np.int64)
+    for j, i in enumerate(indices):
+        payload, labels[j] = source[i]
+        load_image(payload, pipeline, image_size, exif_orientation, name=source.name(i), out=x[j])
+    return x, labels
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-
+from mixer_convert.classes import head_class_names
 from mixer_convert.preprocess import PIPELINES
 from mixer_convert.tools.command import Parser, add_device, add_image_size, add_json, command, emit, positive_int
-from mixer_convert.tools.infer import (batched, class_names, describe, image_loader, load_batches, load_weights,
-                                       make_classifier, parse_frameworks, softmax, topk)
+from mixer_convert.tools.infer import (Files, describe, load_batches, load_weights, make_classifier, parse_frameworks,
+                                       softmax, topk)
 
 
 def build_parser() -> Parser:
@@ -41,14 +40,14 @@ def predict(images: list[str], weights: str, framework: str | None = None, pipel
     """Top-k predictions for every image, as a JSON-ready dict."""
     fw = parse_frameworks(framework, single=True)[0]
     flat, cfg = load_weights(weights, image_size)
-    names = class_names(cfg, labels)
+    names = head_class_names(cfg.num_classes, labels)
     model = make_classifier(fw, flat, cfg, device)
     results = []
-    loaded = load_batches(images, image_loader(pipeline, cfg.image_size), batch)
-    for paths, x in zip(batched(images, batch), loaded):
-        logits = model(np.stack(x))
+    for start, (x, _) in zip(range(0, len(images), batch), load_batches(Files(images), len(images), batch, pipeline,
+                                                                       cfg.image_size)):
+        logits = model(x)
         probs = softmax(logits)
-        for path, row, p, top in zip(paths, logits, probs, topk(logits, k)):
+        for path, row, p, top in zip(images[start:start + batch], logits, probs, topk(logits, k)):
             results.append({"image": path, "top": [
                 {"index": int(c), "label": names.names[c] if names else None,
                  "synset": names.synsets[c] if names and names.synsets else None,
