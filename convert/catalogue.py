@@ -141,7 +141,9 @@ def pretrained_source(model: str, pretrained: bool | str = True) -> tuple[str, s
     """
     if pretrained is False or pretrained is None:
         raise ValueError("pretrained must be True, a tag or a checkpoint source")
-    parsed = _split_model_name(model)
+    # An existing local path is the source even when named like a variant: a timm model folder
+    # downloaded as mixer_b16_224.goog_in21k_ft_in1k/ must not send us to the network.
+    parsed = None if os.path.exists(os.path.expanduser(model)) else _split_model_name(model)
     if parsed is None:  # model is itself the source
         if pretrained is not True:
             raise ValueError(f"pretrained={pretrained!r} needs a variant name (e.g. 'B/16'), not {model!r}")

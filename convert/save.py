@@ -42,16 +42,18 @@ class Output:
         if fmt is None:
             fmt, layout = formats.output_format(dst, to)
         formats.module(fmt)  # an unknown format fails here, before anything is written
-        layout = layout or ("torch" if fmt in ("torch", "safetensors") else "flax")
+        layout = layout or ("torch" if fmt in ("torch", "safetensors") else "timm" if fmt == "timm-hub" else "flax")
         if fmt in ("npz", "msgpack", "orbax") and layout != "flax":
             raise ValueError(f"{fmt} files hold the Flax (official) naming, not {layout!r}")
+        if fmt == "timm-hub" and layout != "timm":
+            raise ValueError(f"timm model folders hold timm's naming, not {layout!r}")
         out = cls(Path(dst), fmt, layout)
         check_destination(out.path, force, out.is_dir)
         return out
 
     @property
     def is_dir(self) -> bool:
-        return self.fmt == "orbax"
+        return self.fmt in formats.FOLDER_FORMATS
 
     def refuse_source(self, src: Path) -> None:
         """The source is never modified: the output may not be it (by any path), lie inside a
@@ -70,10 +72,12 @@ class Output:
             raise ValueError(f"destination {dst} contains the source {src}; replacing it would delete the source")
 
     def write(self, flat: Mapping[str, np.ndarray], progress: Progress | None = None,
-              before_commit: Callable[[Path], None] | None = None, source: Path | None = None) -> Path:
+              before_commit: Callable[[Path], None] | None = None, source: Path | None = None,
+              format_options: Mapping | None = None) -> Path:
         """Canonical tensors (taken from ``flat`` one at a time, in its order) into the output.
         ``before_commit(tmp)`` runs on the finished temporary; if it raises, nothing is written.
-        ``source``: the file the tensors come from, which the output may not touch. A failure of
+        ``source``: the file the tensors come from, which the output may not touch;
+        ``format_options``: for the format's writer (timm-hub: ``preprocess``). A failure of
         the destination (disk full, read-only, ...) is one CheckpointError naming it."""
         if source is not None:
             self.refuse_source(source)
@@ -84,7 +88,7 @@ class Output:
 
         try:
             with writing(self.path, self.is_dir) as tmp, closing(prefetched(mapped(flat, lay, progress))) as items:
-                formats.write(self.fmt, tmp, items, specs)
+                formats.write(self.fmt, tmp, items, specs, **(format_options or {}))
                 if before_commit is not None:
                     before_commit(tmp)
         except WriteError as e:

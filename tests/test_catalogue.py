@@ -59,3 +59,11 @@ def test_impossible_pretrained_requests_say_what_exists(model, pretrained, match
     with pytest.raises(ValueError, match=match):
         catalogue.pretrained_source(model, pretrained)
 
+
+
+@pytest.mark.parametrize("name", ["mixer_b16_224", "mixer_b16_224.goog_in21k_ft_in1k", "B-16"])
+def test_an_existing_local_path_named_like_a_variant_is_the_source(tmp_path, monkeypatch, name):
+    # e.g. a timm model folder downloaded under its hub name: never a download instead
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir()
+    assert catalogue.pretrained_source(name) == (name, None)

@@ -7,7 +7,8 @@ Each format module has ``read(src) -> (entries, close or None)`` (``src``: a che
 :class:`~mixer_convert.source.Source`, to which it declares every tensor) and
 ``write(path, items, specs)`` (``items``: (name, array) pairs in order; ``specs``: (name, shape,
 dtype) of the same, known before the first array is read, for formats whose header comes
-first). What the names mean is not a format's business (:mod:`mixer_convert.layouts`); where a
+first; a format may take keyword options, e.g. timm-hub's ``preprocess``). Folders (orbax, a
+timm / Hugging Face model folder) are told apart by their marker files. What the names mean is not a format's business (:mod:`mixer_convert.layouts`); where a
 file may come from and how much it may declare is :mod:`mixer_convert.source`'s.
 """
 from __future__ import annotations
@@ -22,11 +23,12 @@ import numpy as np
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.source import Entry, Source
 
-FORMATS = ("npz", "msgpack", "orbax", "torch", "safetensors")
+FORMATS = ("npz", "msgpack", "orbax", "torch", "safetensors", "timm-hub")
+FOLDER_FORMATS = ("orbax", "timm-hub")  # written as a folder, renamed into place whole
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 SUFFIX_FORMAT = {".npz": "npz", ".msgpack": "msgpack", ".flax": "msgpack", ".pt": "torch", ".pth": "torch",
                  ".bin": "torch", ".safetensors": "safetensors"}
-OUTPUT_KINDS = ("torch", "timm", "flax", "npz", "msgpack", "orbax")
+OUTPUT_KINDS = ("torch", "timm", "flax", "npz", "msgpack", "orbax", "timm-hub")
 Spec = tuple[str, tuple[int, ...], np.dtype]
 
 
@@ -34,16 +36,14 @@ def module(fmt: str):
     """The module that reads and writes ``fmt``."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    return importlib.import_module(f"mixer_convert.formats.{fmt}")
+    return importlib.import_module(f"mixer_convert.formats.{fmt.replace('-', '_')}")
 
 
 def detect(src: Source) -> str:
     """By content where possible (a .bin may be anything), else by suffix."""
     path = src.path
     if src.is_dir:
-        if any(os.path.lexists(path / m) for m in ORBAX_MARKERS):
-            return "orbax"
-        raise CheckpointError(f"{path}: a folder, but not an orbax checkpoint (no {' or '.join(ORBAX_MARKERS[:3])})")
+        return _folder_kind(path)
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -60,6 +60,18 @@ def detect(src: Source) -> str:
     if fmt == "npz":  # always a zip archive; anything else is damaged (torch also has a legacy non-zip format)
         raise CheckpointError(f"{path}: not a valid npz file (no zip header; truncated or corrupt?)")
     return fmt
+
+
+def _folder_kind(path: Path) -> str:
+    from mixer_convert.formats.timm_hub import CONFIG, WEIGHT_FILES, is_model_folder
+
+    orbax, hub = any(os.path.lexists(path / m) for m in ORBAX_MARKERS), is_model_folder(path)
+    if orbax and hub:
+        raise CheckpointError(f"{path}: holds both an orbax checkpoint and a timm model folder; refusing to guess")
+    if orbax or hub:
+        return "orbax" if orbax else "timm-hub"
+    raise CheckpointError(f"{path}: a folder, but not an orbax checkpoint (no {' or '.join(ORBAX_MARKERS[:3])}) "
+                          f"nor a timm model folder ({CONFIG} beside {' or '.join(WEIGHT_FILES[:2])})")
 
 
 def _zip_kind(path: Path) -> str:
@@ -93,6 +105,8 @@ def output_format(path: str | os.PathLike, to: str | None) -> tuple[str, str]:
         return ("npz" if suffix == ".npz" else "orbax" if suffix == "" else "msgpack"), "flax"
     if to in ("npz", "msgpack", "orbax"):
         return to, "flax"
+    if to == "timm-hub":
+        return to, "timm"
     raise ValueError(f"unknown output kind {to!r}; expected one of {', '.join(OUTPUT_KINDS)}")
 
 
@@ -107,6 +121,8 @@ def read(src: Source, fmt: str | None = None) -> tuple[str, dict[str, Entry], Ca
     return fmt, entries, close
 
 
-def write(fmt: str, path: Path, items: Iterator[tuple[str, np.ndarray]], specs: Iterable[Spec]) -> None:
-    """``items`` into a new file (or orbax folder) at ``path`` in ``fmt``."""
-    module(fmt).write(path, items, list(specs))
+def write(fmt: str, path: Path, items: Iterator[tuple[str, np.ndarray]], specs: Iterable[Spec],
+          **options) -> None:
+    """``items`` into a new file (or folder: :data:`FOLDER_FORMATS`) at ``path`` in ``fmt``;
+    ``options`` go to the format's writer (timm-hub: ``preprocess``)."""
+    module(fmt).write(path, items, list(specs), **options)

@@ -24,7 +24,7 @@ import numpy as np
 from mixer_convert.layouts import contiguous
 from mixer_convert.dtypes import bf16, is_bf16
 from mixer_convert.errors import CheckpointError, importable, needs, why
-from mixer_convert.formats import torchpickle
+import mixer_convert.formats.torchpickle as torchpickle
 from mixer_convert.formats.archive import Zip, ZipWriter
 from mixer_convert.source import Entry, MAX_METADATA_BYTES, Source
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixer_convert.formats.timm_hub import PREPROCESSING, timm_name
 from mixer_convert.load import open_checkpoint
 from mixer_convert.params import NonFiniteWeightsError
 from mixer_convert.save import Output
@@ -62,27 +63,46 @@ def _progress(total_bytes: int, enabled: bool | None):
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None, *,
                        variant: str | None = None, dtype: str = "keep", force: bool = False, verify: bool = False,
                        allow_nonfinite: bool = False, image_size=None, progress: bool | None = None,
-                       prefix: str | None = None, max_bytes: int | None = MAX_BYTES) -> ConversionReport:
+                       prefix: str | None = None, max_bytes: int | None = MAX_BYTES,
+                       preprocess: str | None = None) -> ConversionReport:
     """Convert ``src`` (a path, or a published name or URL: :func:`mixer_convert.hub.resolve`) to
-    ``dst``. ``to``: torch | timm | flax | npz | msgpack | orbax (default: from dst's suffix). The
-    source is only read; dst is written atomically and never overwritten without ``force``; on
-    any error no dst is left behind. Sources declaring more than ``max_bytes`` of tensors
-    (default: 4x H/14) are refused unless it is None."""
+    ``dst``. ``to``: torch | timm | flax | npz | msgpack | orbax | timm-hub (default: from dst's
+    suffix). The source is only read; dst is written atomically and never overwritten without
+    ``force``; on any error no dst is left behind. Sources declaring more than ``max_bytes`` of
+    tensors (default: 4x H/14) are refused unless it is None.
+
+    timm-hub (a timm / Hugging Face model folder) is always verified, because its model card
+    reports the measured logit differences; ``preprocess`` (vit_jax, the default, or big_vision)
+    picks the eval preprocessing its config.json asks timm for."""
     out = Output.plan(dst, to, force=force)  # before any reading or downloading: fail fast
+    hub = out.fmt == "timm-hub"
+    if preprocess is not None and not hub:
+        raise ValueError("preprocess (--preprocess) is only for timm model folders (--to timm-hub)")
+    options = {"preprocess": preprocess or "vit_jax"} if hub else None
+    if hub and options["preprocess"] not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocess!r}; expected one of {', '.join(PREPROCESSING)}")
     seen: list[str] = []
     params, cfg = open_checkpoint(src, variant, image_size, prefix, progress, max_bytes, dtype=dtype,
                                   allow_nonfinite=allow_nonfinite, warn=lambda msg: _warn_once(msg, seen),
                                   nonfinite_hint="pass --allow-nonfinite to convert anyway")
     with params:
+        if hub:
+            timm_name(cfg)  # a model timm does not have: refused before any data is read or written
         nbytes = sum(int(np.prod(s)) * params.dtypes[k].itemsize for k, s in params.shapes.items())
         report = ConversionReport(params.source, str(out.path), out.fmt, out.layout, cfg,
                                   sum(int(np.prod(s)) for s in params.shapes.values()), nbytes, warnings=seen)
         bar, step = _progress(nbytes, progress)
         def check(tmp: Path) -> None:  # on the temporary file: a failed check leaves no dst behind
-            report.verification = verify_conversion(params, tmp, cfg, out.layout, nonfinite_weights=bool(seen))
+            report.verification = verify_conversion(params, tmp, cfg, out.layout, nonfinite_weights=bool(seen),
+                                                    exact_gelu=hub)
+            if hub:
+                from mixer_convert.tools.model_card import write_card
+                write_card(tmp, cfg, os.fspath(src), options["preprocess"], report.verification,
+                           {np.dtype(d).name for d in params.dtypes.values()})
 
         with bar:
-            out.write(params, progress=step, source=Path(params.source), before_commit=check if verify else None)
+            out.write(params, progress=step, source=Path(params.source),
+                      before_commit=check if verify or hub else None, format_options=options)
     return report
 
 

@@ -10,6 +10,7 @@ import sys
 
 from mixer_convert.dtypes import DTYPES
 from mixer_convert.formats import OUTPUT_KINDS, output_format
+from mixer_convert.formats.timm_hub import PREPROCESSING
 from mixer_convert.source import MAX_BYTES
 from mixer_convert.tools.bridge import convert_checkpoint
 from mixer_convert.tools.command import Parser, add_image_size, add_json, add_quiet, command, emit
@@ -34,7 +35,13 @@ def build_parser() -> Parser:
     p.add_argument("--list", action="store_true",
                    help="list the published checkpoints (name, bucket path, variant, head, MiB, cached) and exit")
     p.add_argument("--to", choices=OUTPUT_KINDS,
-                   help="timm: keys for timm's mlp_mixer (.pth or .safetensors); flax: .npz/.msgpack/orbax dir")
+                   help="timm: keys for timm's mlp_mixer (.pth or .safetensors); flax: .npz/.msgpack/orbax dir; "
+                        "timm-hub: a timm / Hugging Face model folder (config.json, model.safetensors, README.md "
+                        "model card; always verified) that timm.create_model('local-dir:DST') loads")
+    p.add_argument("--preprocess", choices=tuple(PREPROCESSING),
+                   help="timm-hub only: the official eval preprocessing config.json asks timm for: vit_jax "
+                        "(default; whole image resized to 224, bilinear) or big_vision (shorter side 256, "
+                        "central 224 crop)")
     p.add_argument("--variant", help="expected variant, e.g. B/16; an error if the weights say otherwise")
     add_image_size(p, "only for checkpoints whose patch grid is not square")
     p.add_argument("--prefix", help="the parameter tree to read when a file holds several "
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                 force=args.force, verify=args.verify, allow_nonfinite=args.allow_nonfinite,
                                 image_size=tuple(args.image_size) if args.image_size else None,
                                 progress=False if args.quiet else None, prefix=args.prefix,
-                                max_bytes=None if args.allow_large else MAX_BYTES)
+                                max_bytes=None if args.allow_large else MAX_BYTES, preprocess=args.preprocess)
     emit(report.to_json(), args.json, lambda _: report.summary())
     return 0
 

@@ -4,8 +4,10 @@ suite and mixer-parity. Never imported by the package itself.
 
   load   MODEL FILE PROBE.npy OUT.npz [NUM_CLASSES]  -- the user's command: create_model(pretrained=True, file=...)
   export MODEL OUT.pth PROBE.npy OUT.npz             -- timm's own init, its state dict and logits
+  hub    DIR PROBE.npy OUT.npz                       -- a model folder: create_model("local-dir:DIR", pretrained=True)
 Logits are written twice: with timm's exact GELU and with GELU switched to tanh.
 """
+import json
 import sys
 
 import numpy as np
@@ -27,6 +29,14 @@ def logits(model, probe):
 
 def main(argv):
     mode, name = argv[0], argv[1]
+    if mode == "hub":
+        probe, out = argv[2:4]
+        model = timm.create_model(f"local-dir:{name}", pretrained=True).eval()
+        cfg = timm.data.resolve_data_config({}, model=model)
+        np.savez(out, **logits(model, probe), version=np.array(timm.__version__), architecture=np.array(
+            model.default_cfg["architecture"]), num_classes=np.array(model.num_classes),
+            data_config=np.array(json.dumps(cfg)))
+        return
     if mode == "load":
         path, probe, out = argv[2:5]
         overlay = dict(file=path)
