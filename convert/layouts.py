@@ -49,32 +49,6 @@ def torch_key_to_canonical(key: str, ndim: int) -> str:
     return path.replace(".", "/") + "/" + leaf
 
 
-_TILE = (64, 256)  # a block of a 2-D transpose that stays in cache (measured: 2-5x numpy's own)
-
-
-def contiguous(arr: np.ndarray) -> np.ndarray:
-    """``arr`` in C order, copied only if it is not: a transposed 2-D view (what the kernel maps
-    below return, so that two maps in a row cancel without a copy) tile by tile, anything else by numpy."""
-    if arr.flags.c_contiguous:
-        return arr
-    if arr.ndim == 2 and arr.T.flags.c_contiguous:
-        return transpose2d(arr.T)
-    return np.ascontiguousarray(arr)
-
-
-def transpose2d(arr: np.ndarray) -> np.ndarray:
-    """``arr.T`` as a new C-ordered array, copied tile by tile: numpy's copy of a transposed view
-    walks one side with a large stride and misses the cache on every element."""
-    n, m = arr.shape
-    out = np.empty((m, n), arr.dtype)
-    ti, tj = _TILE
-    for i in range(0, n, ti):
-        rows = arr[i:i + ti]
-        for j in range(0, m, tj):
-            out[j:j + tj, i:i + ti] = rows[:, j:j + tj].T
-    return out
-
-
 def kernel_to_torch(arr: np.ndarray) -> np.ndarray:
     """A view: Conv HWIO -> OIHW, Dense (in, out) -> Linear (out, in)."""
     if arr.ndim == 4:

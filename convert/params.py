@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from mixer_convert.dtypes import cast, check_float, count_nonfinite, np_dtype
+from mixer_convert.arrays import cast, check_float, count_nonfinite, np_dtype
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.source import Entry
 from mixer_convert.spec import MixerConfig, config_for, param_shapes, variant_name

@@ -22,7 +22,8 @@ import numpy as np
 from mixer_convert import formats
 from mixer_convert.atomic import check_destination, check_interrupted, writing
 from mixer_convert.errors import CheckpointError, WriteError, why
-from mixer_convert.layouts import LAYOUTS, Layout, contiguous
+from mixer_convert.arrays import contiguous
+from mixer_convert.layouts import LAYOUTS, Layout
 
 Progress = Callable[[str, np.ndarray], None]  # called with each canonical tensor as it is written
 T = TypeVar("T")

@@ -15,8 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mixer_convert.layouts import contiguous
-from mixer_convert.dtypes import bf16
+from mixer_convert.arrays import bf16, contiguous
 from mixer_convert.errors import CheckpointError
 from mixer_convert.formats.archive import Zip, ZipWriter
 from mixer_convert.source import Entry, Source, check_shape, nbytes

@@ -15,8 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mixer_convert.layouts import contiguous
-from mixer_convert.dtypes import np_dtype
+from mixer_convert.arrays import contiguous, np_dtype
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.source import Entry, Source, nbytes, no_duplicate_keys
 

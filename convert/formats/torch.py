@@ -21,8 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mixer_convert.layouts import contiguous
-from mixer_convert.dtypes import bf16, is_bf16
+from mixer_convert.arrays import bf16, contiguous, is_bf16
 from mixer_convert.errors import CheckpointError, importable, needs, why
 import mixer_convert.formats.torchpickle as torchpickle
 from mixer_convert.formats.archive import Zip, ZipWriter

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mixer_convert.dtypes import bf16
+from mixer_convert.arrays import bf16
 
 # torch's legacy storage type names, as the pickle spells them -> element dtype
 STORAGES = {"FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",

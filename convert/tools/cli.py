@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from mixer_convert.dtypes import DTYPES
+from mixer_convert.arrays import DTYPES
 from mixer_convert.formats import OUTPUT_KINDS, output_format
 from mixer_convert.formats.timm_hub import PREPROCESSING
 from mixer_convert.source import MAX_BYTES
