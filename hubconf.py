@@ -53,31 +53,18 @@ def mixer(variant: str = "B/16", pretrained: "bool | str" = False, **kwargs) -> 
     return _create_model(variant, pretrained=pretrained, **kwargs)
 
 
-def mixer_s32_224(pretrained: "bool | str" = False, **kwargs) -> _MlpMixer:
-    """Mixer-S/32 at 224x224 (19.1 M parameters with the 1000-class head)."""
-    return _create_model("S/32", pretrained=pretrained, **kwargs)
+def _entry(variant: str, name: str, millions: float):
+    def entry(pretrained: "bool | str" = False, **kwargs) -> _MlpMixer:
+        return _create_model(variant, pretrained=pretrained, **kwargs)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"Mixer-{variant} at 224x224 ({millions} M parameters with the 1000-class head)."
+    return entry
 
 
-def mixer_s16_224(pretrained: "bool | str" = False, **kwargs) -> _MlpMixer:
-    """Mixer-S/16 at 224x224 (18.5 M parameters with the 1000-class head)."""
-    return _create_model("S/16", pretrained=pretrained, **kwargs)
-
-
-def mixer_b32_224(pretrained: "bool | str" = False, **kwargs) -> _MlpMixer:
-    """Mixer-B/32 at 224x224 (60.3 M parameters with the 1000-class head)."""
-    return _create_model("B/32", pretrained=pretrained, **kwargs)
-
-
-def mixer_b16_224(pretrained: "bool | str" = False, **kwargs) -> _MlpMixer:
-    """Mixer-B/16 at 224x224 (59.9 M parameters with the 1000-class head)."""
-    return _create_model("B/16", pretrained=pretrained, **kwargs)
-
-
-def mixer_l32_224(pretrained: "bool | str" = False, **kwargs) -> _MlpMixer:
-    """Mixer-L/32 at 224x224 (206.9 M parameters with the 1000-class head)."""
-    return _create_model("L/32", pretrained=pretrained, **kwargs)
-
-
-def mixer_l16_224(pretrained: "bool | str" = False, **kwargs) -> _MlpMixer:
-    """Mixer-L/16 at 224x224 (208.2 M parameters with the 1000-class head)."""
-    return _create_model("L/16", pretrained=pretrained, **kwargs)
+# timm's names (torch.hub lists the module's public callables; each needs its own name and doc)
+mixer_s32_224 = _entry("S/32", "mixer_s32_224", 19.1)
+mixer_s16_224 = _entry("S/16", "mixer_s16_224", 18.5)
+mixer_b32_224 = _entry("B/32", "mixer_b32_224", 60.3)
+mixer_b16_224 = _entry("B/16", "mixer_b16_224", 59.9)
+mixer_l32_224 = _entry("L/32", "mixer_l32_224", 206.9)
+mixer_l16_224 = _entry("L/16", "mixer_l16_224", 208.2)

@@ -13,10 +13,11 @@ import importlib
 import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+
+from common import cpu_name
 from pathlib import Path
 
 # module -> pip name, for the third-party modules the stages import
@@ -42,14 +43,6 @@ def missing_modules() -> list[str]:
             if not top.startswith("mixer_") and pip_name not in missing:
                 missing.append(pip_name)
     return missing
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def memory_gib() -> float | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from common import cpu_name  # noqa: E402
 from mixer_jax.configs import DataConfig, TrainConfig  # noqa: E402
 from mixer_jax.input_pipeline import default_workers, make_source, make_train_iterator  # noqa: E402
 
@@ -245,14 +245,6 @@ def training_models(names: list[str], tiny_steps: int, variant_steps: int) -> li
              tiny_steps if name == "tiny" else variant_steps) for name in names]
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=600, help="JPEGs to generate")
@@ -277,7 +269,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     cores = default_workers()
     counts = args.workers or sorted({1, 2, cores})
-    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{_cpu_name()}, {cores} cores", "python": sys.version.split()[0], "batch": args.batch,
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_name()}, {cores} cores", "python": sys.version.split()[0], "batch": args.batch,
                  "train_batch": args.train_batch, "train_workers": cores,
                  "load_average_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,7 @@ _LINKS = Path(tempfile.mkdtemp(prefix="mixer-bench-"))
 (_LINKS / "mixer_convert").symlink_to(ROOT / "convert", target_is_directory=True)
 sys.path[:0] = [str(_LINKS), str(ROOT)]
 
-from mixer_convert.preprocess import load_image  # noqa: E402
+from mixer_convert.preprocess import _bilinear_taps, load_image  # noqa: E402  (the taps are unchanged)
 
 METHODS = ("decode", "decode_to_array", "vit_jax", "big_vision", "vit_jax_old", "big_vision_old")
 
@@ -61,19 +61,10 @@ def old_read_image(path):
         return np.ascontiguousarray(np.asarray(im.convert("RGB")), dtype=np.uint8)
 
 
-def _old_bilinear_taps(in_size, out_size):
-    scale = np.float32(in_size) / np.float32(out_size)
-    pos = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-    fl = np.floor(pos)
-    lower = np.maximum(fl, 0).astype(np.intp)
-    upper = np.minimum(np.ceil(pos), in_size - 1).astype(np.intp)
-    return lower, upper, (pos - fl).astype(np.float32)
-
-
 def old_resize_bilinear(image, size):
     (oh, ow), (ih, iw) = size, image.shape[:2]
-    y0, y1, ly = _old_bilinear_taps(ih, oh)
-    x0, x1, lx = _old_bilinear_taps(iw, ow)
+    y0, y1, ly = _bilinear_taps(ih, oh)
+    x0, x1, lx = _bilinear_taps(iw, ow)
     top, bottom = image[y0].astype(np.float32), image[y1].astype(np.float32)
     lx = lx[None, :, None]
     top = top[:, x0] + (top[:, x1] - top[:, x0]) * lx

@@ -1,11 +1,13 @@
 """Shared timing helpers for the benchmarks (no framework imports here)."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from mixer_convert.spec import MixerConfig
+if TYPE_CHECKING:  # no import of the package here: accel_env uses this before anything is installed
+    from mixer_convert.spec import MixerConfig
 
 
 def timeit(fn: Callable[[], object], sync: Callable[[object], object] = lambda r: r, warmup: int = 2,
@@ -29,3 +31,12 @@ def forward_flops(cfg: MixerConfig) -> int:
     block = c * (2 * s * cfg.tokens_mlp_dim) + s * (2 * c * cfg.channels_mlp_dim)
     head = c * (cfg.num_classes or 0)
     return 2 * (stem + cfg.num_blocks * block + head)
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

@@ -99,29 +99,12 @@ def _unique_tensors(obj: Any, depth: int = 0, seen: set | None = None) -> set:
 
 
 def _check_torch_zip(src: Source) -> int:
-    """Everything torch.load would trust, checked first: one data.pkl of bounded size (torch reads
-    it whole), no duplicate or encrypted members, a bounded total, every CRC. Returns how many
-    tensors the pickle rebuilds."""
-    path = src.path
-    with Zip(path) as z, src.reading("a PyTorch checkpoint"):
-        pkls = [i for i in z.members if i.filename.endswith("data.pkl")]
-        if len(pkls) != 1:
-            raise CheckpointError(f"{path}: a PyTorch archive has one data.pkl, this one has {len(pkls)}")
-        pkl = pkls[0]
-        folder = pkl.filename[: -len("data.pkl")]
-        stray = [i.filename for i in z.members if not i.filename.startswith(folder)]
-        if stray:
-            raise CheckpointError(f"{path}: member {stray[0]!r} lies outside the archive's folder {folder!r}")
-        if pkl.file_size > MAX_METADATA_BYTES:
-            raise CheckpointError(f"{path}: {pkl.filename} declares {pkl.file_size} bytes; a state dict's pickle "
-                                  f"is far smaller (limit {MAX_METADATA_BYTES})")
-        src.cap(sum(i.file_size for i in z.members if i is not pkl), "holds tensor data of")
-        if any(i.CRC for i in z.members):
-            for i in z.members:
-                z.verify(i)
-        else:  # torch.save with compute_crc32=False writes 0 for every CRC: nothing to check
-            for i in z.members:
-                i.CRC = None  # tells zipfile not to check
+    """Everything torch.load would trust, checked first (:func:`_check_archive`, and every storage's
+    CRC, since torch checks none). Returns how many tensors the pickle rebuilds."""
+    with Zip(src.path) as z, src.reading("a PyTorch checkpoint"):
+        pkl = _check_archive(src, z)
+        for i in z.members:
+            z.verify(i)
         return _persistent_ids(z.read(pkl, MAX_METADATA_BYTES))
 
 
