@@ -1,7 +1,7 @@
 """PyTorch checkpoints (.pt/.pth/.bin): a pickled state dict of tensors.
 
 The zip format that ``torch.save`` writes is read and written here without torch
-(:mod:`~mixer_convert.formats.torchpickle`): each storage is a range of the memory-mapped file,
+(:mod:`~mixer_convert.formats.torchpickle`): each storage is read in one positional read,
 its CRC checked before use; the archive is checked first (one ``data.pkl`` of bounded size, every
 member in its folder, no duplicate or encrypted members, a bounded total). A key given twice is
 refused (the pickle builds more tensors than the dict keeps). A pickle naming globals beyond a

@@ -16,8 +16,8 @@ from mixer_convert.tools.bridge import convert_checkpoint
 from mixer_convert.tools.command import Parser, add_image_size, add_json, add_quiet, command, emit
 from mixer_convert.tools.extras import require
 
-# The extra a checkpoint format needs to be read or written (npz and safetensors need none).
-FORMAT_EXTRA = {"torch": "torch", "msgpack": "jax", "orbax": "jax"}
+# The extra a checkpoint format needs to be written (npz, safetensors, torch's .pt and timm folders need none).
+FORMAT_EXTRA = {"msgpack": "jax", "orbax": "jax"}
 
 PROG = "mixer-convert"
 
