@@ -1,4 +1,4 @@
-"""mixer-convert SRC DST [--to torch|timm|flax|npz|msgpack|orbax] [--verify] ...; mixer-convert --list
+"""mixer-convert SRC DST [--to torch|timm|flax|nnx|npz|msgpack|orbax] [--verify] ...; mixer-convert --list
 
 A thin command over :func:`mixer_convert.tools.bridge.convert_checkpoint`, following the commands'
 one convention (:mod:`mixer_convert.tools.command`): every failure is one line, exit status 2;
@@ -34,7 +34,8 @@ def build_parser() -> Parser:
     p.add_argument("--list", action="store_true",
                    help="list the published checkpoints (name, bucket path, variant, head, MiB, cached) and exit")
     p.add_argument("--to", choices=OUTPUT_KINDS,
-                   help="timm: keys for timm's mlp_mixer (.pth or .safetensors); flax: .npz/.msgpack/orbax dir")
+                   help="timm: keys for timm's mlp_mixer (.pth or .safetensors); flax: .npz/.msgpack/orbax dir; "
+                        "nnx: an orbax dir of nnx.state(model, nnx.Param) (a .msgpack is the same as flax's)")
     p.add_argument("--variant", help="expected variant, e.g. B/16; an error if the weights say otherwise")
     add_image_size(p, "only for checkpoints whose patch grid is not square")
     p.add_argument("--prefix", help="the parameter tree to read when a file holds several "
