@@ -9,6 +9,9 @@ stream. Pure numpy; no framework is imported here.
   (``params/``, ``opt/target/``, a training state's ``state/params/``), in big_vision's
   legacy layout (``Mixer/encoderblock_N/...``), or as a saved Flax NNX state (each array under a
   trailing ``value``, RNG stream state beside the weights: :func:`from_nnx_state`).
+- ``nnx``: canonical with each array under a trailing ``value`` ('stem/kernel/value'): how orbax
+  stores ``nnx.state(model, nnx.Param)``, so such a folder restores straight into an NNX model
+  (written by ``mixer-convert --to nnx``; read through ``flax`` like any saved NNX state).
 - ``torch`` (our PyTorch model), one generic rule: '/' -> '.', leaf kernel|scale -> weight;
   Dense kernel (in, out) -> Linear weight (out, in); Conv kernel HWIO -> OIHW. A DataParallel
   ``module.`` prefix is accepted.
@@ -167,8 +170,19 @@ def _flax_key(key: str, ndim: int) -> str:
     return key
 
 
+def _nnx_key(key: str) -> str:
+    return key + "/value"
+
+
+def _nnx_key_from(key: str, ndim: int) -> str:
+    if not key.endswith("/value"):
+        raise KeyError(key)
+    return _flax_key(key[: -len("/value")], ndim)
+
+
 LAYOUTS: dict[str, Layout] = {
     "flax": Layout("flax", _identity, _flax_key, _identity, _identity),
+    "nnx": Layout("nnx", _nnx_key, _nnx_key_from, _identity, _identity),
     "torch": Layout("torch", torch_key, torch_key_to_canonical, kernel_to_torch, kernel_from_torch,
                     _kernel_shape_to_torch, _kernel_shape_from_torch),
     "timm": Layout("timm", timm_key, timm_key_to_canonical, kernel_to_torch, kernel_from_torch,

@@ -44,7 +44,7 @@ class Output:
             fmt, layout = formats.output_format(dst, to)
         formats.module(fmt)  # an unknown format fails here, before anything is written
         layout = layout or ("torch" if fmt in ("torch", "safetensors") else "timm" if fmt == "timm-hub" else "flax")
-        if fmt in ("npz", "msgpack", "orbax") and layout != "flax":
+        if fmt in ("npz", "msgpack", "orbax") and layout != "flax" and (fmt, layout) != ("orbax", "nnx"):
             raise ValueError(f"{fmt} files hold the Flax (official) naming, not {layout!r}")
         if fmt == "timm-hub" and layout != "timm":
             raise ValueError(f"timm model folders hold timm's naming, not {layout!r}")

@@ -40,12 +40,13 @@ class DataConfig:
 # The fields a variant name fixes; without a variant all of them are given.
 DIMENSIONS = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+MODEL_API_NAMES = ("linen", "nnx")  # Flax's two module APIs (mixer_jax.steps.MODEL_APIS); the same model
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """What the user chooses about the model: a published variant or its dimensions, the
-    regularisation and the compute dtype. The number of classes comes from the data, the image
+    regularisation, the compute dtype and the Flax API. The number of classes comes from the data, the image
     size from ``data.image_size`` (:func:`architecture`). A variant fills in its dimensions, so
     they can always be read (``cfg.model.hidden_dim``); a dimension that contradicts it is an error.
     ``--set model.variant=S/16`` replaces the dimensions; ``--set model.hidden_dim=...`` keeps the
@@ -60,6 +61,9 @@ class ModelConfig:
     stoch_depth: float = 0.0  # big_vision's rate for the last block (linear ramp from 0)
     dropout_rate: float = 0.0
     compute_dtype: str = "float32"  # or 'bfloat16' (params and optimizer stay float32)
+    # 'linen' (mixer_jax.model) or 'nnx' (mixer_jax.nnx): bit-identical models, the same params
+    # tree, initial weights and checkpoints; only the code that runs differs.
+    api: str = "linen"
 
     def __post_init__(self) -> None:
         if self.patch_size is not None:
@@ -108,8 +112,8 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    # With init_from, the checkpoint's architecture wins; only the regularisation and the compute
-    # dtype of the model section apply.
+    # With init_from, the checkpoint's architecture wins; only the regularisation, the compute
+    # dtype and the api of the model section apply.
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -183,6 +187,7 @@ _CHECKS: tuple[tuple[str, object, str], ...] = (
     ("model.stoch_depth", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
     ("model.dropout_rate", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
     ("model.compute_dtype", lambda x: x in COMPUTE_DTYPES, " or ".join(map(repr, COMPUTE_DTYPES))),
+    ("model.api", lambda x: x in MODEL_API_NAMES, " or ".join(map(repr, MODEL_API_NAMES))),
     ("optim.name", lambda x: x in ("sgd", "adam"), "'sgd' or 'adam'"),
     ("optim.lr", lambda x: _finite(x) and x > 0, "a finite number > 0"),
     ("optim.momentum", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1) (0: plain SGD)"),
@@ -254,10 +259,19 @@ def _size_errors(cfg: TrainConfig) -> list[str]:
 def current_layout(saved: dict) -> dict:
     """A config saved with a checkpoint by an earlier version, in today's layout, so that a resume
     compares like with like: ``compute_dtype`` in the model section, no ``num_classes``,
-    ``image_size`` or ``in_chans`` there (the data decides them), and the variant its dimensions are."""
+    ``image_size`` or ``in_chans`` there (the data decides them), the variant its dimensions are,
+    and ``api`` 'linen' (the only model before there was a choice)."""
     model = saved.get("model")
-    if not isinstance(model, dict) or "variant" in model:
+    if not isinstance(model, dict):
         return saved
+    if "variant" not in model:
+        saved = _with_variant(saved, model)
+    if "api" not in saved["model"]:
+        saved = {**saved, "model": {**saved["model"], "api": "linen"}}
+    return saved
+
+
+def _with_variant(saved: dict, model: dict) -> dict:
     model = {k: v for k, v in model.items() if k not in ("num_classes", "image_size", "in_chans")}
     try:
         dims = {d: model[d] for d in DIMENSIONS}
@@ -322,7 +336,7 @@ def get_config(name: str) -> TrainConfig:
 _NOT_SETTABLE = {"model.num_classes": "it is decided by the dataset's number of classes",
                  "model.image_size": "it is decided by data.image_size (set that instead)",
                  "compute_dtype": "it moved into the model section: --set model.compute_dtype=..."}
-_KEPT_WITH_INIT_FROM = {"model.stoch_depth", "model.dropout_rate", "model.compute_dtype"}
+_KEPT_WITH_INIT_FROM = {"model.stoch_depth", "model.dropout_rate", "model.compute_dtype", "model.api"}
 
 
 def override(cfg, assignments: list[str]):

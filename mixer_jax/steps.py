@@ -2,9 +2,10 @@
 
 A model API plugs into training by giving :class:`ModelFns`: ``init(rng) -> params`` (the
 official parameter tree) and ``apply(params, images, train, rng) -> logits``. Flax linen's adapter
-is :func:`linen_fns`; another API (e.g. NNX through ``nnx.split``/``nnx.merge``) registers its
-own in ``MODEL_APIS`` and the loop, checkpoints and outputs stay as they are. The state carries
-``apply`` as its ``apply_fn``, so the steps need nothing else of the model.
+is :func:`linen_fns`, Flax NNX's :func:`nnx_fns` (``nnx.split``/``nnx.merge``: the params are the
+same plain tree as Linen's); each is registered in ``MODEL_APIS`` (``model.api``) and the loop,
+checkpoints and outputs are the same for both. The state carries ``apply`` as its ``apply_fn``, so
+the steps need nothing else of the model.
 """
 from __future__ import annotations
 
@@ -53,8 +54,52 @@ def _linen_model(cfg: MixerConfig, dtype: Any) -> ModelFns:
     return linen_fns(MlpMixer(cfg, dtype=dtype))
 
 
-# model.api -> (architecture, compute dtype) -> ModelFns
-MODEL_APIS: dict[str, Callable[[MixerConfig, Any], ModelFns]] = {"linen": _linen_model}
+def _nnx_param_state(template, params):
+    # The plain tree (what the optimizer and the checkpoints hold) as the nnx.State merge takes,
+    # each array in its template's Variable (type and metadata kept).
+    from flax import nnx
+
+    def leaf(path):
+        node = params
+        for k in path:
+            node = node[k]
+        return node
+    return nnx.from_flat_state([(path, var.replace(leaf(path))) for path, var in nnx.to_flat_state(template)])
+
+
+def _nnx_apply(graphdef, template, rest, params, images: jax.Array, train: bool, rng) -> jax.Array:
+    from flax import nnx
+
+    model = nnx.merge(graphdef, _nnx_param_state(template, params), rest)
+    # Call-time streams seeded by the step's rng (NNX's override of the modules' own), so the masks
+    # are a function of (seed, step) as Linen's are; the modules' streams are never drawn from.
+    return model(images, deterministic=not train, rngs=nnx.Rngs(dropout=rng) if train else None)
+
+
+def nnx_fns(model, init: Callable[[jax.Array], Any]) -> ModelFns:
+    """The pure functions of a Flax NNX module called as ``model(x, deterministic=..., rngs=...)``
+    (``nnx.Dropout``'s convention, e.g. ``mixer_jax.nnx.MlpMixer``). Only its structure is used, so
+    an abstract one (``nnx.eval_shape``) will do: ``apply`` merges the params, a plain nested dict
+    of its ``nnx.Param`` paths, into it; ``init`` makes them."""
+    from flax import nnx
+
+    graphdef, template, rest = nnx.split(model, nnx.Param, ...)
+    return ModelFns(init=init, apply=partial(_nnx_apply, graphdef, template, rest))
+
+
+def _nnx_model(cfg: MixerConfig, dtype: Any) -> ModelFns:
+    from flax import nnx
+
+    from mixer_jax.nnx import MlpMixer
+
+    abstract = nnx.eval_shape(lambda: MlpMixer(cfg, rngs=nnx.Rngs(params=0, dropout=0), dtype=dtype))
+    # Linen's initial weights for the seed (the same initialisers, drawn the Linen way), so that
+    # model.api changes nothing a run computes: the two models are the same function, bit for bit.
+    return nnx_fns(abstract, init=_linen_model(cfg, dtype).init)
+
+
+# model.api -> (architecture, compute dtype) -> ModelFns; the names are configs.MODEL_API_NAMES.
+MODEL_APIS: dict[str, Callable[[MixerConfig, Any], ModelFns]] = {"linen": _linen_model, "nnx": _nnx_model}
 
 
 def model_fns(cfg: MixerConfig, dtype: Any = jnp.float32, api: str = "linen") -> ModelFns:

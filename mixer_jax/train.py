@@ -81,7 +81,7 @@ def model_for(cfg: TrainConfig, num_classes: int) -> tuple[MixerConfig, dict | N
 
 def build_state(cfg: TrainConfig, model_cfg: MixerConfig, init_params, mesh: Mesh) -> tuple[TrainState, Callable]:
     """The replicated train state (fresh, or ``init_params``) and the learning-rate schedule."""
-    fns = model_fns(model_cfg, cfg.model.compute_dtype)
+    fns = model_fns(model_cfg, cfg.model.compute_dtype, cfg.model.api)
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
     init = jax.jit(partial(create_train_state, fns, tx), out_shardings=NamedSharding(mesh, P()))
     return init(jax.random.PRNGKey(cfg.seed), init_params), schedule

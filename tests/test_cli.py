@@ -1,5 +1,5 @@
 """mixer-train's command line (mixer_jax.cli): one-line errors with exit code 2, NaN weights
-refused before anything is compiled, Ctrl-C saving a checkpoint with exit code 130."""
+refused before anything is compiled, Ctrl-C saving a checkpoint with exit code 130 (either Flax API)."""
 import json
 import signal
 import subprocess
@@ -53,8 +53,10 @@ def test_nan_weights_in_init_from_are_refused_at_load_in_one_line(tmp_path, caps
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path):
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path, api):
     args = ["--config", "digits", "--workdir", str(tmp_path / "w"), "--quiet", "--set", "steps=400",
+            "--set", f"model.api={api}",
             "--set", "log_every=1", "--set", "eval_every=0", "--set", "checkpoint_every=0",
             "--set", "model.num_blocks=1", "--set", "model.hidden_dim=16", "--set", "data.image_size=16"]
     code = "import sys; from mixer_jax.cli import main; sys.exit(main(sys.argv[1:]))"

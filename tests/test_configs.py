@@ -93,7 +93,7 @@ def test_the_old_compute_dtype_key_names_the_new_one():
     assert override(get_config("digits"), ["model.compute_dtype=bfloat16"]).model.compute_dtype == "bfloat16"
 
 
-def test_with_init_from_only_regularisation_and_dtype_model_fields_can_be_set():
+def test_with_init_from_only_regularisation_dtype_and_api_model_fields_can_be_set():
     from mixer_jax.configs import get_config, override
 
     with pytest.raises(ValueError, match="model.hidden_dim cannot be set together with init_from: the checkpoint "
@@ -102,8 +102,9 @@ def test_with_init_from_only_regularisation_and_dtype_model_fields_can_be_set():
     with pytest.raises(ValueError, match="model.variant cannot be set together with init_from"):
         override(get_config("finetune"), ["model.variant=S/16", "init_from=m.npz"])
     cfg = override(get_config("finetune"), ["model.stoch_depth=0.1", "model.dropout_rate=0.1", "init_from=m.npz",
-                                            "model.compute_dtype=bfloat16"])
-    assert (cfg.model.stoch_depth, cfg.model.dropout_rate, cfg.model.compute_dtype) == (0.1, 0.1, "bfloat16")
+                                            "model.compute_dtype=bfloat16", "model.api=nnx"])
+    assert (cfg.model.stoch_depth, cfg.model.dropout_rate, cfg.model.compute_dtype, cfg.model.api) == \
+        (0.1, 0.1, "bfloat16", "nnx")
 
 
 # ---- the model section: a variant or its dimensions ----------------------------------------------
@@ -163,10 +164,21 @@ def test_a_config_saved_by_an_earlier_version_compares_in_todays_layout():
     for cfg in (finetune(), digits()):
         now = jsonable(cfg)
         old = {k: v for k, v in now.items() if k not in ("model", "init_allow_nonfinite")}
-        old["model"] = {k: v for k, v in now["model"].items() if k not in ("variant", "compute_dtype")}
+        old["model"] = {k: v for k, v in now["model"].items() if k not in ("variant", "compute_dtype", "api")}
         old["model"].update(num_classes=1000, image_size=[224, 224], in_chans=3)
         old["compute_dtype"] = "float32"
         assert config_changes(current_layout(old), now) == []
         assert current_layout(now) == now
     old["compute_dtype"] = "bfloat16"
     assert config_changes(current_layout(old), jsonable(digits())) == ["model.compute_dtype: 'bfloat16' -> 'float32'"]
+
+
+def test_a_run_saved_before_model_api_existed_resumes_as_linen_and_not_silently_as_nnx():
+    from mixer_jax.checkpointing import config_changes, jsonable
+    from mixer_jax.configs import current_layout, digits, override
+
+    now = jsonable(digits())
+    saved = {**now, "model": {k: v for k, v in now["model"].items() if k != "api"}}
+    assert current_layout(saved)["model"]["api"] == "linen" and config_changes(current_layout(saved), now) == []
+    nnx = jsonable(override(digits(), ["model.api=nnx"]))
+    assert config_changes(current_layout(saved), nnx) == ["model.api: 'linen' -> 'nnx'"]

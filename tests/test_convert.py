@@ -50,7 +50,8 @@ def assert_same(a, b):
 ROUND_TRIPS = [("model.pt", "torch", requires_torch), ("model.bin", "torch", requires_torch),
                ("model.pth", "timm", requires_torch), ("model.safetensors", "torch", None),
                ("timm.safetensors", "timm", None), ("model.msgpack", "flax", requires_jax),
-               ("model_orbax", "orbax", requires_jax)]
+               ("model_orbax", "orbax", requires_jax), ("nnx_state", "nnx", requires_jax),
+               ("nnx.msgpack", "nnx", requires_jax)]
 
 
 @pytest.mark.parametrize("name, to", [pytest.param(n, t, marks=m or []) for n, t, m in ROUND_TRIPS])
@@ -261,6 +262,26 @@ def test_bf16_converts_with_a_dtype_choice(official, tmp_path):
                        progress=False)
     got = load_np(tmp_path / "f32.npz")["stem/kernel"]
     np.testing.assert_array_equal(got, flat["stem/kernel"].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+@pytest.mark.parametrize("image_size", [None, (32, 48)], ids=["square", "non-square"])
+def test_a_bfloat16_npz_as_big_vision_writes_it_converts_kept_or_cast(tmp_path, image_size):
+    import ml_dtypes
+    from mixer_convert.tools.cli import main
+    from checkpoint_files import NON_SQUARE, bf16_npz
+
+    cfg = NON_SQUARE.replace(image_size=image_size or (32, 32))
+    want = bf16_npz(tmp_path / "bf16.npz", cfg)
+    size = ["--image-size", *map(str, image_size)] if image_size else []
+    for out in ("kept.npz", "kept.safetensors"):  # kept bfloat16: bit for bit (in .npz as 'V2' again)
+        assert main([str(tmp_path / "bf16.npz"), str(tmp_path / out), *size, "--verify", "--quiet"]) == 0
+        back = read_params(tmp_path / out)
+        assert {back.dtypes[k] for k in back} == {np.dtype(ml_dtypes.bfloat16)}
+        assert all(np.array_equal(back[k].astype(np.float32), want[k]) for k in want)
+    with np.load(tmp_path / "bf16.npz") as a, np.load(tmp_path / "kept.npz") as b:
+        assert all(b[k].dtype == np.dtype("V2") and a[k].tobytes() == b[k].tobytes() for k in a.files)
+    assert main([str(tmp_path / "bf16.npz"), str(tmp_path / "f32.npz"), *size, "--dtype", "float32", "--quiet"]) == 0
+    assert_same(load_np(tmp_path / "f32.npz"), want)
 
 
 @requires_torch

@@ -1,11 +1,12 @@
 """The models are built from the one spec: same tree, official initialisers, clear input errors; all three
-(Linen, NNX, PyTorch) load every format, non-square grids included."""
+(Linen, NNX, PyTorch) load every format, non-square grids and big_vision's bfloat16 .npz included."""
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from checkpoint_files import NON_SQUARE, bf16_npz
 from conftest import ROOT, images, requires_jax, requires_torch, subprocess_env
 from mixer_convert import config_for, param_shapes
 from mixer_convert.layouts import LAYOUTS
@@ -179,9 +180,6 @@ def test_torch_load_then_export_is_exact_and_keeps_bf16():
 
 # ---- every model from a non-square checkpoint in every format ----------------------------------------
 
-# 32x48 with 4x4 patches: 96 tokens, which no square grid gives.
-NON_SQUARE = config_for("S/16", patch_size=4, image_size=(32, 48), hidden_dim=16, num_blocks=2, tokens_mlp_dim=8,
-                        channels_mlp_dim=24, num_classes=3)
 FORMAT_FILES = {"npz": ("w.npz", None), "msgpack": ("w.msgpack", requires_jax), "orbax": ("w_orbax", requires_jax),
                 "torch": ("w.pt", requires_torch), "safetensors": ("w.safetensors", None)}
 
@@ -232,3 +230,19 @@ def test_a_contradicting_image_size_is_an_error_naming_both_sizes(tmp_path, mode
                                          r"of 4x4, the checkpoint has 64 tokens \(8x8 patches: 32x32 images\)"):
         load(path, image_size=(32, 48))
     assert load(path, image_size=(32, 32)).keys() == param_shapes(square).keys()
+
+
+# ---- every model from a bfloat16 .npz as big_vision writes it ----------------------------------------
+
+BF16_GRIDS = {"square": (NON_SQUARE.replace(image_size=(32, 32)), None), "non-square": (NON_SQUARE, (32, 48))}
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, marks=mark) for m, mark in MODEL_MARKS.items()])
+@pytest.mark.parametrize("grid", BF16_GRIDS)
+def test_every_model_loads_a_bfloat16_npz_as_big_vision_writes_it(tmp_path, grid, model):
+    cfg, image_size = BF16_GRIDS[grid]
+    want = bf16_npz(tmp_path / "bf16.npz", cfg)
+    got = _from_checkpoint(model)(tmp_path / "bf16.npz", image_size=image_size)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k], np.float32), want[k], err_msg=k)

@@ -1,7 +1,8 @@
 """The Flax NNX model (mixer_jax.nnx): the official parameter paths, bit-identical to Linen (forward,
 every intermediate, gradients), within PyTorch's bounds, built from checkpoints through the one
-loading path without random initialisation, NNX's train/eval conventions, and NNX states saved by
-users read back into all three models."""
+loading path without random initialisation, NNX's train/eval conventions, NNX states saved by
+users read back into all three models, NNX states written by ``mixer-convert --to nnx``, and
+checkpoints crossing between the two Flax APIs."""
 import numpy as np
 import pytest
 
@@ -376,3 +377,119 @@ def test_mixer_convert_reads_a_saved_nnx_state(tmp_path):
     convert_checkpoint(tmp_path / "state", tmp_path / "out.npz", image_size=(32, 48), progress=False)
     with np.load(tmp_path / "out.npz") as z:
         assert_same_arrays({k: z[k] for k in z.files}, state_to_flat(model))
+
+
+# ---- NNX states written by mixer-convert --to nnx, and checkpoints crossing between the Flax APIs ----
+
+
+def _restore_into_abstract_model(path, cfg):
+    """NNX's own way to restore: orbax's StandardCheckpointer into the state of nnx.eval_shape's model."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from mixer_jax.nnx import MlpMixer
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MlpMixer(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, ocp.StandardCheckpointer().restore(path.absolute(), abstract)
+
+
+def test_to_nnx_writes_the_orbax_state_nnx_restores_and_it_computes_linens_logits(tmp_path, capsys):
+    import json
+
+    import mixer_jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from mixer_convert.tools.cli import main
+    from mixer_jax.nnx import create_model, from_flat, state_to_flat
+
+    path, flat = _npz(tmp_path, TINY)
+    assert main([str(path), str(tmp_path / "state"), "--to", "nnx", "--image-size", "32", "48", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "(orbax, nnx naming)" in out and "read back: bit-identical" in out and "Flax NNX model vs numpy" in out
+    graphdef, state = _restore_into_abstract_model(tmp_path / "state", TINY)
+    model = nnx.merge(graphdef, state)
+    linen, params = mixer_jax.from_checkpoint(path, image_size=(32, 48))
+    x = _x(TINY)
+    want = np.asarray(linen.apply({"params": params}, x))
+    np.testing.assert_array_equal(np.asarray(model(x)), want)
+    other = create_model(TINY, rngs=5)  # into an existing model, in place
+    nnx.update(other, state)
+    np.testing.assert_array_equal(np.asarray(other(x)), want)
+    assert_same_arrays(state_to_flat(model), flat)
+    # the tree NNX itself saves (key for key; orbax records the arrays' type: numpy here, jax.Array there)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save((tmp_path / "own").absolute(), nnx.state(from_flat(flat, TINY)))
+    ckptr.wait_until_finished()
+    trees = [json.loads((tmp_path / d / "_METADATA").read_text())["tree_metadata"] for d in ("state", "own")]
+    assert {k: v["key_metadata"] for k, v in trees[0].items()} == {k: v["key_metadata"] for k, v in trees[1].items()}
+    # and mixer-convert reads it back, bit-exactly
+    assert main([str(tmp_path / "state"), str(tmp_path / "back.npz"), "--image-size", "32", "48", "--quiet"]) == 0
+    with np.load(tmp_path / "back.npz") as z:
+        assert_same_arrays({k: z[k] for k in z.files}, flat)
+
+
+def test_to_nnx_msgpack_is_the_pure_dict_nnx_saves_byte_for_byte(tmp_path):
+    from flax import nnx, serialization
+    from mixer_convert.tools.bridge import convert_checkpoint
+    from mixer_jax.nnx import create_model, from_flat
+
+    path, flat = _npz(tmp_path, TINY)
+    rep = convert_checkpoint(path, tmp_path / "nnx.msgpack", "nnx", image_size=(32, 48), progress=False)
+    convert_checkpoint(path, tmp_path / "flax.msgpack", "flax", image_size=(32, 48), progress=False)
+    written = (tmp_path / "nnx.msgpack").read_bytes()
+    assert rep.fmt == "msgpack" and written == (tmp_path / "flax.msgpack").read_bytes()
+    model = from_flat(flat, TINY)
+    assert written == serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    restored = create_model(TINY, rngs=5)
+    state = nnx.state(restored, nnx.Param)
+    nnx.replace_by_pure_dict(state, serialization.msgpack_restore(written))  # NNX's documented restore
+    nnx.update(restored, state)
+    np.testing.assert_array_equal(np.asarray(restored(_x(TINY))), np.asarray(model(_x(TINY))))
+
+
+def test_to_nnx_refuses_a_file_suffix_it_cannot_hold(tmp_path):
+    from mixer_convert.formats import output_format
+    from mixer_convert.tools.cli import main
+
+    path, _ = _npz(tmp_path, TINY)
+    with pytest.raises(ValueError, match=r"--to nnx writes an orbax folder or a .msgpack file, not a .npz file"):
+        output_format(tmp_path / "x.npz", "nnx")
+    assert main([str(path), str(tmp_path / "x.safetensors"), "--to", "nnx", "--quiet"]) == 2
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def _linen_saves():
+    """A Linen model's params saved the ways Flax users save them."""
+    from flax import serialization
+
+    def orbax(params, p):
+        _save_orbax(p, params, True)
+
+    def msgpack(params, p):
+        p.write_bytes(serialization.to_bytes(params))
+    return {"orbax standard": ("linen_orbax", orbax), "flax.serialization.to_bytes": ("linen.msgpack", msgpack)}
+
+
+@pytest.mark.parametrize("save", ["orbax standard", "flax.serialization.to_bytes"])
+def test_a_linen_checkpoint_loads_into_nnx_and_an_nnx_one_into_linen(tmp_path, save):
+    import mixer_jax
+    from flax import nnx
+    from mixer_jax.model import params_from_flat, params_to_flat
+    from mixer_jax.nnx import from_checkpoint, from_flat, state_to_flat
+
+    flat, x = random_params(TINY, 11), _x(TINY)
+    linen, params = mixer_jax.create_model(TINY), params_from_flat(flat, TINY)
+    name, write = _linen_saves()[save]
+    write(params, tmp_path / name)
+    model = from_checkpoint(tmp_path / name, image_size=(32, 48))  # Linen -> NNX
+    assert_same_arrays(state_to_flat(model), flat)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(linen.apply({"params": params}, x)))
+    # NNX -> Linen: the state NNX saves (orbax; or the pure dict in msgpack)
+    nnx_model = from_flat(flat, TINY)
+    back = tmp_path / ("nnx.msgpack" if name.endswith(".msgpack") else "nnx_orbax")
+    if back.suffix:
+        _save_msgpack(back, nnx.to_pure_dict(nnx.state(nnx_model, nnx.Param)))
+    else:
+        _save_orbax(back, nnx.state(nnx_model), True)
+    linen2, params2 = mixer_jax.from_checkpoint(back, image_size=(32, 48))
+    assert_same_arrays(params_to_flat(params2), flat)
+    np.testing.assert_array_equal(np.asarray(linen2.apply({"params": params2}, x)), np.asarray(nnx_model(x)))

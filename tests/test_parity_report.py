@@ -143,6 +143,18 @@ def test_weights_alone_fix_the_architecture_even_a_non_standard_one(tmp_path, ca
     assert stages[:4] == ["loading weights", "fp32 forward", "bf16 forward", "gradients"] and "PASS" in stages[-1]
 
 
+def test_a_bfloat16_npz_as_big_vision_writes_it_is_checked_with_its_own_values(tmp_path, capsys):
+    from mixer_convert.tools.parity_report import load_case, main
+    from checkpoint_files import NON_SQUARE, bf16_npz
+
+    want = bf16_npz(tmp_path / "bf16.npz", NON_SQUARE)  # non-square too: 32x48, 4x4 patches
+    _, cfg, flat = load_case(None, str(tmp_path / "bf16.npz"), (32, 48))
+    assert cfg == NON_SQUARE and flat.keys() == want.keys()
+    assert all(flat[k].dtype == np.float32 and np.array_equal(flat[k], want[k]) for k in want)
+    assert main(["--weights", str(tmp_path / "bf16.npz"), "--image-size", "32", "48", "--no-timm", "--no-grads"]) == 0
+    assert "custom: PASS" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--variant", "S/32", "--variant", "B/16", "--weights", "{w}"], "--weights takes at most one --variant"),
     (["--variant", "X/7"], "unknown Mixer variant 'X/7'"),

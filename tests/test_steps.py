@@ -1,5 +1,8 @@
 """mixer_jax.steps: the training and eval steps against a model's pure functions (accumulation,
-label smoothing, mixup, uint8 input, top-5), and that any model API with init/apply plugs in."""
+label smoothing, mixup, uint8 input, top-5) for both Flax APIs, that NNX steps equal Linen's and its
+random masks are a function of (seed, step), and that any model API with init/apply plugs in."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -9,28 +12,46 @@ pytestmark = requires_jax
 BATCH, CLASSES = 32, 10
 
 
-@pytest.fixture(scope="module")
-def setup():
-    """A one-block Mixer (small to compile), its state, one uint8 batch of digits and a jitted step."""
+def tiny_model_cfg(**kw):
+    from mixer_convert.spec import MixerConfig
+    return MixerConfig(patch_size=4, hidden_dim=16, num_blocks=1, tokens_mlp_dim=8, channels_mlp_dim=16,
+                       num_classes=CLASSES, image_size=16, **kw)
+
+
+def train_state(model_cfg, api):
     import jax
     from functools import partial
-    from mixer_convert.spec import MixerConfig
     from mixer_jax.configs import OptimConfig
+    from mixer_jax.optimizer import make_optimizer
+    from mixer_jax.steps import create_train_state, model_fns
+
+    tx, _ = make_optimizer(OptimConfig(name="sgd", lr=0.05, warmup_steps=2), 10)
+    return jax.jit(partial(create_train_state, model_fns(model_cfg, api=api), tx))(jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def batch():
     from mixer_jax.input_pipeline import make_source
     from mixer_jax.input_pipeline import TrainBatches
-    from mixer_jax.optimizer import make_optimizer
-    from mixer_jax.steps import create_train_state, model_fns, train_step
     from tests_config import tiny_digits
 
     cfg = tiny_digits()
-    model_cfg = MixerConfig(patch_size=4, hidden_dim=16, num_blocks=1, tokens_mlp_dim=8, channels_mlp_dim=16,
-                            num_classes=CLASSES, image_size=16)
-    fns = model_fns(model_cfg)
-    tx, _ = make_optimizer(OptimConfig(name="sgd", lr=0.05, warmup_steps=2), 10)
-    state = jax.jit(partial(create_train_state, fns, tx))(jax.random.PRNGKey(0))  # eager init: 3x slower
     x, y, _, _ = TrainBatches(make_source(cfg.data, "train"), cfg.data, BATCH, seed=0)(0)
+    return x, y
+
+
+@pytest.fixture(scope="module", params=["linen", "nnx"])
+def setup(request, batch):
+    """A one-block Mixer (small to compile) in each Flax API, its state, one uint8 batch of digits
+    and a jitted step."""
+    import jax
+    from functools import partial
+    from mixer_jax.steps import model_fns, train_step
+
+    model_cfg = tiny_model_cfg()
+    state = train_state(model_cfg, request.param)  # jitted: eager init is 3x slower
     step = jax.jit(partial(train_step, num_classes=CLASSES))
-    return fns, state, x, y, step
+    return model_fns(model_cfg, api=request.param), state, *batch, step
 
 
 def _split(x, y, accum):
@@ -138,5 +159,56 @@ def test_an_unknown_model_api_is_a_clear_error():
     from mixer_convert.spec import config_for
     from mixer_jax.steps import model_fns
 
-    with pytest.raises(ValueError, match="unknown model API 'keras'; expected one of linen"):
+    with pytest.raises(ValueError, match="unknown model API 'keras'; expected one of linen, nnx"):
         model_fns(config_for("S/32"), api="keras")
+
+
+def test_every_api_a_config_may_name_is_registered():
+    from mixer_jax.configs import MODEL_API_NAMES
+    from mixer_jax.steps import MODEL_APIS
+
+    assert tuple(MODEL_APIS) == MODEL_API_NAMES
+
+
+@functools.cache
+def _regularised_step():
+    import jax
+    from mixer_jax.steps import train_step
+
+    return jax.jit(functools.partial(train_step, num_classes=CLASSES, label_smoothing=0.1, mixup_alpha=0.2))
+
+
+def _steps(state, x, y, rngs, accum=1):
+    """(params, loss) after each step from ``state``, one step per rng (label smoothing and mixup on)."""
+    import jax
+
+    step = _regularised_step()  # one jitted function: compiled once per model and batch shape
+    out = []
+    for rng in rngs:
+        state, m = step(state, *_split(x, y, accum), rng)
+        out.append((jax.tree_util.tree_map(np.asarray, state.params), float(m["loss"])))
+    return out
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_nnx_train_steps_equal_linen_steps_from_the_same_seed(batch, accum):
+    import jax
+
+    rngs = [jax.random.PRNGKey(1)] * 3
+    (linen, nnx) = (_steps(train_state(tiny_model_cfg(), api), *batch, rngs, accum) for api in ("linen", "nnx"))
+    for (p_linen, loss_linen), (p_nnx, loss_nnx) in zip(linen, nnx):
+        assert loss_nnx == loss_linen
+        jax.tree_util.tree_map(np.testing.assert_array_equal, p_nnx, p_linen)
+
+
+def test_nnx_dropout_and_stochastic_depth_masks_are_a_function_of_seed_and_step(batch):
+    import jax
+
+    regularised = tiny_model_cfg(stoch_depth=0.5, dropout_rate=0.3)
+    state = train_state(regularised, "nnx")
+    # (the zero head and the warmup from lr 0 make the first two losses log(10) whatever the masks)
+    same, again, other_seed = (_steps(state, *batch, [jax.random.PRNGKey(seed)] * 3) for seed in (1, 1, 2))
+    plain = _steps(train_state(tiny_model_cfg(), "nnx"), *batch, [jax.random.PRNGKey(1)] * 3)
+    assert [loss for _, loss in same] == [loss for _, loss in again]  # deterministic per (seed, step)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, same[-1][0], again[-1][0])
+    assert len({same[-1][1], other_seed[-1][1], plain[-1][1]}) == 3  # another seed, other masks; they do mask

@@ -1,5 +1,6 @@
 """mixer_jax.train: whole runs. Data sources, sharding across devices and processes, TensorBoard
-events, checkpoint/resume after SIGKILL, failure handling, init_from, fine-tuning and export. (The
+events, checkpoint/resume after SIGKILL, failure handling, init_from, fine-tuning and export; the
+NNX model (model.api=nnx) through the same loop, equal to the Linen run. (The
 pieces have their own tests: test_configs, test_steps, test_loop, test_checkpointing, test_metrics.)"""
 import dataclasses
 import json
@@ -95,12 +96,28 @@ def test_imagefolder_and_mocked_tfds_datasets_train(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """12 steps on one device, uninterrupted, input in the training thread (data.workers=0); the
-    runs compared with it use input workers."""
-    d = tmp_path_factory.mktemp("ref")
-    run_worker(d / "w", d / "out.npz", "--set", "steps=12", "--set", "data.workers=0")
-    return load_run(d / "out.npz"), d
+def reference_runs(tmp_path_factory):
+    """``reference_runs(api)``: 12 steps of the model in that Flax API on one device, uninterrupted,
+    input in the training thread (data.workers=0); the runs compared with it use input workers.
+    Each is run once, when a test first asks for it."""
+    runs = {}
+
+    def get(api: str = "linen"):
+        if api not in runs:
+            d = tmp_path_factory.mktemp(f"ref_{api}")
+            run_worker(d / "w", d / "out.npz", "--set", "steps=12", "--set", "data.workers=0",
+                       "--set", f"model.api={api}")
+            runs[api] = load_run(d / "out.npz"), d
+        return runs[api]
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_runs):
+    return reference_runs("linen")
+
+
+APIS = ["linen", "nnx"]
 
 
 @pytest.mark.slow
@@ -134,9 +151,46 @@ def test_a_run_writes_metrics_plot_checkpoints_and_official_npz(reference_run):
 
 
 @pytest.mark.slow
-def test_eight_devices_match_one_device_for_the_same_global_batch(reference_run, tmp_path):
-    (ref, ref_hist, _, _), _ = reference_run
-    run_worker(tmp_path / "w", tmp_path / "o.npz", "--devices", 8, "--set", "steps=12")
+def test_the_nnx_run_logs_the_linen_runs_losses_from_the_same_seed(reference_runs):
+    (linen, linen_hist, linen_acc, _), _ = reference_runs("linen")
+    (nnx, nnx_hist, nnx_acc, _), d = reference_runs("nnx")
+    assert [h["step"] for h in nnx_hist] == list(range(1, 13))
+    # The two models are bit-identical functions (tests/test_nnx.py); float32 tolerance allows for XLA
+    # fusing the two programs differently. (Observed on CPU: identical.)
+    assert [h["loss"] for h in nnx_hist] == pytest.approx([h["loss"] for h in linen_hist], rel=1e-6, abs=1e-6)
+    assert_params_close(nnx, linen, atol=1e-6)
+    assert nnx_acc == pytest.approx(linen_acc, abs=1 / 64)
+    from mixer_convert.load import read_params
+    saved = read_params(d / "w" / "model.npz")  # the official layout, as the Linen run writes it
+    assert saved.keys() == nnx.keys() and all(np.array_equal(saved[k], nnx[k]) for k in nnx)
+    from_ckpt = read_params(d / "w" / "checkpoints" / "12" / "state")  # the same params tree as Linen's
+    assert from_ckpt.keys() == nnx.keys() and all(np.array_equal(from_ckpt[k], nnx[k]) for k in nnx)
+
+
+@pytest.mark.slow
+def test_a_linen_runs_checkpoint_resumes_under_nnx_when_the_change_is_allowed(reference_runs, tmp_path):
+    import shutil
+
+    from mixer_jax.checkpointing import ResumeConfigError
+    from mixer_jax.model import params_to_flat
+    from mixer_jax.train import train_and_evaluate
+
+    (ref, _, _, _), d = reference_runs("linen")
+    shutil.copytree(d / "w" / "checkpoints", tmp_path / "w" / "checkpoints")
+    shutil.rmtree(tmp_path / "w" / "checkpoints" / "12")  # resume from step 8
+    cfg = tiny(steps=12, model=dataclasses.replace(tiny().model, api="nnx"))
+    with pytest.raises(ResumeConfigError, match="model.api: 'linen' -> 'nnx'"):
+        train_and_evaluate(cfg, tmp_path / "w", progress=False)
+    res = train_and_evaluate(cfg, tmp_path / "w", progress=False, allow_config_change=True)
+    assert [h["step"] for h in res.history] == [9, 10, 11, 12]
+    assert_params_close(params_to_flat(res.params), ref, atol=1e-6)  # the same tree, the same function
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", APIS)
+def test_eight_devices_match_one_device_for_the_same_global_batch(reference_runs, tmp_path, api):
+    (ref, ref_hist, _, _), _ = reference_runs(api)
+    run_worker(tmp_path / "w", tmp_path / "o.npz", "--devices", 8, "--set", "steps=12", "--set", f"model.api={api}")
     params, hist, _, devices = load_run(tmp_path / "o.npz")
     assert devices == 8
     assert_params_close(params, ref, atol=1e-5)
@@ -169,17 +223,18 @@ def test_two_processes_on_localhost_train_like_one(reference_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_then_resume_reaches_the_same_params(reference_run, tmp_path):
-    (ref, ref_hist, _, _), _ = reference_run
+@pytest.mark.parametrize("api", APIS)
+def test_sigkill_mid_training_then_resume_reaches_the_same_params(reference_runs, tmp_path, api):
+    (ref, ref_hist, _, _), _ = reference_runs(api)
     # two input worker processes; SIGKILL takes them down with the trainer
     r = run_worker(tmp_path / "w", tmp_path / "o.npz", "--set", "steps=12", "--kill-at", 10,
-                   "--set", "data.worker_type=process", check=False)
+                   "--set", "data.worker_type=process", "--set", f"model.api={api}", check=False)
     assert r.returncode == -signal.SIGKILL
     ckpts = sorted(int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit())
     assert ckpts == [4, 8]  # killed after step 10: 8 is the newest complete checkpoint
     meta = json.loads((tmp_path / "w" / "checkpoints" / "8" / "meta" / "metadata").read_text())
     assert meta["step"] == 8 and meta["data_position"] == {"epoch": 0, "index": 256}
-    r = run_worker(tmp_path / "w", tmp_path / "o.npz", "--set", "steps=12")  # resumed with 2 threads
+    r = run_worker(tmp_path / "w", tmp_path / "o.npz", "--set", "steps=12", "--set", f"model.api={api}")  # 2 threads
     assert "resumed from step 8" in r.stdout
     params, hist, _, _ = load_run(tmp_path / "o.npz")
     assert_params_close(params, ref, atol=0.0)  # bit-identical
@@ -228,7 +283,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(np.isfinite(x).all() for x in leaves)
 
 
-def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export_to_pytorch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("api", APIS)
+def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export_to_pytorch(tmp_path, monkeypatch,
+                                                                                              api):
     from mixer_convert import config_for, random_params
     from mixer_convert.load import read_params
     from mixer_convert.resize import new_head, resize_token_mixing
@@ -240,6 +297,7 @@ def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export
     np.savez(tmp_path / "Mixer-tiny.npz", **flat)
     monkeypatch.setenv("HOME", str(tmp_path))  # and a ~ in workdir and init_from means home
     cfg = tiny(steps=1, init_from="~/Mixer-tiny.npz", resize_scale=2, export_torch=True,
+               model=dataclasses.replace(tiny().model, api=api),
                optim=dataclasses.replace(tiny().optim, lr=1e-12, warmup_steps=0, weight_decay=0.0))
     res = train_and_evaluate(cfg, "~/runs/w", progress=False)
     assert res.step == 1 and (tmp_path / "runs" / "w" / "model.npz").exists()
@@ -307,14 +365,15 @@ def test_init_from_with_nan_weights_is_refused_unless_allowed(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_compute_follows_the_float32_run_with_float32_parameters(reference_run, tmp_path):
+@pytest.mark.parametrize("api", APIS)
+def test_bf16_compute_follows_the_float32_run_with_float32_parameters(reference_runs, tmp_path, api):
     # (A few steps of this tiny model move the loss by less than batch-to-batch noise, so the
     # check is against the float32 run on the same batches, not "the loss went down".)
     import jax
     from mixer_jax.train import train_and_evaluate
 
-    (_, ref_hist, _, _), _ = reference_run
-    res = train_and_evaluate(tiny(steps=12, model=dataclasses.replace(tiny().model, compute_dtype="bfloat16")),
+    (_, ref_hist, _, _), _ = reference_runs(api)
+    res = train_and_evaluate(tiny(steps=12, model=dataclasses.replace(tiny().model, compute_dtype="bfloat16", api=api)),
                              tmp_path / "w", progress=False)
     bf16, fp32 = [h["loss"] for h in res.history], [h["loss"] for h in ref_hist]
     assert bf16 == pytest.approx(fp32, abs=2e-2) and bf16 != fp32

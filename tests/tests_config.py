@@ -42,4 +42,5 @@ BAD_VALUES = [
     ("model.dropout_rate=-0.1", "model.dropout_rate must be a number in [0, 1)"),
     ("model.compute_dtype=float16", "model.compute_dtype must be 'float32' or 'bfloat16'"),
     ("model.hidden_dim=0", "model.hidden_dim must be an integer >= 1"),
+    ("model.api=torch", "model.api must be 'linen' or 'nnx'"),
 ]

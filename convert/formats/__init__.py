@@ -28,7 +28,7 @@ FOLDER_FORMATS = ("orbax", "timm-hub")  # written as a folder, renamed into plac
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 SUFFIX_FORMAT = {".npz": "npz", ".msgpack": "msgpack", ".flax": "msgpack", ".pt": "torch", ".pth": "torch",
                  ".bin": "torch", ".safetensors": "safetensors"}
-OUTPUT_KINDS = ("torch", "timm", "flax", "npz", "msgpack", "orbax", "timm-hub")
+OUTPUT_KINDS = ("torch", "timm", "flax", "nnx", "npz", "msgpack", "orbax", "timm-hub")
 Spec = tuple[str, tuple[int, ...], np.dtype]
 
 
@@ -92,7 +92,9 @@ def format_of(path: str | os.PathLike) -> str:
 
 
 def output_format(path: str | os.PathLike, to: str | None) -> tuple[str, str]:
-    """(file format, naming layout) for an output path and a ``--to`` choice."""
+    """(file format, naming layout) for an output path and a ``--to`` choice. ``nnx``: an orbax
+    folder of ``nnx.state(model, nnx.Param)`` (each array under 'value'), or a .msgpack of its pure
+    dict, which is byte-identical to Linen's (``flax``)."""
     suffix = Path(path).suffix.lower()
     if to in (None, "auto"):
         if suffix in SUFFIX_FORMAT:
@@ -103,6 +105,14 @@ def output_format(path: str | os.PathLike, to: str | None) -> tuple[str, str]:
         return ("safetensors" if suffix == ".safetensors" else "torch"), to
     if to == "flax":
         return ("npz" if suffix == ".npz" else "orbax" if suffix == "" else "msgpack"), "flax"
+    if to == "nnx":
+        # NNX's msgpack convention is the state's pure dict (nnx.to_pure_dict): the same bytes as
+        # Linen's params, so a .msgpack is written as for flax; an orbax folder holds the state itself.
+        if suffix in (".msgpack", ".flax"):
+            return "msgpack", "flax"
+        if suffix in SUFFIX_FORMAT:
+            raise ValueError(f"--to nnx writes an orbax folder or a .msgpack file, not a {suffix} file")
+        return "orbax", "nnx"
     if to in ("npz", "msgpack", "orbax"):
         return to, "flax"
     if to == "timm-hub":

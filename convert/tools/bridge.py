@@ -66,7 +66,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str |
                        prefix: str | None = None, max_bytes: int | None = MAX_BYTES,
                        preprocess: str | None = None) -> ConversionReport:
     """Convert ``src`` (a path, or a published name or URL: :func:`mixer_convert.hub.resolve`) to
-    ``dst``. ``to``: torch | timm | flax | npz | msgpack | orbax | timm-hub (default: from dst's
+    ``dst``. ``to``: torch | timm | flax | nnx | npz | msgpack | orbax | timm-hub (default: from dst's
     suffix). The source is only read; dst is written atomically and never overwritten without
     ``force``; on any error no dst is left behind. Sources declaring more than ``max_bytes`` of
     tensors (default: 4x H/14) are refused unless it is None.

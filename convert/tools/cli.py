@@ -1,4 +1,4 @@
-"""mixer-convert SRC DST [--to torch|timm|flax|npz|msgpack|orbax] [--verify] ...; mixer-convert --list
+"""mixer-convert SRC DST [--to torch|timm|flax|nnx|npz|msgpack|orbax] [--verify] ...; mixer-convert --list
 
 A thin command over :func:`mixer_convert.tools.bridge.convert_checkpoint`, following the commands'
 one convention (:mod:`mixer_convert.tools.command`): every failure is one line, exit status 2;
@@ -37,7 +37,8 @@ def build_parser() -> Parser:
     p.add_argument("--to", choices=OUTPUT_KINDS,
                    help="timm: keys for timm's mlp_mixer (.pth or .safetensors); flax: .npz/.msgpack/orbax dir; "
                         "timm-hub: a timm / Hugging Face model folder (config.json, model.safetensors, README.md "
-                        "model card; always verified) that timm.create_model('local-dir:DST') loads")
+                        "model card; always verified) that timm.create_model('local-dir:DST') loads; "
+                        "nnx: an orbax dir of nnx.state(model, nnx.Param) (a .msgpack is the same as flax's)")
     p.add_argument("--preprocess", choices=tuple(PREPROCESSING),
                    help="timm-hub only: the official eval preprocessing config.json asks timm for: vit_jax "
                         "(default; whole image resized to 224, bilinear) or big_vision (shorter side 256, "

@@ -106,6 +106,10 @@ def _framework_forward(flat, cfg, layout, probe) -> tuple[np.ndarray, str]:
         from mixer_convert.tools.parity import torch_forward
         return torch_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
             "our PyTorch model vs numpy float64 reference"
+    if layout == "nnx" and importable("flax"):
+        from mixer_convert.tools.parity import nnx_forward
+        return nnx_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
+            "our Flax NNX model vs numpy float64 reference"
     if layout == "flax" and importable("flax"):
         from mixer_convert.tools.parity import flax_forward
         return flax_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
