@@ -107,7 +107,11 @@ def main() -> None:
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
-    srcs = make_sources(args.variant, d, {s for s, _ in JOBS} | {t for _, t in JOBS})
+    # In a child: the kernel counts a parent's peak RSS at fork into every child's ru_maxrss.
+    fmts = sorted({s for s, _ in JOBS} | {t for _, t in JOBS})
+    child(f"import bench_convert; bench_convert.make_sources({args.variant!r}, __import__('pathlib').Path({str(d)!r}), "
+          f"set({fmts!r}))")
+    srcs = {f: d / f"src-{args.variant.replace('/', '_')}{FILES[f]}" for f in fmts}
     size = srcs["npz"].stat().st_size
     print(f"{args.variant}: {size / 1e6:.0f} MB; {cpu_name()}, {os.cpu_count()} cores", flush=True)
     rows = []
