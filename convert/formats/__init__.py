@@ -63,9 +63,11 @@ def detect(src: Source) -> str:
 
 
 def _folder_kind(path: Path) -> str:
-    from mixer_convert.formats.timm_hub import CONFIG, WEIGHT_FILES, is_model_folder
+    from mixer_convert.formats.timm_hub import CONFIG, WEIGHT_FILES
 
-    orbax, hub = any(os.path.lexists(path / m) for m in ORBAX_MARKERS), is_model_folder(path)
+    # Links count even if broken, so that the format's reader refuses them by name.
+    orbax = any(os.path.lexists(path / m) for m in ORBAX_MARKERS)
+    hub = os.path.lexists(path / CONFIG) and any(os.path.lexists(path / w) for w in WEIGHT_FILES)
     if orbax and hub:
         raise CheckpointError(f"{path}: holds both an orbax checkpoint and a timm model folder; refusing to guess")
     if orbax or hub:

@@ -121,12 +121,6 @@ def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list[tuple
 # ---- reading -----------------------------------------------------------------------------------
 
 
-def is_model_folder(path: Path) -> bool:
-    """Whether ``path`` looks like a timm model folder (config.json beside a weights file). Links
-    count even if broken, so that the reader refuses them by name."""
-    return os.path.lexists(path / CONFIG) and any(os.path.lexists(path / w) for w in WEIGHT_FILES)
-
-
 def read_config(path: Path) -> dict[str, Any]:
     """config.json: at most :data:`MAX_METADATA_BYTES`, UTF-8, a JSON object with no key twice."""
     try:
