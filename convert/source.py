@@ -174,7 +174,7 @@ class Source:
 
     def read_at(self, offset: int, size: int) -> memoryview:
         """``size`` bytes at ``offset``, read into a new buffer; the file ending first is an error."""
-        buf = memoryview(bytearray(size))
+        buf = memoryview(np.empty(size, np.uint8))  # not bytearray: that would zero it first
         with open(self.path, "rb", buffering=0) as f:
             try:
                 pread_into(f.fileno(), buf, offset)

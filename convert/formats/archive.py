@@ -22,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
+import numpy as np
+
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.source import pread_into
 
@@ -81,7 +83,7 @@ class Zip:
         start = self._data_offset(info)
         if start + info.file_size > self._size():
             raise CheckpointError(f"{self.path}: member {info.filename!r} runs past the end of the file (truncated?)")
-        buf = memoryview(bytearray(size))
+        buf = memoryview(np.empty(size, np.uint8))  # not bytearray: that would zero it first
         pread_into(self._fd(), buf, start + at)
         if at == 0 and size == info.file_size:
             self.check_crc(info, buf)

@@ -88,7 +88,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str |
     with params:
         if hub:
             timm_name(cfg)  # a model timm does not have: refused before any data is read or written
-        nbytes = sum(int(np.prod(s)) * params.dtypes[k].itemsize for k, s in params.shapes.items())
+        dtypes = params.dtypes
+        nbytes = sum(int(np.prod(s)) * dtypes[k].itemsize for k, s in params.shapes.items())
         report = ConversionReport(params.source, str(out.path), out.fmt, out.layout, cfg,
                                   sum(int(np.prod(s)) for s in params.shapes.values()), nbytes, warnings=seen)
         bar, step = _progress(nbytes, progress)
