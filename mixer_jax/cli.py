@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     require("train")
     args = build_parser().parse_args(argv)
-    from mixer_jax.configs import get_config, override
+    from mixer_jax.configs import get_config
+    from mixer_jax.overrides import override
 
     cfg = override(get_config(args.config), args.overrides)
     import jax

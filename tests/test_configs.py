@@ -21,7 +21,8 @@ def tiny(**kw):
 
 @pytest.mark.parametrize("assignment,message", BAD_VALUES)
 def test_every_bad_config_value_is_refused_naming_the_key_and_range(assignment, message):
-    from mixer_jax.configs import get_config, override, validate
+    from mixer_jax.configs import get_config, validate
+    from mixer_jax.overrides import override
 
     cfg = override(get_config("digits"), [assignment])
     with pytest.raises(ValueError, match="bad training config") as e:
@@ -49,7 +50,8 @@ def test_the_named_configs_are_valid():
 
 
 def test_overrides_are_typed_and_typos_are_errors():
-    from mixer_jax.configs import get_config, override
+    from mixer_jax.configs import get_config
+    from mixer_jax.overrides import override
 
     cfg = override(get_config("digits"), ["steps=7", "optim.lr=0.5", "data.crop_area=0.2,0.9",
                                           "export_torch=true", "model.hidden_dim=16"])
@@ -69,14 +71,16 @@ def test_overrides_are_typed_and_typos_are_errors():
 
 @pytest.mark.parametrize("section", ["model", "data", "optim"])
 def test_a_whole_section_cannot_be_replaced_by_a_value(section):
-    from mixer_jax.configs import get_config, override
+    from mixer_jax.configs import get_config
+    from mixer_jax.overrides import override
 
     with pytest.raises(ValueError, match=f"'{section}' is a section, not a value; set its fields, e.g. {section}\\."):
         override(get_config("digits"), [f"{section}=5"])
 
 
 def test_model_fields_the_data_decides_cannot_be_set():
-    from mixer_jax.configs import get_config, override
+    from mixer_jax.configs import get_config
+    from mixer_jax.overrides import override
 
     with pytest.raises(ValueError, match="model.num_classes cannot be set: it is decided by the dataset"):
         override(get_config("digits"), ["model.num_classes=7"])
@@ -85,7 +89,8 @@ def test_model_fields_the_data_decides_cannot_be_set():
 
 
 def test_the_old_compute_dtype_key_names_the_new_one():
-    from mixer_jax.configs import get_config, override
+    from mixer_jax.configs import get_config
+    from mixer_jax.overrides import override
 
     with pytest.raises(ValueError, match=r"compute_dtype cannot be set: it moved into the model section: "
                                          r"--set model.compute_dtype="):
@@ -94,7 +99,8 @@ def test_the_old_compute_dtype_key_names_the_new_one():
 
 
 def test_with_init_from_only_regularisation_dtype_and_api_model_fields_can_be_set():
-    from mixer_jax.configs import get_config, override
+    from mixer_jax.configs import get_config
+    from mixer_jax.overrides import override
 
     with pytest.raises(ValueError, match="model.hidden_dim cannot be set together with init_from: the checkpoint "
                                          "decides the architecture"):
@@ -126,7 +132,8 @@ def test_a_variant_fills_in_its_dimensions_and_a_contradicting_one_is_an_error()
 
 
 def test_set_variant_replaces_the_dimensions_and_a_dimension_drops_the_variant_name():
-    from mixer_jax.configs import get_config, override
+    from mixer_jax.configs import get_config
+    from mixer_jax.overrides import override
 
     cfg = override(get_config("digits"), ["model.variant=S/16", "data.image_size=64"])
     assert (cfg.model.variant, cfg.model.patch_size, cfg.model.hidden_dim) == ("S/16", (16, 16), 512)
@@ -175,7 +182,8 @@ def test_a_config_saved_by_an_earlier_version_compares_in_todays_layout():
 
 def test_a_run_saved_before_model_api_existed_resumes_as_linen_and_not_silently_as_nnx():
     from mixer_jax.checkpointing import config_changes, jsonable
-    from mixer_jax.configs import current_layout, digits, override
+    from mixer_jax.configs import current_layout, digits
+    from mixer_jax.overrides import override
 
     now = jsonable(digits())
     saved = {**now, "model": {k: v for k, v in now["model"].items() if k != "api"}}

@@ -32,7 +32,7 @@ def main():
     if args.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from mixer_jax.configs import override
+    from mixer_jax.overrides import override
     from mixer_jax.model import params_to_flat
     from mixer_jax.train import train_and_evaluate
     from tests_config import tiny_digits

@@ -154,7 +154,7 @@ def _size(where: str, value: Any) -> tuple[int, int]:
     return _count(where, "model_args.img_size", pair[0], 1), _count(where, "model_args.img_size", pair[1], 1)
 
 
-def describe(doc: dict[str, Any], where: str) -> dict[str, Any]:
+def config_fields(doc: dict[str, Any], where: str) -> dict[str, Any]:
     """What config.json says the weights are: architecture, num_classes, image_size, in_chans.
     timm's current layout and its legacy single-dict one; the head size may be given up to three
     times (top level, pretrained_cfg, model_args) and all must agree."""
@@ -218,7 +218,7 @@ def _any_grid(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
 def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None] | None]:
     src.check_tree()
     config = src.path / CONFIG
-    said = describe(read_config(config), str(config))
+    said = config_fields(read_config(config), str(config))
     weights = weights_file(src.path)
     inner = Source.open(weights, src.max_bytes)
     if weights.suffix == ".safetensors":
