@@ -1,6 +1,6 @@
 """timm / Hugging Face model folders (mixer_convert.formats.timm_hub): what --to timm-hub writes,
 every loader reading it, exact round trips, the variants timm lacks, and folders that lie.
-(timm's own local-dir: loader on these folders: tests/test_timm.py.)"""
+(timm's own local-dir: loader on these folders: tests/test_timm_oracle.py.)"""
 import json
 import os
 import shutil
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, import_blocker, requires_jax, requires_torch, subprocess_env
-from hostile import judge, run_cli
+from helpers.hostile import judge, run_cli
 from mixer_convert import config_for, random_params
 from mixer_convert.formats import format_of
 from mixer_convert.formats.timm_hub import PREPROCESSING, hub_config, timm_name

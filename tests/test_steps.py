@@ -20,7 +20,7 @@ def setup():
     from mixer_jax.input_pipeline import TrainBatches
     from mixer_jax.optimizer import make_optimizer
     from mixer_jax.steps import create_train_state, model_fns, train_step
-    from tests_config import tiny_digits
+    from helpers.training import tiny_digits
 
     cfg = tiny_digits()
     model_cfg = MixerConfig(patch_size=4, hidden_dim=16, num_blocks=1, tokens_mlp_dim=8, channels_mlp_dim=16,
