@@ -77,6 +77,7 @@ def test_an_extra_with_a_module_blocked_by_an_import_hook_is_not_installed():
     if not (has_module("onnxruntime") and has_module("torch")):
         pytest.skip("needs the onnx and torch extras installed")
     code = import_blocker("onnxruntime") + """
+from mixer_convert.errors import MissingExtraError
 from mixer_convert.tools.extras import has_extra, require
 print(has_extra('onnx'), has_extra('torch'))
 try:
