@@ -58,7 +58,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     a folder with ``mixer_convert`` -> convert/ and the checkout root go first on PYTHONPATH."""
     link_dir = _link_dir()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(link_dir), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(link_dir), str(ROOT)]
+                                        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(extra)
     return env
 

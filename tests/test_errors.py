@@ -44,7 +44,8 @@ def test_missing_extra_messages_name_all_or_any_of_the_extras():
     assert str(MissingExtraError(["jax", "torch"])) == \
         "needs the 'jax' and 'torch' extras: pip install \"mixer-toolkit[jax,torch]\""
     assert str(MissingExtraError(["torch", "jax"], any_of=True, what="mixer-predict")) == \
-        "needs the 'torch' or 'jax' extra for mixer-predict: pip install \"mixer-toolkit[torch]\" or \"mixer-toolkit[jax]\""
+        ("needs the 'torch' or 'jax' extra for mixer-predict: pip install \"mixer-toolkit[torch]\" or "
+         "\"mixer-toolkit[jax]\"")
 
 
 def test_importable_finds_without_importing_and_a_refusing_finder_means_absent(monkeypatch):

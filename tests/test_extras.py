@@ -56,7 +56,8 @@ def test_the_extras_table_is_pyprojects_optional_dependencies(this_checkouts_met
 
     requirements = pytest.importorskip("packaging.requirements")
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    want = {extra: tuple(_normalise(requirements.Requirement(r).name) for r in reqs) for extra, reqs in declared.items()}
+    want = {extra: tuple(_normalise(requirements.Requirement(r).name) for r in reqs)
+            for extra, reqs in declared.items()}
     assert extras.extras_table() == want
     assert extras.extras_table()["torch"] == ("torch",) and "opencv-python-headless" in extras.extras_table()["train"]
 

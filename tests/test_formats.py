@@ -61,7 +61,8 @@ def test_a_missing_source_is_named():
     ("o.safetensors", None, ("safetensors", "torch")), ("o.pth", "timm", ("torch", "timm")),
     ("o.safetensors", "timm", ("safetensors", "timm")), ("o.safetensors", "torch", ("safetensors", "torch")),
     ("o.npz", "flax", ("npz", "flax")), ("o", "flax", ("orbax", "flax")), ("o.msgpack", "flax", ("msgpack", "flax")),
-    ("out_dir", "orbax", ("orbax", "flax")), ("o.bin", "npz", ("npz", "flax")), ("folder", "timm-hub", ("timm-hub", "timm")),
+    ("out_dir", "orbax", ("orbax", "flax")), ("o.bin", "npz", ("npz", "flax")),
+    ("folder", "timm-hub", ("timm-hub", "timm")),
 ])
 def test_output_format_and_naming_come_from_to_or_the_suffix(path, to, want):
     assert output_format(path, to) == want

@@ -43,7 +43,8 @@ def test_the_library_reads_what_we_write_and_we_read_it_back(tmp_path):
 
 
 def test_a_name_given_twice_in_the_header_is_refused(tmp_path):
-    head = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    entry = b'{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    head = b'{"a":' + entry + b',"a":' + entry + b'}'
     with pytest.raises(CheckpointError, match="key 'a' appears 2 times in one map"):
         _read(_raw(tmp_path / "dup.safetensors", head, bytes(4)))
 

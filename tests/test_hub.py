@@ -249,6 +249,7 @@ def test_a_file_put_in_the_cache_by_hand_is_verified_then_used(bucket, s32_file,
         hub.resolve("S/16-gsam")
 
 
+@pytest.mark.slow  # two interpreters and a deliberately slow server: ~4 s
 def test_two_processes_download_the_same_file_once_without_any_framework(bucket, s32_file):
     bucket.delay = 0.04  # about 3 s for the whole file, so the second process arrives mid-download
     # downloading needs neither framework nor huggingface_hub (the standard library's urllib)
@@ -376,6 +377,7 @@ except Exception as e:
 """
 
 
+@pytest.mark.slow  # a child interpreter importing torch
 @requires_hf
 @requires_torch
 def test_hf_hub_names_load_through_huggingface_hubs_cache_offline(tmp_path):

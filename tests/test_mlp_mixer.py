@@ -35,8 +35,8 @@ def test_compat_constructor_keeps_the_original_ports_argument_meanings():
 @requires_torch
 @pytest.mark.slow
 def test_module_entry_point_prints_logits_for_a_random_image_like_the_original_script():
-    r = subprocess.run([sys.executable, "-m", "mixer_torch.mlp_mixer"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-m", "mixer_torch.mlp_mixer"], cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "logits (1, 10)" in r.stdout and "tensor([[" in r.stdout
     assert "RuntimeWarning" not in r.stderr

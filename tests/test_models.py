@@ -130,6 +130,7 @@ def test_torch_stochastic_depth_is_per_sample_and_not_rescaled():
     _check_train_outputs({k: v.numpy() for k, v in ev.items()}, {k: v.numpy() for k, v in tr.items()})
 
 
+@pytest.mark.slow  # three models compiled for training: ~6 s
 @requires_jax
 @requires_torch
 def test_dropout_acts_only_in_training_in_every_model():

@@ -160,7 +160,8 @@ def test_lazy_params_refuse_nan_unless_allowed_then_warn_through_the_callers_fun
     flat = random_params(TINY, 0)
     flat["stem/bias"][:2] = [np.nan, -np.inf]
     refusing, _ = _lazy(flat, allow_nonfinite=False, hint="--allow-it")
-    with pytest.raises(NonFiniteWeightsError, match=r"^src.npz: stem/bias: 2 of 24 values are NaN or Inf \(--allow-it\)$"):
+    with pytest.raises(NonFiniteWeightsError,
+                       match=r"^src.npz: stem/bias: 2 of 24 values are NaN or Inf \(--allow-it\)$"):
         refusing["stem/bias"]
     warned = []
     allowing, _ = _lazy(flat, allow_nonfinite=True, warn=warned.append)
@@ -185,8 +186,8 @@ def test_a_tensor_that_does_not_hold_its_declared_shape_or_fails_to_read_is_one_
     params = LazyParams(entries, "src.npz", "npz", "flax")
     with pytest.raises(CheckpointError, match=r"src.npz: 'stem/bias' holds shape \(24,\), its header said \(25,\)"):
         params["stem/bias"]
-    with pytest.raises(CheckpointError, match=r"src.npz: cannot read 'head/bias' \(ZeroDivisionError: division by zero\); "
-                                              r"truncated or corrupt\?"):
+    with pytest.raises(CheckpointError, match=r"src.npz: cannot read 'head/bias' \(ZeroDivisionError: division by "
+                                              r"zero\); truncated or corrupt\?"):
         params["head/bias"]
 
 

@@ -38,6 +38,7 @@ def test_resize_is_exact_in_pytorch(official):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow  # the PyTorch model proves the same in the fast tier
 @requires_jax
 def test_resize_is_exact_in_flax(official):
     from mixer_convert.resize import tile_images

@@ -37,6 +37,7 @@ def _split(x, y, accum):
     return x.reshape(accum, BATCH // accum, *x.shape[1:]), y.reshape(accum, -1)
 
 
+@pytest.mark.slow  # 6-8 s of compilation; the step runs in the fast tier below
 def test_gradient_accumulation_equals_one_big_batch(setup):
     import jax
 
@@ -47,6 +48,7 @@ def test_gradient_accumulation_equals_one_big_batch(setup):
     assert float(outs[0][1]["loss"]) == pytest.approx(float(outs[1][1]["loss"]), abs=1e-6)
 
 
+@pytest.mark.slow  # 6-8 s of compilation; the step runs in the fast tier below
 def test_label_smoothing_and_mixup_build_the_documented_targets(setup):
     import jax
     import jax.numpy as jnp

@@ -43,6 +43,7 @@ def test_torch_export_with_a_dynamic_batch(model_and_input):
         np.testing.assert_allclose(ep.module()(x[:1]).numpy(), ref[:1], atol=1e-5)
 
 
+@pytest.mark.slow  # the ONNX exporter: ~5 s
 @pytest.mark.skipif(not (has_module("onnx") and has_module("onnxscript") and has_module("onnxruntime")),
                     reason="needs the onnx extra (onnx, onnxscript, onnxruntime)")
 def test_onnx_export_runs_in_onnxruntime_with_our_logits(model_and_input, tmp_path):

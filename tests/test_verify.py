@@ -27,7 +27,8 @@ def test_verify_prints_its_tolerance_and_fails_beyond_it(official, tmp_path, mon
 
     src, _ = official
     rep = convert_checkpoint(src, tmp_path / "a.safetensors", verify=True, progress=False)
-    assert f"(tolerance {rep.verification.logits_tolerance:.1e})" in rep.summary() and rep.verification.logits_tolerance >= 1e-4
+    assert f"(tolerance {rep.verification.logits_tolerance:.1e})" in rep.summary() \
+        and rep.verification.logits_tolerance >= 1e-4
     from mixer_convert.tools import verify
     real = verify._framework_forward
     monkeypatch.setattr(verify, "_framework_forward", lambda *a: (real(*a)[0] + 1e-2, "a forward off by 1e-2"))

@@ -1,8 +1,8 @@
 """Runs one training job in its own process (so tests can set XLA_FLAGS, start several
 processes, or SIGKILL it) and writes the final params and history to OUT.npz.
 
-  python tests/helpers/train_worker.py WORKDIR OUT.npz [--devices N] [--coordinator ADDR --num-processes N --process-id I]
-                         [--set key=value ...]
+  python tests/helpers/train_worker.py WORKDIR OUT.npz [--devices N]
+      [--coordinator ADDR --num-processes N --process-id I] [--set key=value ...]
 """
 import argparse
 import json
