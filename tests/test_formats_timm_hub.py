@@ -177,6 +177,7 @@ def test_torch_from_checkpoint_and_from_pretrained_read_the_folder(official):
         assert np.abs(got - ref).max() < 1e-4
 
 
+@pytest.mark.slow  # the PyTorch model reads the folder in the fast tier
 @requires_jax
 def test_flax_from_checkpoint_and_from_pretrained_read_the_folder(official):
     import mixer_jax

@@ -200,7 +200,7 @@ def _write(params: dict, dst: Path) -> Path:
     ("bit flip", "CRC mismatch"),
     ("not a zip", "not a valid .npz"),
     ("other variant", "not S/32"),
-    ("other head", "head has 10 classes, the published file 1000"),
+    pytest.param("other head", "head has 10 classes, the published file 1000", marks=pytest.mark.slow),  # 76 MB more
 ])
 def test_a_damaged_or_wrong_download_is_refused_and_not_kept(bucket, s32_file, s32_params, tmp_path, damage, match):
     if damage == "bit flip":

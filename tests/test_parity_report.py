@@ -13,6 +13,7 @@ pytestmark = [requires_jax, requires_torch]
 # the usage errors; the others are slow.
 
 
+@pytest.mark.slow  # the fast tier compares gradients through test_nnx.py (Linen, NNX, PyTorch)
 def test_loss_gradients_agree_for_every_parameter():
     from mixer_convert.tools.parity import compare_params, flax_grads, torch_grads
     from mixer_convert.tools.parity import GRAD_ATOL_GLOBAL, GRAD_RTOL

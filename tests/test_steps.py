@@ -81,6 +81,7 @@ def test_label_smoothing_and_mixup_build_the_documented_targets(setup):
     assert int(correct) == int(jnp.sum(jnp.argmax(logits(mixed_x), -1) == y))  # accuracy vs the true labels
 
 
+@pytest.mark.slow  # uint8 input is normalised like this in the fast tier: test_input_pipeline.py
 def test_uint8_batches_are_normalised_on_the_device_like_float_batches(setup):
     import jax
     from mixer_jax.input_pipeline import normalize
