@@ -134,6 +134,16 @@ def test_shared_storages_and_views_with_offsets_and_strides_are_read(tmp_path, n
 
 
 @requires_torch
+def test_expanded_scalar_and_empty_tensors_are_read(tmp_path, no_fallback):
+    import torch
+
+    sd = {"expanded": torch.arange(3.0).expand(4, 3), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+          "tail": torch.randn(70000)[5:]}  # zero strides, no dims, no elements, an offset past 65535
+    got = _read(_saved(tmp_path, sd))
+    assert all(got[k].shape == tuple(v.shape) and np.array_equal(got[k], v.numpy()) for k, v in sd.items())
+
+
+@requires_torch
 def test_a_state_dict_inside_a_training_checkpoint_is_found(tmp_path, no_fallback):
     import torch
 
