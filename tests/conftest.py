@@ -1,3 +1,23 @@
+"""Shared set-up of the test suite: the code under test is this checkout's, in this interpreter and
+in the child interpreters tests start (:func:`subprocess_env`); markers; fixtures.
+
+Where a test is (a newcomer finds a module's tests by its name):
+
+* ``tests/test_<module>.py`` tests one module, named by the module's last part: ``mixer_convert.save``
+  -> ``test_save.py``, ``mixer_convert.tools.verify`` -> ``test_verify.py``, ``mixer_jax.loop`` ->
+  ``test_loop.py``. A module of the ``formats`` package keeps the package's name as a prefix:
+  ``formats/archive.py`` -> ``test_formats_archive.py``, ``formats/__init__.py`` -> ``test_formats.py``.
+* Where two modules share a last part, the file is named for whose it is: the two ``cli.py`` by their
+  commands (``mixer_jax/cli.py``, mixer-train -> ``test_train_cli.py``; ``tools/cli.py``, mixer-convert
+  -> ``test_convert_cli.py``), the two ``model.py`` by their package (``test_jax_model.py``,
+  ``test_torch_model.py``).
+* Suites that cut across modules are named for what they check: ``test_models.py`` (the three models
+  alike), ``test_hostile_inputs.py``, ``test_install_profiles.py``, ``test_import_layers.py``,
+  ``test_torch_deployment.py``, ``test_timm_oracle.py`` (timm itself, through tools/timm_oracle.py),
+  ``test_packaging.py``; ``test_accelerator*.py`` test benchmarks/accelerator*.
+* Helpers (builders, oracles, the training worker) are in ``tests/helpers/``, never named ``test_*``;
+  pytest collects only ``test_*.py``. Shared fixtures are here.
+"""
 import functools
 import importlib.util
 import os
@@ -38,7 +58,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     a folder with ``mixer_convert`` -> convert/ and the checkout root go first on PYTHONPATH."""
     link_dir = _link_dir()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(link_dir), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(link_dir), str(ROOT)]
+                                        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(extra)
     return env
 
@@ -72,3 +93,60 @@ def has_module(name: str) -> bool:
 
 requires_jax = pytest.mark.skipif(not has_module("flax"), reason="needs the jax extra (jax, flax)")
 requires_torch = pytest.mark.skipif(not has_module("torch"), reason="needs the torch extra")
+
+
+@pytest.fixture
+def official(tmp_path):
+    """An official-layout .npz of random TINY weights (helpers.checkpoints), and the weights."""
+    from helpers.checkpoints import write_official
+
+    return write_official(tmp_path)
+
+
+# ---- mixer-predict and mixer-eval (test_predict.py, test_evaluate.py) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """scikit-learn's two sample photos as JPEG files."""
+    from PIL import Image
+
+    from helpers.image_data import photos as sample_photos
+
+    d = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i, img in enumerate(sample_photos()):
+        paths.append(d / f"photo{i}.jpg")
+        Image.fromarray(img).save(paths[-1], quality=90)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def weights_1k(tmp_path_factory):
+    """Random weights of helpers.inference.TINY_1K in an official .npz, and the weights."""
+    from helpers.inference import TINY_1K
+    from mixer_convert import random_params
+
+    flat = random_params(TINY_1K, 0)
+    path = tmp_path_factory.mktemp("w") / "tiny_1k.npz"
+    np.savez(path, **flat)
+    return path, flat
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    """An image folder of random crops of the sample photos: three classes, five images each."""
+    from PIL import Image
+
+    from helpers.image_data import photos as sample_photos
+
+    d = tmp_path_factory.mktemp("crops")
+    rng, imgs = np.random.default_rng(1), sample_photos()
+    for c in range(3):
+        (d / f"class{c}").mkdir()
+        for j in range(5):
+            img = imgs[(c + j) % 2]
+            h, w = rng.integers(60, 300, 2)
+            y, x = rng.integers(0, img.shape[0] - h), rng.integers(0, img.shape[1] - w)
+            Image.fromarray(img[y:y + h, x:x + w]).save(d / f"class{c}" / f"{j}.jpg", quality=90)
+    return d

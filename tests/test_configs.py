@@ -6,13 +6,13 @@ import dataclasses
 import pytest
 
 from conftest import requires_jax
-from tests_config import BAD_VALUES
+from helpers.training import BAD_VALUES
 
 pytestmark = requires_jax  # the configs import nothing heavy, but the package is the jax extra's
 
 
 def tiny(**kw):
-    from tests_config import tiny_digits
+    from helpers.training import tiny_digits
     return dataclasses.replace(tiny_digits(), **kw)
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import has_module
-from image_data import make_folder
+from helpers.image_data import make_folder
 from mixer_convert.datasets import (ImageFolder, TfdsSource, class_names, digits, folder_classes, save_class_names,
                                     synset_labels)
 from mixer_convert.images import ImageError

@@ -1,6 +1,6 @@
 """timm / Hugging Face model folders (mixer_convert.formats.timm_hub): what --to timm-hub writes,
 every loader reading it, exact round trips, the variants timm lacks, and folders that lie.
-(timm's own local-dir: loader on these folders: tests/test_timm.py.)"""
+(timm's own local-dir: loader on these folders: tests/test_timm_oracle.py.)"""
 import json
 import os
 import shutil
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, import_blocker, requires_jax, requires_torch, subprocess_env
-from hostile import judge, run_cli
+from helpers.hostile import judge, run_cli
 from mixer_convert import config_for, random_params
 from mixer_convert.formats import format_of
 from mixer_convert.formats.timm_hub import PREPROCESSING, hub_config, timm_name
@@ -177,6 +177,7 @@ def test_torch_from_checkpoint_and_from_pretrained_read_the_folder(official):
         assert np.abs(got - ref).max() < 1e-4
 
 
+@pytest.mark.slow  # the PyTorch model reads the folder in the fast tier
 @requires_jax
 def test_flax_from_checkpoint_and_from_pretrained_read_the_folder(official):
     import mixer_jax

@@ -200,7 +200,7 @@ def _write(params: dict, dst: Path) -> Path:
     ("bit flip", "CRC mismatch"),
     ("not a zip", "not a valid .npz"),
     ("other variant", "not S/32"),
-    ("other head", "head has 10 classes, the published file 1000"),
+    pytest.param("other head", "head has 10 classes, the published file 1000", marks=pytest.mark.slow),  # 76 MB more
 ])
 def test_a_damaged_or_wrong_download_is_refused_and_not_kept(bucket, s32_file, s32_params, tmp_path, damage, match):
     if damage == "bit flip":
@@ -249,6 +249,7 @@ def test_a_file_put_in_the_cache_by_hand_is_verified_then_used(bucket, s32_file,
         hub.resolve("S/16-gsam")
 
 
+@pytest.mark.slow  # two interpreters and a deliberately slow server: ~4 s
 def test_two_processes_download_the_same_file_once_without_any_framework(bucket, s32_file):
     bucket.delay = 0.04  # about 3 s for the whole file, so the second process arrives mid-download
     # downloading needs neither framework nor huggingface_hub (the standard library's urllib)
@@ -376,6 +377,7 @@ except Exception as e:
 """
 
 
+@pytest.mark.slow  # a child interpreter importing torch
 @requires_hf
 @requires_torch
 def test_hf_hub_names_load_through_huggingface_hubs_cache_offline(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_data import tf_resize_reference, write_png
+from helpers.image_data import tf_resize_reference, write_png
 from mixer_convert.images import ImageError, crop_resize, draft_scale, read_crop, read_image
 
 RNG = np.random.default_rng(0)

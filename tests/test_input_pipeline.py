@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import requires_jax
-from image_data import BAD_KINDS, make_bad, make_folder
+from helpers.image_data import BAD_KINDS, make_bad, make_folder
 
 pytestmark = requires_jax
 
@@ -52,7 +52,7 @@ def test_workers_and_resuming_give_the_same_stream_as_in_process(workers, kind):
     import dataclasses
 
     from mixer_jax.input_pipeline import make_source
-    from tests_config import tiny_digits
+    from helpers.training import tiny_digits
     from mixer_jax.input_pipeline import make_train_iterator
 
     cfg = dataclasses.replace(tiny_digits(), steps=7)
@@ -93,7 +93,7 @@ def test_config_rejects_bad_worker_settings():
     import dataclasses
 
     from mixer_jax.configs import validate
-    from tests_config import tiny_digits
+    from helpers.training import tiny_digits
 
     cfg = tiny_digits()
     with pytest.raises(ValueError, match="data.workers must be an integer >= 0"):

@@ -16,7 +16,7 @@ pytestmark = requires_jax
 
 
 def tiny(**kw):
-    from tests_config import tiny_digits
+    from helpers.training import tiny_digits
     return dataclasses.replace(tiny_digits(), **kw)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import requires_jax
-from tensorboard_events import scalars, texts
+from helpers.tensorboard_events import scalars, texts
 
 pytestmark = requires_jax
 

@@ -1,184 +1,21 @@
-"""The models are built from the one spec: same tree, official initialisers, clear input errors; all three
-(Linen, NNX, PyTorch) load every format, non-square grids and big_vision's bfloat16 .npz included."""
-import subprocess
-import sys
+"""Every model alike (Linen, NNX, PyTorch): each loads a non-square checkpoint in every format
+given its image size and names both sizes when one contradicts it; stochastic depth (big_vision's
+rule) and dropout behave the same way in each.
 
+big_vision: block i drops each residual branch per sample with p_i = i/(n-1) * stoch_depth
+and does NOT rescale the kept branch. So in training a sample whose branches are both
+kept gives exactly the eval-mode output, and one whose branches are both dropped passes
+the block's input through unchanged.
+"""
 import numpy as np
 import pytest
 
-from checkpoint_files import NON_SQUARE, bf16_npz
-from conftest import ROOT, images, requires_jax, requires_torch, subprocess_env
-from mixer_convert import config_for, param_shapes
-from mixer_convert.layouts import LAYOUTS
-
-# Narrow and shallow so that building a model is cheap; the full variants are built in the slow tests.
-SMALL = dict(variant="S/32", image_size=(64, 96), num_classes=7, hidden_dim=64, num_blocks=2, tokens_mlp_dim=32,
-             channels_mlp_dim=128)
+from conftest import images, requires_jax, requires_torch
+from helpers.checkpoints import NON_SQUARE, bf16_npz
+from mixer_convert import config_for, param_shapes, random_params
 
 
-def small_cfg(**kw):
-    args = dict(SMALL, **kw)
-    return config_for(args.pop("variant"), **args)
 
-
-# ---- Flax ------------------------------------------------------------------------------------
-
-
-@requires_jax
-@pytest.mark.slow
-def test_flax_param_tree_equals_the_spec_exactly():
-    from mixer_jax import create_model, init_params, params_to_flat
-
-    for cfg in (config_for("B/16"), small_cfg(), small_cfg(num_classes=None)):
-        flat = params_to_flat(init_params(create_model(cfg), 0))
-        assert {k: v.shape for k, v in flat.items()} == param_shapes(cfg)
-
-
-@requires_jax
-def test_flax_head_is_zero_initialised_and_kernels_are_lecun_normal():
-    from mixer_jax import create_model, init_params, params_to_flat
-
-    flat = params_to_flat(init_params(create_model("S/32", num_classes=10), 0))
-    assert not flat["head/kernel"].any() and not flat["head/bias"].any()
-    w = flat["MixerBlock_0/channel_mixing/Dense_0/kernel"]
-    assert abs(w.std() * np.sqrt(512) - 1) < 0.05
-
-
-@requires_jax
-def test_flax_without_head_returns_pre_logits():
-    import jax
-    from mixer_jax import create_model, init_params
-
-    model = create_model(small_cfg(num_classes=None))
-    out = model.apply({"params": init_params(model, 0)}, images(2, 64, 96))
-    assert out.shape == (2, 64)
-    assert jax.numpy.isfinite(out).all()
-
-
-@requires_jax
-@pytest.mark.parametrize("shape, match", [
-    ((2, 64, 90, 3), "not divisible by the patch size"),
-    ((2, 96, 64, 3), "does not match the model's 64x96"),
-    ((2, 64, 96, 1), "expected 3 input channels"),
-    ((64, 96, 3), "4 dims"),
-])
-def test_flax_bad_image_shapes_raise_naming_the_problem(shape, match):
-    from mixer_jax import create_model, init_params
-
-    model = create_model(small_cfg())
-    params = init_params(model, 0)
-    with pytest.raises(ValueError, match=match):
-        model.apply({"params": params}, np.zeros(shape, np.float32))
-
-
-# ---- PyTorch ----------------------------------------------------------------------------------
-
-
-@requires_torch
-@pytest.mark.slow
-def test_torch_state_dict_follows_the_spec_by_the_one_rule():
-    from mixer_torch import create_model
-
-    lay = LAYOUTS["torch"]
-    for cfg in (config_for("B/16"), small_cfg(), small_cfg(num_classes=None)):
-        sd = create_model(cfg).state_dict()
-        want = {lay.key_to(k): lay.shape_to(k, s) for k, s in param_shapes(cfg).items()}
-        assert {k: tuple(v.shape) for k, v in sd.items()} == want
-
-
-@requires_torch
-def test_torch_init_matches_the_official_initialisers():
-    from mixer_torch import create_model
-
-    m = create_model("S/32", num_classes=10)
-    assert not m.head.weight.any() and not m.head.bias.any()
-    w = m.MixerBlock_0.channel_mixing.Dense_0.weight
-    assert abs(w.std().item() * np.sqrt(512) - 1) < 0.05
-    assert w.abs().max().item() <= 2 / np.sqrt(512) / 0.8796 + 1e-6  # truncated at 2 sd
-    assert not m.MixerBlock_0.token_mixing.Dense_0.bias.any()
-    assert (m.pre_head_layer_norm.weight == 1).all()
-
-
-@requires_torch
-def test_torch_features_head_and_reset_classifier():
-    import torch
-    from mixer_torch import create_model
-
-    m = create_model(small_cfg()).eval()
-    x = torch.from_numpy(images(2, 64, 96).transpose(0, 3, 1, 2).copy())
-    feats = m.forward_features(x)
-    assert feats.shape == (2, 6, 64)
-    assert torch.equal(m.forward_head(feats, pre_logits=True), feats.mean(1))
-    m.reset_classifier(5)
-    assert m(x).shape == (2, 5) and not m(x).any() and m.config.num_classes == 5
-    m.reset_classifier(None)
-    assert m(x).shape == (2, 64) and "head.weight" not in m.state_dict()
-
-
-@requires_torch
-@pytest.mark.parametrize("shape, match", [
-    ((2, 3, 64, 90), "not divisible by the patch size"),
-    ((2, 3, 96, 64), "does not match the model's 64x96"),
-    ((2, 4, 64, 96), "expected 3 input channels"),
-    ((2, 64, 96, 3), "expected 3 input channels"),  # NHWC handed to the NCHW model
-])
-def test_torch_bad_image_shapes_raise_naming_the_problem(shape, match):
-    import torch
-    from mixer_torch import create_model
-
-    with pytest.raises(ValueError, match=match):
-        create_model(small_cfg())(torch.zeros(shape))
-
-
-@requires_torch
-@pytest.mark.slow
-def test_compat_constructor_keeps_the_original_ports_argument_meanings():
-    import torch
-    from mixer_torch import MLP_Mixer
-
-    m = MLP_Mixer()  # original defaults: 224x224x3, patch 16, 10 classes, 8 mixers, 512 features
-    c = m.config
-    assert (c.image_size, c.in_chans, c.patch_size, c.num_classes) == ((224, 224), 3, (16, 16), 10)
-    assert (c.num_blocks, c.hidden_dim) == (8, 512)
-    assert c.tokens_mlp_dim == int(4 * 196) and c.channels_mlp_dim == int(0.5 * 512)
-    assert c.dropout_rate == 0.5
-    m2 = MLP_Mixer(image_shape=(64, 32, 1), patch_size=8, num_classes=3, num_mixers=2, num_features=16,
-                   expansion_token=0.5, expansion_channel=2, dropout=0.0)
-    assert (m2.config.tokens_mlp_dim, m2.config.channels_mlp_dim, m2.config.in_chans) == (16, 32, 1)
-    x = torch.randn(4, 1, 64, 32)
-    torch.nn.init.normal_(m2.head.weight)
-    assert m2.eval()(x).shape == (4, 3)
-    with pytest.raises(ValueError, match="not divisible"):
-        MLP_Mixer(image_shape=(30, 30, 3), patch_size=16)
-
-
-@requires_torch
-@pytest.mark.slow
-def test_module_entry_point_prints_logits_for_a_random_image_like_the_original_script():
-    r = subprocess.run([sys.executable, "-m", "mixer_torch.mlp_mixer"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "logits (1, 10)" in r.stdout and "tensor([[" in r.stdout
-    assert "RuntimeWarning" not in r.stderr
-
-
-@requires_torch
-def test_torch_load_then_export_is_exact_and_keeps_bf16():
-    import ml_dtypes
-    import torch
-    from mixer_convert import random_params
-    from mixer_torch import MlpMixer, load_flat, to_flat
-
-    cfg = small_cfg()
-    flat = random_params(cfg, 0)
-    back = to_flat(load_flat(MlpMixer(cfg), flat))
-    assert back.keys() == flat.keys() and all(np.array_equal(back[k], flat[k]) for k in flat)
-    bf = to_flat(load_flat(MlpMixer(cfg), flat).to(torch.bfloat16))
-    assert bf["stem/kernel"].dtype == np.dtype(ml_dtypes.bfloat16)
-    np.testing.assert_array_equal(bf["stem/kernel"], flat["stem/kernel"].astype(ml_dtypes.bfloat16))
-
-
-# ---- every model from a non-square checkpoint in every format ----------------------------------------
 
 FORMAT_FILES = {"npz": ("w.npz", None), "msgpack": ("w.msgpack", requires_jax), "orbax": ("w_orbax", requires_jax),
                 "torch": ("w.pt", requires_torch), "safetensors": ("w.safetensors", None)}
@@ -246,3 +83,91 @@ def test_every_model_loads_a_bfloat16_npz_as_big_vision_writes_it(tmp_path, grid
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k], np.float32), want[k], err_msg=k)
+
+
+# ---- regularisation: stochastic depth and dropout ------------------------------------------------------
+
+
+CFG = config_for("S/32", image_size=64, num_blocks=2, stoch_depth=0.5, num_classes=3)
+
+
+N = 256
+
+
+def _check_train_outputs(eval_inter, train_inter):
+    b0_eval, b1_eval = eval_inter["MixerBlock_0"], eval_inter["MixerBlock_1"]
+    # block 0 has p=0: never dropped.
+    np.testing.assert_allclose(train_inter["MixerBlock_0"], b0_eval, atol=1e-5)
+    b1 = train_inter["MixerBlock_1"]
+    kept = np.all(np.isclose(b1, b1_eval, atol=1e-5), axis=(1, 2))
+    dropped = np.all(np.isclose(b1, b0_eval, atol=1e-5), axis=(1, 2))
+    # P(both kept) = P(both dropped) = 1/4 at p=0.5; binomial(256, .25) sd is about 7.
+    assert 30 < kept.sum() < 100 and 30 < dropped.sum() < 100, (kept.sum(), dropped.sum())
+
+
+@requires_jax
+def test_flax_stochastic_depth_is_per_sample_and_not_rescaled():
+    import jax
+    from mixer_jax import MlpMixer, params_from_flat
+
+    model = MlpMixer(CFG)
+    params = params_from_flat(random_params(CFG, 0), CFG)
+    x = np.repeat(images(1, 64, 64), N, axis=0)
+    _, ev = model.apply({"params": params}, x, return_intermediates=True)
+    _, tr = model.apply({"params": params}, x, train=True, return_intermediates=True,
+                        rngs={"dropout": jax.random.PRNGKey(0)})
+    _check_train_outputs({k: np.asarray(v) for k, v in ev.items()}, {k: np.asarray(v) for k, v in tr.items()})
+
+
+@requires_jax
+def test_nnx_stochastic_depth_is_per_sample_and_not_rescaled():
+    from flax import nnx
+    from mixer_jax.nnx import from_flat
+
+    model = from_flat(random_params(CFG, 0), CFG, rngs=0)
+    x = np.repeat(images(1, 64, 64), N, axis=0)
+    _, ev = model(x, deterministic=True, return_intermediates=True)
+    _, tr = nnx.jit(lambda m, x: m(x, return_intermediates=True))(model, x)  # built in training mode (NNX)
+    _check_train_outputs({k: np.asarray(v) for k, v in ev.items()}, {k: np.asarray(v) for k, v in tr.items()})
+
+
+@requires_torch
+def test_torch_stochastic_depth_is_per_sample_and_not_rescaled():
+    import torch
+    from mixer_torch import MlpMixer, load_flat
+
+    torch.manual_seed(0)
+    model = load_flat(MlpMixer(CFG), random_params(CFG, 0))
+    x = torch.from_numpy(np.repeat(images(1, 64, 64), N, axis=0).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        _, ev = model.eval()(x, return_intermediates=True)
+        _, tr = model.train()(x, return_intermediates=True)
+    _check_train_outputs({k: v.numpy() for k, v in ev.items()}, {k: v.numpy() for k, v in tr.items()})
+
+
+@pytest.mark.slow  # three models compiled for training: ~6 s
+@requires_jax
+@requires_torch
+def test_dropout_acts_only_in_training_in_every_model():
+    import jax
+    import torch
+    from mixer_jax import MlpMixer as JM, params_from_flat
+    from mixer_jax.nnx import from_flat
+    from mixer_torch import MlpMixer as TM, load_flat
+
+    cfg = CFG.replace(stoch_depth=0.0, dropout_rate=0.3)
+    flat = random_params(cfg, 0)
+    x = images(4, 64, 64)
+    jm, jp = JM(cfg), params_from_flat(flat, cfg)
+    tm = load_flat(TM(cfg), flat)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        t_eval, t_train = tm.eval()(xt).numpy(), tm.train()(xt).numpy()
+    j_eval = np.asarray(jm.apply({"params": jp}, x))
+    j_train = np.asarray(jm.apply({"params": jp}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
+    np.testing.assert_allclose(j_eval, t_eval, atol=1e-4)
+    assert np.abs(j_train - j_eval).max() > 1e-2 and np.abs(t_train - t_eval).max() > 1e-2
+    nm = from_flat(flat, cfg, rngs=1)
+    n_train, n_eval = np.asarray(nm(x)), np.asarray(nm(x, deterministic=True))
+    np.testing.assert_array_equal(n_eval, j_eval)  # eager, op by op, as the Linen apply above
+    assert np.abs(n_train - n_eval).max() > 1e-2

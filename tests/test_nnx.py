@@ -24,6 +24,11 @@ CONFIGS = {
 WITH_HEAD = [name for name, cfg in CONFIGS.items() if cfg.num_classes]
 
 
+def fast_only(names, fast):
+    """``names`` as parameters, all but ``fast`` marked slow: each behaviour keeps one fast case."""
+    return [n if n == fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 def _x(cfg, batch=2, seed=1):
     return images(batch, *cfg.image_size, seed=seed, c=cfg.in_chans)
 
@@ -43,7 +48,7 @@ def assert_same_arrays(a, b):
 # ---- the parameter tree ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", fast_only(CONFIGS, "headless"))
 def test_param_state_has_exactly_the_official_paths_and_shapes(name):
     from flax import nnx
     from mixer_jax.nnx import create_model
@@ -56,7 +61,7 @@ def test_param_state_has_exactly_the_official_paths_and_shapes(name):
     assert len(nnx.to_flat_state(nnx.state(model))) == len(got)
 
 
-@pytest.mark.parametrize("variant", ["S/32", "B/16", "H/14"])
+@pytest.mark.parametrize("variant", fast_only(["S/32", "B/16", "H/14"], "S/32"))
 def test_published_variants_have_the_official_paths_without_building_them(variant):
     from flax import nnx
     from mixer_jax.nnx import MlpMixer
@@ -94,9 +99,11 @@ def test_mixer_jax_exposes_the_nnx_module_lazily():
 
 # ---- exactness: NNX against Linen and PyTorch --------------------------------------------------------
 
+FAST_PAIRS = {("non-square", "float32"), ("non-square patches, one channel", "bfloat16")}
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name", CONFIGS)
+
+@pytest.mark.parametrize("name, dtype", [(n, d) if (n, d) in FAST_PAIRS else pytest.param(n, d, marks=pytest.mark.slow)
+                                         for n in CONFIGS for d in ("float32", "bfloat16")])
 def test_logits_and_every_intermediate_are_bit_identical_to_linen(name, dtype):
     from mixer_convert.tools.parity import flax_forward, nnx_forward
 
@@ -107,7 +114,7 @@ def test_logits_and_every_intermediate_are_bit_identical_to_linen(name, dtype):
     assert_same_arrays(linen, nnx)
 
 
-@pytest.mark.parametrize("name", WITH_HEAD)
+@pytest.mark.parametrize("name", fast_only(WITH_HEAD, "non-square patches, one channel"))
 def test_cross_entropy_gradients_are_bit_identical_to_linen(name):
     from mixer_convert.tools.parity import flax_grads, nnx_grads
 
@@ -133,7 +140,7 @@ def test_full_size_variants_are_bit_identical_to_linen(variant):
 
 
 @requires_torch
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", fast_only(CONFIGS, "non-square"))
 def test_nnx_is_within_the_pytorch_parity_bounds(name):
     from mixer_convert.tools.parity import (FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL, compare,
                                             compare_params, first_divergence, nnx_forward, nnx_grads,
@@ -247,6 +254,7 @@ def test_published_names_go_through_the_one_loading_path(tmp_path):
 # ---- train / eval ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~20 s; NNX's training mode is in the fast tier through test_models.py's stochastic depth
 def test_eval_mode_equals_linen_and_training_draws_fresh_masks_each_call():
     import jax
     from flax import nnx
@@ -274,6 +282,7 @@ def test_eval_mode_equals_linen_and_training_draws_fresh_masks_each_call():
     assert not np.array_equal(model(x), model(x, deterministic=True))
 
 
+@pytest.mark.slow  # ~9 s of eager NNX calls
 def test_each_stochastic_module_keeps_its_own_mode():
     from flax import nnx
     from mixer_jax.nnx import MixerBlock, from_flat
@@ -337,7 +346,8 @@ SAVES = ["orbax standard, nnx.state(model)", "orbax standard, nnx.state(model, n
          "msgpack, pure dict of nnx.state(model, nnx.Param)", "msgpack, pure dict of nnx.state(model), key data"]
 
 
-@pytest.mark.parametrize("save", SAVES)
+@pytest.mark.parametrize("save", [s if s in (SAVES[0], SAVES[-1]) else pytest.param(s, marks=pytest.mark.slow)
+                                  for s in SAVES])  # one orbax and one msgpack save in the fast tier
 def test_a_saved_nnx_state_loads_into_every_model_bit_exactly(tmp_path, save):
     from mixer_convert.load import load_checkpoint
     from mixer_jax.nnx import state_to_flat

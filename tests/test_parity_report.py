@@ -9,8 +9,11 @@ from conftest import images, requires_jax, requires_torch
 from mixer_convert import config_for, random_params
 
 pytestmark = [requires_jax, requires_torch]
+# Each report runs the models several times (5-10 s): the fast tier runs one (NNX vs PyTorch) and
+# the usage errors; the others are slow.
 
 
+@pytest.mark.slow  # the fast tier compares gradients through test_nnx.py (Linen, NNX, PyTorch)
 def test_loss_gradients_agree_for_every_parameter():
     from mixer_convert.tools.parity import compare_params, flax_grads, torch_grads
     from mixer_convert.tools.parity import GRAD_ATOL_GLOBAL, GRAD_RTOL
@@ -26,6 +29,7 @@ def test_loss_gradients_agree_for_every_parameter():
         assert r.max_abs <= GRAD_RTOL * r.scale + GRAD_ATOL_GLOBAL * big, r
 
 
+@pytest.mark.slow
 def test_token_mixing_output_bias_gradient_is_zero_as_the_bound_assumes():
     """Each token-mixing Dense_1 bias adds a per-token constant across channels; every consumer
     is a LayerNorm over channels, which removes it. The reference says so too."""
@@ -55,6 +59,7 @@ def test_report_passes_writes_json_and_names_every_block(tmp_path, capsys):
     assert all(r["checks"].values()) and all(r["nnx_linen_bitwise"].values())
 
 
+@pytest.mark.slow
 def test_linen_only_report_has_exactly_the_keys_it_always_had(tmp_path, capsys):
     from mixer_convert.tools.parity_report import main
 
@@ -78,6 +83,7 @@ def test_nnx_only_report_checks_nnx_against_pytorch(tmp_path, capsys):
     assert set(r["checks"]) == {"nnx_forward_fp32", "nnx_forward_bf16"} and r["flax_api"] == "nnx"
 
 
+@pytest.mark.slow
 def test_nnx_differing_from_linen_fails_the_report_on_the_cpu(monkeypatch, capsys):
     import mixer_jax.nnx as jn
     from mixer_convert.tools.parity_report import main
@@ -96,6 +102,7 @@ def test_nnx_differing_from_linen_fails_the_report_on_the_cpu(monkeypatch, capsy
     assert "forward fp32, NNX vs Linen: not bit-identical, worst logits" in out and "S/32: FAIL" in out
 
 
+@pytest.mark.slow
 def test_report_fails_and_names_the_block_when_pytorch_is_wrong(monkeypatch, capsys):
     import mixer_torch.model as tm
     from mixer_convert.tools.parity_report import main
@@ -119,6 +126,7 @@ def test_report_fails_and_names_the_block_when_pytorch_is_wrong(monkeypatch, cap
     assert "forward fp32, NNX vs Linen: bit-identical" in out and "S/32: FAIL" in out
 
 
+@pytest.mark.slow
 def test_report_accepts_a_weights_file(tmp_path, capsys):
     from mixer_convert.tools.parity_report import main
 
@@ -128,6 +136,7 @@ def test_report_accepts_a_weights_file(tmp_path, capsys):
     assert "w.npz" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_weights_alone_fix_the_architecture_even_a_non_standard_one(tmp_path, capsys):
     """As `mixer-parity --weights runs/digits/model.npz`: the digits model is no published variant."""
     from mixer_convert.spec import MixerConfig
@@ -145,7 +154,7 @@ def test_weights_alone_fix_the_architecture_even_a_non_standard_one(tmp_path, ca
 
 def test_a_bfloat16_npz_as_big_vision_writes_it_is_checked_with_its_own_values(tmp_path, capsys):
     from mixer_convert.tools.parity_report import load_case, main
-    from checkpoint_files import NON_SQUARE, bf16_npz
+    from helpers.checkpoints import NON_SQUARE, bf16_npz
 
     want = bf16_npz(tmp_path / "bf16.npz", NON_SQUARE)  # non-square too: 32x48, 4x4 patches
     _, cfg, flat = load_case(None, str(tmp_path / "bf16.npz"), (32, 48))

@@ -1,6 +1,6 @@
 """mixer_convert.preprocess: the two official eval pipelines, bit-identical to TensorFlow's ops.
 
-Oracles: hand-derived values; TensorFlow's kernels transcribed loop by loop (tests/tf_kernels.py)
+Oracles: hand-derived values; TensorFlow's kernels transcribed loop by loop (tests/helpers/tf_kernels.py)
 on many random sizes; jax.image.resize without antialias (when JAX is installed); and
 tf.image.resize itself, in a child interpreter, on random sizes, scikit-learn's photos and digits
 (when TensorFlow is installed; slow tier).
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tf_kernels
+from helpers import tf_kernels
 from conftest import requires_jax, subprocess_env
-from image_data import digit_images, photos
+from helpers.image_data import digit_images, photos
 from mixer_convert import preprocess as pp
 
 RNG = np.random.default_rng(0)
@@ -142,7 +142,7 @@ def test_unknown_pipeline_is_an_error():
         pp.preprocess(np.zeros((8, 8, 3), np.uint8), "timm")
 
 
-# ---- the fast kernels against TensorFlow's loops (tests/tf_kernels.py) ---------------------------
+# ---- the fast kernels against TensorFlow's loops (tests/helpers/tf_kernels.py) ---------------------------
 
 
 def _random_cases(n: int, max_in: int, max_out: int, seed: int):

@@ -1,8 +1,10 @@
+"""mixer_convert.spec: the one Mixer specification (variants and their names, MixerConfig and its
+checks, the parameter tree and counts, the stochastic-depth rates per block)."""
 import numpy as np
 import pytest
 
-from mixer_convert import (VARIANTS, MixerConfig, ParamMismatchError, check_params, check_variant, config_for, infer_config,
-                     num_params, param_shapes, parse_variant, random_params)
+from mixer_convert import VARIANTS, MixerConfig, config_for, num_params, param_shapes, parse_variant
+from mixer_convert.spec import block_drop_rates
 
 
 @pytest.mark.parametrize("variant, expected", [("B/16", 59_880_472), ("B/32", 60_293_428), ("L/16", 208_196_168)])
@@ -82,37 +84,14 @@ def test_non_square_images_change_only_token_mixing_shapes():
     assert param_shapes(cfg)["MixerBlock_0/token_mixing/Dense_1/bias"] == (35,)
 
 
-def test_check_params_lists_every_missing_unexpected_and_misshaped_key():
-    cfg = config_for("S/32", num_classes=10)
-    flat = random_params(cfg)
-    del flat["MixerBlock_3/LayerNorm_1/bias"]
-    flat["extra/thing"] = flat["stem/bias"]
-    flat["head/kernel"] = flat["head/kernel"][:, :5]
-    with pytest.raises(ParamMismatchError) as e:
-        check_params(flat, cfg)
-    msg = str(e.value)
-    assert "MixerBlock_3/LayerNorm_1/bias" in msg and "extra/thing" in msg
-    assert "head/kernel has (512, 5), model needs (512, 10)" in msg
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_config_is_inferred_from_shapes_alone(variant):
-    cfg = config_for(variant, num_classes=21843)
-    assert infer_config(param_shapes(cfg)) == cfg
-
-
-def test_a_user_named_variant_that_disagrees_with_the_weights_is_an_error():
-    inferred = infer_config(param_shapes(config_for("B/32")))
-    check_variant(inferred, "B/32")
-    with pytest.raises(ValueError, match="checkpoint is B/32, not B/16: patch_size"):
-        check_variant(inferred, "B/16")
-    with pytest.raises(ValueError, match="not an MLP-Mixer checkpoint"):
-        infer_config({"conv1/kernel": (7, 7, 3, 64)})
-
-
 def test_config_is_immutable_and_replace_revalidates():
     cfg = MixerConfig()
     with pytest.raises(Exception):
         cfg.hidden_dim = 5
     with pytest.raises(ValueError):
         cfg.replace(image_size=(100, 100))
+
+
+def test_drop_rates_ramp_linearly_from_zero_to_the_configured_rate():
+    assert block_drop_rates(config_for("S/32", stoch_depth=0.1)) == pytest.approx([i / 7 * 0.1 for i in range(8)])
+    assert block_drop_rates(config_for("S/32", num_blocks=1, stoch_depth=0.1)) == [0.0]

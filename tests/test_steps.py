@@ -33,7 +33,7 @@ def train_state(model_cfg, api):
 def batch():
     from mixer_jax.input_pipeline import make_source
     from mixer_jax.input_pipeline import TrainBatches
-    from tests_config import tiny_digits
+    from helpers.training import tiny_digits
 
     cfg = tiny_digits()
     x, y, _, _ = TrainBatches(make_source(cfg.data, "train"), cfg.data, BATCH, seed=0)(0)
@@ -58,6 +58,7 @@ def _split(x, y, accum):
     return x.reshape(accum, BATCH // accum, *x.shape[1:]), y.reshape(accum, -1)
 
 
+@pytest.mark.slow  # 6-8 s of compilation per API; the step runs in the fast tier below
 def test_gradient_accumulation_equals_one_big_batch(setup):
     import jax
 
@@ -68,6 +69,7 @@ def test_gradient_accumulation_equals_one_big_batch(setup):
     assert float(outs[0][1]["loss"]) == pytest.approx(float(outs[1][1]["loss"]), abs=1e-6)
 
 
+@pytest.mark.slow  # 6-8 s of compilation per API; the step runs in the fast tier below
 def test_label_smoothing_and_mixup_build_the_documented_targets(setup):
     import jax
     import jax.numpy as jnp
@@ -100,6 +102,7 @@ def test_label_smoothing_and_mixup_build_the_documented_targets(setup):
     assert int(correct) == int(jnp.sum(jnp.argmax(logits(mixed_x), -1) == y))  # accuracy vs the true labels
 
 
+@pytest.mark.slow  # uint8 input is normalised like this in the fast tier: test_input_pipeline.py
 def test_uint8_batches_are_normalised_on_the_device_like_float_batches(setup):
     import jax
     from mixer_jax.input_pipeline import normalize

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, requires_jax, subprocess_env
-from tensorboard_events import scalars, texts
+from helpers.tensorboard_events import scalars, texts
 
 pytestmark = requires_jax
-WORKER = Path(__file__).with_name("train_worker.py")
+WORKER = Path(__file__).parent / "helpers" / "train_worker.py"
 
 
 def run_worker(workdir, out, *args, check=True, timeout=600):
@@ -41,7 +41,7 @@ def assert_params_close(a, b, atol):
 
 
 def tiny(**kw):
-    from tests_config import tiny_digits
+    from helpers.training import tiny_digits
     return dataclasses.replace(tiny_digits(), **kw)
 
 

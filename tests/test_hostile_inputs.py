@@ -1,7 +1,7 @@
 """Hostile and broken inputs (issue #10): mixer-convert, every from_checkpoint() and init_from, run
 on damaged, mutated and malicious files, semantic traps, odd paths and destinations, and signals.
 
-Every case is judged by one rule (tests/hostile.py ``judge``): exit 0 or 2, never a traceback; a
+Every case is judged by one rule (tests/helpers/hostile.py ``judge``): exit 0 or 2, never a traceback; a
 failure is one line ``mixer-convert: error: ...`` with nothing left behind; a success writes exactly
 the weights the source holds. Seeded random mutations cover what targeted cases would not think of.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, has_module, requires_jax, requires_torch, subprocess_env
-from hostile import (MUTATORS, PROG_ERROR, TINY, WITHOUT_ROOT_PRIVILEGE, deflate_bomb, disk_full_after,
+from helpers.hostile import (MUTATORS, PROG_ERROR, TINY, WITHOUT_ROOT_PRIVILEGE, deflate_bomb, disk_full_after,
                      expected_after, fresh_dir, judge, memory_at_most, mutate, npy_header, raw_zip, rezip, run_cli,
                      run_cli_process, safetensors_file, safetensors_parts, same_weights, snapshot, tiny_flat,
                      unchecked_regions, write_bases, zstd_rle)

@@ -19,7 +19,8 @@ from mixer_convert.reference import forward
 ORACLE = Path(__file__).resolve().parents[1] / "convert" / "tools" / "timm_oracle.py"
 
 
-pytestmark = [pytest.mark.skipif(timm_python() is None, reason="no timm interpreter (set MIXER_TIMM_PYTHON)"), pytest.mark.slow]
+pytestmark = [pytest.mark.skipif(timm_python() is None, reason="no timm interpreter (set MIXER_TIMM_PYTHON)"),
+              pytest.mark.slow]
 
 
 OUT_ARG = {"load": 4, "export": 4, "hub": 3}  # where each oracle mode's output .npz is

@@ -1,5 +1,5 @@
 """Builders of damaged, mutated and malicious checkpoints, and a harness that runs mixer-convert on
-them and judges the outcome (tests/test_adversarial.py).
+them and judges the outcome (tests/test_hostile_inputs.py).
 
 The judgement is the same for every case: exit 0 or 2; no traceback; on failure exactly one line
 ``mixer-convert: error: ...`` and nothing left behind (no output, no temporary, no folder made for
@@ -29,11 +29,9 @@ from typing import Callable
 import numpy as np
 
 from conftest import subprocess_env
-from mixer_convert import config_for, random_params
+from helpers.checkpoints import TINY
+from mixer_convert import random_params
 from mixer_convert.layouts import LAYOUTS
-
-TINY = config_for("S/16", image_size=48, hidden_dim=24, num_blocks=3, tokens_mlp_dim=8, channels_mlp_dim=40,
-                  num_classes=5)
 PROG_ERROR = "mixer-convert: error: "
 
 # ---- base files: one tiny model in every format -------------------------------------------------

@@ -1,5 +1,6 @@
-"""mixer-predict and mixer-eval: the right classes, the right labels, the same answers in both
-frameworks as in the float64 numpy reference, on real images; and one-line errors."""
+"""mixer-eval (mixer_convert.tools.evaluate): accuracy per framework on image folders (sorted class
+folders or ImageNet synsets) and tfds datasets, the frameworks' agreement, the float64 reference's
+answers on the same files, reading in worker threads or processes, and one-line errors."""
 import json
 
 import numpy as np
@@ -7,136 +8,13 @@ import pytest
 from PIL import Image
 
 from conftest import has_module
+from helpers.inference import INSTALLED, TINY_1K, reference_top1
 from mixer_convert import config_for, random_params
-from mixer_convert.classes import imagenet_classes
-from mixer_convert.preprocess import load_image, preprocess
+from mixer_convert.preprocess import preprocess
 from mixer_convert.reference import forward
-from mixer_convert.tools import evaluate, predict
+from mixer_convert.tools import evaluate
 
 pytestmark = pytest.mark.skipif(not (has_module("torch") or has_module("flax")), reason="needs torch or flax")
-INSTALLED = [fw for fw, mod in (("torch", "torch"), ("flax", "flax")) if has_module(mod)]
-
-# A small non-standard Mixer with an ImageNet-1k head (random weights, random head).
-TINY_1K = config_for("S/16", image_size=32, patch_size=8, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16,
-                     channels_mlp_dim=64, num_classes=1000)
-
-
-def _photos():
-    try:
-        from sklearn.datasets import load_sample_images
-        return load_sample_images().images  # two real photos, 427 x 640
-    except ImportError:
-        rng = np.random.default_rng(0)
-        return [rng.integers(0, 256, (427, 640, 3), dtype=np.uint8) for _ in range(2)]
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    paths = []
-    for i, img in enumerate(_photos()):
-        paths.append(d / f"photo{i}.jpg")
-        Image.fromarray(img).save(paths[-1], quality=90)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def weights_1k(tmp_path_factory):
-    flat = random_params(TINY_1K, 0)
-    path = tmp_path_factory.mktemp("w") / "tiny_1k.npz"
-    np.savez(path, **flat)
-    return path, flat
-
-
-@pytest.fixture(scope="module")
-def crops(tmp_path_factory):
-    """An image folder of random crops of the sample photos: three classes, five images each."""
-    d = tmp_path_factory.mktemp("crops")
-    rng, imgs = np.random.default_rng(1), _photos()
-    for c in range(3):
-        (d / f"class{c}").mkdir()
-        for j in range(5):
-            img = imgs[(c + j) % 2]
-            h, w = rng.integers(60, 300, 2)
-            y, x = rng.integers(0, img.shape[0] - h), rng.integers(0, img.shape[1] - w)
-            Image.fromarray(img[y:y + h, x:x + w]).save(d / f"class{c}" / f"{j}.jpg", quality=90)
-    return d
-
-
-def _reference_top1(flat, cfg, paths, pipeline):
-    x = np.stack([load_image(p, pipeline, cfg.image_size) for p in paths])
-    return forward(flat, cfg, x).argmax(-1)
-
-
-# ---- mixer-predict ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("framework", INSTALLED)
-@pytest.mark.parametrize("pipeline", ["vit_jax", "big_vision"])
-def test_predictions_match_the_float64_reference_with_imagenet_names(weights_1k, photos, framework, pipeline):
-    path, flat = weights_1k
-    out = predict.predict([str(p) for p in photos], str(path), framework, pipeline, k=3)
-    want = _reference_top1(flat, TINY_1K, photos, pipeline)
-    names = imagenet_classes(1000)
-    for r, w in zip(out["predictions"], want):
-        top = r["top"]
-        assert top[0]["index"] == w and top[0]["label"] == names.names[w] and top[0]["synset"] == names.synsets[w]
-        assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"] > 0
-
-
-def test_predict_cli_prints_each_image_and_json(weights_1k, photos, capsys):
-    path, _ = weights_1k
-    assert predict.main([str(photos[0]), str(photos[1]), "--weights", str(path), "--topk", "2"]) == 0
-    text = capsys.readouterr().out
-    assert str(photos[0]) in text and str(photos[1]) in text and "%" in text
-    assert predict.main([str(photos[0]), "--weights", str(path), "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["labels"].endswith("imagenet1k_classes.txt") and len(doc["predictions"][0]["top"]) == 5
-
-
-def test_heads_without_shipped_names_show_indices_or_given_labels(tmp_path, photos, capsys):
-    cfg = TINY_1K.replace(num_classes=3)
-    np.savez(tmp_path / "w3.npz", **random_params(cfg, 1))
-    assert predict.main([str(photos[0]), "--weights", str(tmp_path / "w3.npz")]) == 0
-    out = capsys.readouterr().out
-    assert "no class names for this head" in out and out.count("%") == 3  # top-5 of 3 classes: 3
-    (tmp_path / "names.txt").write_text("ant\nbee\ncat\n")
-    assert predict.main([str(photos[0]), "--weights", str(tmp_path / "w3.npz"), "--labels",
-                         str(tmp_path / "names.txt"), "--json"]) == 0
-    assert {t["label"] for t in json.loads(capsys.readouterr().out)["predictions"][0]["top"]} == {"ant", "bee", "cat"}
-
-
-@pytest.mark.parametrize("case, match", [
-    ("bad_image", "not an image"), ("no_weights", "no such checkpoint"), ("headless", "no classification head"),
-    ("labels_count", "2 class names for a 1000-class head"), ("framework", "--framework must be torch or flax"),
-    ("topk", "argument --topk: expected a positive integer, got 0"),
-])
-def test_predict_errors_are_one_line_and_exit_2(tmp_path, weights_1k, photos, capsys, case, match):
-    path, flat = weights_1k
-    argv = [str(photos[0]), "--weights", str(path)]
-    if case == "bad_image":
-        (tmp_path / "x.jpg").write_text("not a picture")
-        argv[0] = str(tmp_path / "x.jpg")
-    elif case == "no_weights":
-        argv[2] = str(tmp_path / "none.npz")
-    elif case == "headless":
-        np.savez(tmp_path / "h.npz", **{k: v for k, v in flat.items() if not k.startswith("head/")})
-        argv[2] = str(tmp_path / "h.npz")
-    elif case == "labels_count":
-        (tmp_path / "n.txt").write_text("a\nb\n")
-        argv += ["--labels", str(tmp_path / "n.txt")]
-    elif case == "framework":
-        argv += ["--framework", "torch,flax"]
-    elif case == "topk":
-        argv += ["--topk", "0"]
-    assert predict.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("mixer-predict: error: ") and match in err and "\n" not in err
-    if case == "bad_image":
-        assert str(tmp_path / "x.jpg") in err
-
-
-# ---- mixer-eval ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("pipeline", ["vit_jax", "big_vision"])
@@ -148,7 +26,7 @@ def test_eval_reports_accuracy_per_framework_and_their_agreement(crops, tmp_path
                             progress=False)
     paths = sorted(crops.glob("*/*.jpg"))
     labels = np.array([int(p.parent.name[-1]) for p in paths])
-    ref = _reference_top1(flat3, cfg3, paths, pipeline)
+    ref = reference_top1(flat3, cfg3, paths, pipeline)
     assert out["images"] == len(paths) == 15 and out["labels"] == "sorted class folder index"
     for fw in INSTALLED:
         r = out["results"][fw]
@@ -279,7 +157,7 @@ def test_eval_of_a_model_trained_on_the_fly_matches_its_in_memory_accuracy(tmp_p
         paths.append(folder / str(d.target[i]) / f"{i}.png")
         Image.fromarray(imgs[i, ..., 0]).save(paths[-1])  # greyscale PNG
     out = evaluate.evaluate(str(tmp_path / "digits.npz"), f"imagefolder:{folder}", None, pipeline, progress=False)
-    ref = _reference_top1(flat, cfg, sorted(paths), pipeline)
+    ref = reference_top1(flat, cfg, sorted(paths), pipeline)
     labels = np.array([int(p.parent.name) for p in sorted(paths)])
     n, ref_correct = len(paths), int((ref == labels).sum())
     assert out["images"] == n

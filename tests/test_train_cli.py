@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, requires_jax, subprocess_env
-from tests_config import BAD_VALUES
+from helpers.training import BAD_VALUES
 
 pytestmark = requires_jax
 

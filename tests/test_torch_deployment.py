@@ -1,15 +1,14 @@
-"""The PyTorch model for timm users and deployment: timm's attributes, loading without a wasted
-random init, torch.jit.script, torch.export, ONNX (checked with onnxruntime) and torch.compile."""
+"""The PyTorch model deployed: torch.jit.script, torch.export with a dynamic batch, ONNX (run
+with onnxruntime) and torch.compile all give the float64 reference's logits."""
 import numpy as np
 import pytest
 
 from conftest import has_module, images, requires_torch
-from mixer_convert import config_for, random_params
+from helpers.checkpoints import TINY as CFG
+from mixer_convert import random_params
 from mixer_convert.reference import forward
 
 pytestmark = requires_torch
-CFG = config_for("S/16", image_size=48, hidden_dim=24, num_blocks=3, tokens_mlp_dim=8, channels_mlp_dim=40,
-                 num_classes=5)
 
 
 @pytest.fixture
@@ -20,49 +19,6 @@ def model_and_input():
     flat = random_params(CFG, 0)
     x = images(2, 48, 48)
     return load_flat(MlpMixer(CFG), flat).eval(), torch.from_numpy(x.transpose(0, 3, 1, 2)), forward(flat, CFG, x)
-
-
-def test_timm_attributes():
-    from torch import nn
-
-    from mixer_torch import create_model
-
-    assert config_for("mixer_b32_224") == config_for("B/32")  # timm's model names are accepted
-    m = create_model(CFG, num_classes=7)
-    assert m.num_classes == 7 and m.num_features == 24 and m.get_classifier() is m.head
-    assert m.get_classifier().out_features == 7
-    m.reset_classifier(0)
-    assert m.num_classes == 0 and isinstance(m.get_classifier(), nn.Identity)
-    m.reset_classifier(3, global_pool="avg")
-    assert m.num_classes == 3
-    with pytest.raises(ValueError, match="mean over tokens"):
-        m.reset_classifier(3, global_pool="max")
-
-
-def test_loading_skips_the_random_init_and_gives_ordinary_float32_parameters(tmp_path, monkeypatch):
-    import ml_dtypes
-    import torch
-
-    import mixer_torch.model as tm
-    from mixer_convert.save import write_params
-
-    flat = random_params(CFG, 0)
-    write_params({k: v.astype(ml_dtypes.bfloat16) for k, v in flat.items()}, tmp_path / "bf16.safetensors",
-                 fmt="safetensors")
-
-    def no_init(*a, **k):
-        raise AssertionError("random init ran for weights that loading overwrites")
-    monkeypatch.setattr(tm, "lecun_normal_", no_init)
-    m = tm.from_checkpoint(tmp_path / "bf16.safetensors")
-    params = dict(m.named_parameters())
-    assert params.keys() == m.state_dict().keys() and len(params) == len(flat)
-    assert all(p.dtype == torch.float32 and p.device.type == "cpu" and p.requires_grad and p.is_contiguous()
-               for p in params.values())
-    np.testing.assert_array_equal(params["MixerBlock_1.channel_mixing.Dense_0.weight"].detach().numpy(),
-                                  flat["MixerBlock_1/channel_mixing/Dense_0/kernel"].astype(ml_dtypes.bfloat16)
-                                  .astype(np.float32).T)
-    m.train()(torch.zeros(1, 3, 48, 48)).sum().backward()  # trainable as built
-    assert m.head.weight.grad is not None
 
 
 def test_torch_jit_script_keeps_names_and_outputs(model_and_input, tmp_path):
@@ -87,6 +43,7 @@ def test_torch_export_with_a_dynamic_batch(model_and_input):
         np.testing.assert_allclose(ep.module()(x[:1]).numpy(), ref[:1], atol=1e-5)
 
 
+@pytest.mark.slow  # the ONNX exporter: ~5 s
 @pytest.mark.skipif(not (has_module("onnx") and has_module("onnxscript") and has_module("onnxruntime")),
                     reason="needs the onnx extra (onnx, onnxscript, onnxruntime)")
 def test_onnx_export_runs_in_onnxruntime_with_our_logits(model_and_input, tmp_path):

@@ -1,8 +1,8 @@
 """Runs one training job in its own process (so tests can set XLA_FLAGS, start several
 processes, or SIGKILL it) and writes the final params and history to OUT.npz.
 
-  python train_worker.py WORKDIR OUT.npz [--devices N] [--coordinator ADDR --num-processes N --process-id I]
-                         [--set key=value ...]
+  python tests/helpers/train_worker.py WORKDIR OUT.npz [--devices N]
+      [--coordinator ADDR --num-processes N --process-id I] [--set key=value ...]
 """
 import argparse
 import json
@@ -11,7 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve()
+sys.path[:0] = [str(HERE.parents[2]), str(HERE.parents[1])]  # the checkout, and tests/ for helpers
 
 
 def main():
@@ -35,7 +36,7 @@ def main():
     from mixer_jax.overrides import override
     from mixer_jax.model import params_to_flat
     from mixer_jax.train import train_and_evaluate
-    from tests_config import tiny_digits
+    from helpers.training import tiny_digits
 
     cfg = override(tiny_digits(), args.overrides)
     def kill(step):
