@@ -32,6 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config) -> None:
+    """XLA's compiled programs kept on disk between runs (JAX's persistent compilation cache, keyed
+    by the program and the versions): a second run of the suite skips most compiling, which is
+    about half of the Flax tests' time. In pytest's cache folder of this checkout, shared by the
+    xdist workers and inherited by the child interpreters tests start; set
+    JAX_COMPILATION_CACHE_DIR to use another."""
+    if getattr(config, "cache", None) is None or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(config.cache.mkdir("jax-compilation"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny test models too
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
 def _alias_core() -> None:
     """Import ``mixer_convert`` from this checkout's convert/ folder (its installed name differs
     from the folder's), so a test run in any checkout or worktree tests that checkout's code."""

@@ -114,3 +114,15 @@ def test_ctrl_c_during_an_l16_conversion_always_stops_it_with_nothing_written(l1
     assert err.splitlines() == ["mixer-convert: error: interrupted by SIGINT; nothing was written"], err
     assert "Exception ignored" not in err and out == ""
     assert os.listdir(tmp_path) == []  # no output, no temporary
+
+
+def test_a_dead_runs_temporary_is_removed_and_a_live_runs_is_kept(tmp_path):
+    dead = tmp_path / ".out.bin.999999999.abcdefgh.tmp"  # no process has that pid
+    live = tmp_path / f".out.bin.{os.getpid()}.ijklmnop.tmp"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "out.bin").write_bytes(b"partial")
+    with writing(tmp_path / "out.bin") as tmp:
+        tmp.write_bytes(b"whole")
+    assert not dead.exists() and (live / "out.bin").read_bytes() == b"partial"
+    assert (tmp_path / "out.bin").read_bytes() == b"whole"

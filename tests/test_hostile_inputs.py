@@ -861,6 +861,7 @@ def test_permission_errors_are_one_line(bases, tmp_path, what):
     assert os.listdir(work) == []
 
 
+@pytest.mark.slow  # a filled filesystem per format; a read-only one is in the fast tier
 @cases(5)
 @linux_only
 @pytest.mark.parametrize("fmt", ["npz", pytest.param("pt", marks=requires_torch), "safetensors",
@@ -883,6 +884,7 @@ PROCESS_SOURCES = ["damaged/pt-flipped-tensor-byte", "damaged/orbax-metadata-cut
                    "semantic/params-and-opt-target", "paths/fifo"]
 
 
+@pytest.mark.slow  # a fresh interpreter per case; the same cases run in-process in the fast tier
 @cases(len(PROCESS_SOURCES))
 @pytest.mark.parametrize("case", PROCESS_SOURCES)
 def test_a_fresh_process_prints_one_line_and_nothing_else(case, bases, tmp_path):
@@ -894,6 +896,7 @@ def test_a_fresh_process_prints_one_line_and_nothing_else(case, bases, tmp_path)
     assert out.rc == 2 and len(out.lines) == 1 and re.search(error, out.lines[0]), out.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter; failed orbax restores run in-process in the fast tier
 @cases(1)
 @requires_orbax
 def test_orbax_noise_after_a_failed_restore_is_silenced(bases, tmp_path):
@@ -916,6 +919,7 @@ MEMORY_BOMBS = {
 }
 
 
+@pytest.mark.slow  # a fresh interpreter per bomb, its memory measured; the size caps are in the fast tier
 @cases(len(MEMORY_BOMBS))
 @linux_only
 @pytest.mark.parametrize("case", [pytest.param(c, marks=_NEEDS.get(n, [])) for c, (n, _) in MEMORY_BOMBS.items()])
@@ -961,6 +965,7 @@ def _wait_for_temp(proc: subprocess.Popen, folder: Path, dst: Path, besides: tup
     time.sleep(0.3)  # well inside the write
 
 
+@pytest.mark.slow  # a converter process signalled mid-write; test_atomic.py's signal cases are fast
 @cases(2)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_mid_write_removes_the_temporary_and_says_so(bases, tmp_path, sig):
@@ -976,6 +981,7 @@ def test_a_signal_mid_write_removes_the_temporary_and_says_so(bases, tmp_path, s
     assert os.listdir(work) == []  # no temporary, no output, not even the folder made for it
 
 
+@pytest.mark.slow  # converter processes killed; stale temporaries are removed in test_atomic.py's fast tier
 @cases(1)
 def test_a_rerun_removes_what_a_killed_run_left_but_not_a_live_runs_temporary(bases, tmp_path):
     dst = tmp_path / "out.safetensors"

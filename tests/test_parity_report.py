@@ -152,6 +152,7 @@ def test_weights_alone_fix_the_architecture_even_a_non_standard_one(tmp_path, ca
     assert stages[:4] == ["loading weights", "fp32 forward", "bf16 forward", "gradients"] and "PASS" in stages[-1]
 
 
+@pytest.mark.slow  # every model loads a bfloat16 .npz in the fast tier (test_models.py)
 def test_a_bfloat16_npz_as_big_vision_writes_it_is_checked_with_its_own_values(tmp_path, capsys):
     from mixer_convert.tools.parity_report import load_case, main
     from helpers.checkpoints import NON_SQUARE, bf16_npz

@@ -193,7 +193,7 @@ def _steps(state, x, y, rngs, accum=1):
     return out
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("accum", [1, pytest.param(2, marks=pytest.mark.slow)])  # accumulation: ~12 s of compiles
 def test_nnx_train_steps_equal_linen_steps_from_the_same_seed(batch, accum):
     import jax
 
@@ -204,6 +204,7 @@ def test_nnx_train_steps_equal_linen_steps_from_the_same_seed(batch, accum):
         jax.tree_util.tree_map(np.testing.assert_array_equal, p_nnx, p_linen)
 
 
+@pytest.mark.slow  # ~14 s of compiles; NNX's training masks are in the fast tier through test_models.py
 def test_nnx_dropout_and_stochastic_depth_masks_are_a_function_of_seed_and_step(batch):
     import jax
 

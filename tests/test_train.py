@@ -283,7 +283,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(np.isfinite(x).all() for x in leaves)
 
 
-@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("api", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])  # the NNX run: ~5 s more
 def test_fine_tune_from_an_official_npz_with_new_head_and_resolution_then_export_to_pytorch(tmp_path, monkeypatch,
                                                                                               api):
     from mixer_convert import config_for, random_params

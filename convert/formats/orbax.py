@@ -58,6 +58,17 @@ def _drop_closed_loop_noise() -> None:
         previous(unraisable)
     hook.mixer_drops_closed_loop = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_abandoned_orbax_tasks)
+
+
+def _abandoned_orbax_tasks(record: logging.LogRecord) -> bool:
+    """After a failed save, orbax returns on the first error and leaves its other write tasks'
+    failures (the same full disk) unretrieved; asyncio logs each when the task is collected,
+    whenever that is. Those of orbax's tasks are dropped (the clean error said it); any other
+    asyncio record passes."""
+    message = record.getMessage()
+    return not (message.startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+                and "orbax" in message)
 
 
 class _OrbaxTree:
