@@ -2,10 +2,12 @@
 the converter, mixer-parity/predict/eval), each step run once per call:
 
     resolve the source (a path, or a published name fetched into the cache: mixer_convert.hub)
-    -> read entries (mixer_convert.formats; the source checked and its declared size capped)
+    -> check the source once (mixer_convert.source.Source) and read its entries, headers only
+       (mixer_convert.formats; every tensor declared to the source, which caps the total)
     -> canonical names (mixer_convert.layouts.canonicalize: one strict map for every naming)
     -> infer and check the config (mixer_convert.params.check_config: names, shapes, dtypes)
-    -> materialise (float tensors, cast on request; NaN/Inf refused unless allowed)
+    -> materialise lazily (mixer_convert.params.LazyParams: float tensors, cast on request,
+       NaN/Inf refused unless allowed)
     -> transform (mixer_convert.resize: appendix-C resolution, a new head)
 
 Up to the config nothing but headers is read. Framework-free: numpy in, numpy out; each model
@@ -14,9 +16,9 @@ turns the result into its own parameters.
 from __future__ import annotations
 
 import os
+from typing import Callable, Literal
 
 import numpy as np
-from typing import Callable, Literal
 
 from mixer_convert import formats
 from mixer_convert.hub import resolve
