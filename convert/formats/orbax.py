@@ -9,10 +9,12 @@ that noise is silenced while orbax works.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -152,9 +154,22 @@ def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> N
         # orbax returns on the first failed write while tensorstore finishes the others, which
         # would recreate files under the temporary after it is removed: let them land first.
         _wait_until_quiet(path.parent)
-        if isinstance(e, (CheckpointError, OSError)) or not isinstance(e, Exception):
+        if not isinstance(e, Exception):
+            _drop_unawaited_coroutines(e)
+            raise
+        if isinstance(e, (CheckpointError, OSError)):
             raise
         raise WriteError(f"orbax failed ({why(e)}); disk full or not writable?") from None
+
+
+def _drop_unawaited_coroutines(e: BaseException) -> None:
+    """An interrupt inside orbax's ``run_sync`` can land after a coroutine was made and before it
+    was awaited; it warns "coroutine ... was never awaited" when collected, after the one-line
+    error (seen in CI). The traceback's frames hold it: free them and collect it now, quietly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        traceback.clear_frames(e.__traceback__)
+        gc.collect()
 
 
 def _wait_until_quiet(folder: Path, quiet: float = 0.25, limit: float = 10.0) -> None:
