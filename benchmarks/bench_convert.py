@@ -79,6 +79,7 @@ def remove(p: Path) -> None:
 
 
 def copy_seconds(src: Path, d: Path) -> float:
+    os.sync()  # as before each job: no earlier run's dirty pages are flushed (or throttle writes) during this one
     t = time.perf_counter()
     shutil.copyfile(src, d / "copy")
     seconds = time.perf_counter() - t
@@ -92,6 +93,7 @@ def time_job(src: Path, dst: Path, fmt: str, size: int) -> dict:
     code = (f"from mixer_convert.tools.bridge import convert_checkpoint; "
             f"convert_checkpoint({str(src)!r}, {str(dst)!r}, {('orbax' if fmt == 'orbax' else None)!r}, "
             f"force=True, progress=False)")
+    os.sync()
     secs, rss = child(code)
     remove(dst)
     return {"seconds": secs - base_s, "peak_rss_vs_file": rss / size, "extra_rss_vs_file": (rss - base_rss) / size}
@@ -104,6 +106,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json")
     ap.add_argument("--keep", action="store_true", help="keep the source files for the next run")
+    ap.add_argument("--only", help="only the jobs among these formats, e.g. npz,pt,safetensors")
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,8 @@ def main() -> None:
     size = srcs["npz"].stat().st_size
     print(f"{args.variant}: {size / 1e6:.0f} MB; {cpu_name()}, {os.cpu_count()} cores", flush=True)
     rows = []
-    for src_fmt, dst_fmt in JOBS:
+    only = set(args.only.split(",")) if args.only else set(FILES)
+    for src_fmt, dst_fmt in [j for j in JOBS if set(j) <= only]:
         dst = d / f"out{FILES[dst_fmt] or '-orbax'}"
         runs = []
         for _ in range(args.repeats):  # the copy beside every run: the ratio is taken pair by pair

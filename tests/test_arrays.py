@@ -29,6 +29,22 @@ def test_transpose2d_equals_numpys_transpose_for_odd_shapes_and_every_dtype(shap
                                   np.ascontiguousarray(a.T).view(np.uint8) if dtype == BF16 else a.T)
 
 
+@pytest.mark.parametrize("shape", [(1031, 1537), (100_003, 13), (13, 100_003)])
+def test_a_large_transpose_shared_among_threads_equals_numpys(monkeypatch, shape):
+    """Above _SPLIT_BYTES the output's rows are shared out among helper threads (here 2, whatever
+    this machine's core count), including shares of uneven width and a width of one tile."""
+    from mixer_convert import arrays
+
+    monkeypatch.setattr(arrays, "_HELPERS", 2)
+    monkeypatch.setattr(arrays, "_helpers", None)
+    a = _random(shape, np.float32, 3)
+    assert a.nbytes >= arrays._SPLIT_BYTES
+    got = transpose2d(a)
+    assert arrays._helpers is not None and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, a.T)
+    arrays._helpers.shutdown()
+
+
 def test_transpose2d_of_an_empty_matrix_is_empty_with_the_swapped_shape():
     assert transpose2d(np.zeros((0, 5), np.float32)).shape == (5, 0)
     assert transpose2d(np.zeros((3, 0), np.float32)).shape == (0, 3)

@@ -45,18 +45,14 @@ def test_fp32_forward_parity_for_every_variant(variant):
 
 
 @pytest.mark.slow
-def test_fp32_parity_on_non_square_images_without_head():
-    cfg = config_for("S/16", image_size=(160, 224), num_classes=None)
-    flat = random_params(cfg, seed=3)
-    x = images(3, 160, 224)
-    _assert_fp32_parity(cfg, flax_forward(cfg, flat, x), torch_forward(cfg, flat, x))
-
-
-@pytest.mark.slow
-def test_fp32_parity_with_batch_of_one_and_a_21k_head():
-    cfg = config_for("S/32", num_classes=21843)
-    flat = random_params(cfg, seed=4)
-    x = images(1, 224, 224)
+@pytest.mark.parametrize("variant, size, num_classes, batch, seed", [
+    ("S/16", (160, 224), None, 3, 3),  # non-square images, no head
+    ("S/32", (224, 224), 21843, 1, 4),  # a batch of one, the 21k head
+], ids=["non-square-without-head", "batch-of-one-21k-head"])
+def test_fp32_parity_on_non_square_images_a_batch_of_one_and_any_head(variant, size, num_classes, batch, seed):
+    cfg = config_for(variant, image_size=size, num_classes=num_classes)
+    flat = random_params(cfg, seed=seed)
+    x = images(batch, *size)
     _assert_fp32_parity(cfg, flax_forward(cfg, flat, x), torch_forward(cfg, flat, x))
 
 

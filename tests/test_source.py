@@ -11,7 +11,7 @@ import pytest
 
 from conftest import subprocess_env
 from mixer_convert.errors import CheckpointError
-from mixer_convert.source import MAX_BYTES, Source, check_tree, no_duplicate_keys, pread_into, reading, tree_entries
+from mixer_convert.source import MAX_BYTES, Buffers, Source, check_tree, no_duplicate_keys, pread_into, reading, tree_entries
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIFOs, sockets and prctl are Linux's")
 
@@ -217,3 +217,70 @@ def test_reading_turns_a_third_party_failure_into_one_error_naming_the_file():
     with pytest.raises(CheckpointError, match=r"^ours$"):
         with reading("x.bin", "a thing"):
             raise CheckpointError("ours")  # already ours: passed on unchanged
+
+
+# ---- Buffers --------------------------------------------------------------------------------------
+
+MB = 1 << 20
+
+
+def _address(view) -> int:
+    return np.frombuffer(view, np.uint8).ctypes.data
+
+
+def test_a_read_buffer_is_handed_out_again_only_once_nothing_refers_to_it():
+    buffers = Buffers()
+    first = buffers.get(2 * MB)
+    where = _address(first)
+    held = np.frombuffer(first, np.float32)[10:20]  # a view of an array made from it, as a reader returns
+    del first
+    second = buffers.get(2 * MB)
+    assert _address(second) != where  # still held through the view
+    held[:] = 7
+    del second
+    del held
+    assert _address(buffers.get(2 * MB)) == where  # free again: reused
+
+
+def test_a_freed_buffer_serves_a_smaller_read_but_not_one_under_half_its_size():
+    buffers = Buffers()
+    where = _address(buffers.get(4 * MB))
+    assert _address(buffers.get(3 * MB)) == where
+    assert _address(buffers.get(MB + 1)) != where  # would keep 4 MB for a 1 MB tensor
+
+
+def test_at_most_keep_buffers_are_kept_and_small_reads_are_not_kept():
+    buffers = Buffers()
+    held = [buffers.get(MB * (i + 1)) for i in range(Buffers.KEEP + 2)]
+    assert len(buffers._kept) == Buffers.KEEP
+    buffers.get(1000)
+    assert len(buffers._kept) == Buffers.KEEP
+    del held
+    buffers.clear()
+    assert not buffers._kept
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+def test_tensors_read_from_one_source_stay_intact_while_later_ones_are_read(tmp_path, fmt):
+    """Every array a reader returned keeps its values while later tensors are read into reused
+    buffers; one dropped frees its buffer for the next of a similar size."""
+    from mixer_convert import formats
+
+    flat = {f"t{i}": np.full((512, 1536 - 64 * i), i, np.float32) for i in range(8)}  # 3.1-2.2 MB: each fits the last
+    path = tmp_path / f"w.{fmt}"
+    if fmt == "npz":
+        np.savez(path, **flat)
+    else:
+        pytest.importorskip("safetensors.numpy").save_file(flat, str(path))
+    _, entries, close = formats.read(Source.open(path))
+    try:
+        kept = []
+        for i in range(8):
+            arr = entries[f"t{i}"][2]()
+            assert (arr == i).all()
+            if i % 2 == 0:
+                kept.append((i, arr))  # the odd ones are dropped at once
+        assert all((arr == i).all() for i, arr in kept)
+    finally:
+        if close:
+            close()

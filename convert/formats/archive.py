@@ -25,7 +25,7 @@ from typing import BinaryIO, Sequence
 import numpy as np
 
 from mixer_convert.errors import CheckpointError, why
-from mixer_convert.source import pread_into
+from mixer_convert.source import Buffers, pread_into
 
 try:  # the same CRC-32 as zlib's, computed with SIMD
     from isal.isal_zlib import crc32
@@ -37,7 +37,7 @@ CHUNK = 4 * 2**20  # bytes per read when streaming a member
 
 class Zip:
     def __init__(self, path: Path) -> None:
-        self.path, self._file = path, None
+        self.path, self._file, self._buffers = path, None, Buffers()
         try:
             self.zf = zipfile.ZipFile(path)
             self.members = self.zf.infolist()
@@ -70,20 +70,22 @@ class Zip:
 
     def close(self) -> None:
         self.zf.close()
+        self._buffers.clear()
         if self._file is not None:
             self._file.close()
             self._file = None
 
     def read_stored(self, info: zipfile.ZipInfo, at: int = 0, size: int | None = None) -> memoryview:
         """Bytes ``at:at+size`` (default: all) of a stored member, read straight from the file into a
-        new buffer (one copy, no decompressor), its CRC checked when the whole member is read."""
+        buffer of its own (one copy, no decompressor; :class:`Buffers`), its CRC checked when the
+        whole member is read."""
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
             raise CheckpointError(f"{self.path}: member {info.filename!r} is compressed; not stored")
         size = info.file_size - at if size is None else size
         start = self._data_offset(info)
         if start + info.file_size > self._size():
             raise CheckpointError(f"{self.path}: member {info.filename!r} runs past the end of the file (truncated?)")
-        buf = memoryview(np.empty(size, np.uint8))  # not bytearray: that would zero it first
+        buf = self._buffers.get(size)
         pread_into(self._fd(), buf, start + at)
         if at == 0 and size == info.file_size:
             self.check_crc(info, buf)

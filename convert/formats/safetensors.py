@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -81,7 +81,7 @@ def read_header(path: Path, size: int) -> tuple[int, dict[str, dict]]:
     return n, header
 
 
-def read(src: Source) -> tuple[dict[str, Entry], None]:
+def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None]]:
     path, size = src.path, src.stat.st_size
     n, header = read_header(path, size)
     entries = {}
@@ -97,7 +97,7 @@ def read(src: Source) -> tuple[dict[str, Entry], None]:
         def load(begin=begin, end=end, shape=shape, dtype=dtype):
             return np.frombuffer(src.read_at(8 + n + begin, end - begin), dtype).reshape(shape)
         entries[k] = (shape, dtype, load)
-    return entries, None
+    return entries, src.buffers.clear  # closing drops the read buffers kept for reuse
 
 
 def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list[tuple[str, tuple, np.dtype]],
