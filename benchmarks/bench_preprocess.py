@@ -12,7 +12,9 @@ every method alike), median over ``--repeat`` calls:
 * ``decode``: Pillow decodes it (``Image.open`` + ``load``): the baseline;
 * ``decode_to_array``: the same plus ``np.asarray``;
 * ``vit_jax``, ``big_vision``: ``mixer_convert.preprocess.load_image(path, pipeline, 224,
-  out=batch_row)`` as mixer-eval calls it: read (EXIF applied) + the exact pipeline;
+  out=batch_row)`` as mixer-eval calls it: read (EXIF applied) + the exact pipeline, compiled by
+  numba (mixer_convert.kernels) where the ``fast`` extra is installed;
+* ``vit_jax_numpy``, ``big_vision_numpy``: the same with the compiled kernels off (the numpy path);
 * ``vit_jax_old``, ``big_vision_old``: the code before this change (the BASELINE copy below).
 Times are the thread's CPU time (what a reader thread costs; preemption by other jobs on the
 machine excluded) and wall time. The ratio is img/s(method) / img/s(decode); the target is >= 0.5.
@@ -24,6 +26,7 @@ bottleneck) and for S/32 (the model is).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import datetime
 import json
 import os
@@ -45,9 +48,12 @@ _LINKS = Path(tempfile.mkdtemp(prefix="mixer-bench-"))
 (_LINKS / "mixer_convert").symlink_to(ROOT / "convert", target_is_directory=True)
 sys.path[:0] = [str(_LINKS), str(ROOT)]
 
-from mixer_convert.preprocess import _bilinear_taps, load_image  # noqa: E402  (the taps are unchanged)
+from mixer_convert import kernels  # noqa: E402
+from mixer_convert.preprocess import load_image  # noqa: E402
+from mixer_convert.taps import bilinear_taps as _bilinear_taps  # noqa: E402  (the taps are unchanged)
 
-METHODS = ("decode", "decode_to_array", "vit_jax", "big_vision", "vit_jax_old", "big_vision_old")
+METHODS = ("decode", "decode_to_array", "vit_jax", "big_vision", "vit_jax_numpy", "big_vision_numpy", "vit_jax_old",
+           "big_vision_old")
 
 
 # ==== BASELINE: mixer_convert.preprocess before this change (read_image + the two pipelines), copied
@@ -148,8 +154,22 @@ def method_calls(path: Path, out: np.ndarray) -> dict:
     return {"decode": decode, "decode_to_array": decode_to_array,
             "vit_jax": lambda: load_image(path, "vit_jax", 224, out=out),
             "big_vision": lambda: load_image(path, "big_vision", 224, out=out),
+            "vit_jax_numpy": numpy_path(lambda: load_image(path, "vit_jax", 224, out=out)),
+            "big_vision_numpy": numpy_path(lambda: load_image(path, "big_vision", 224, out=out)),
             "vit_jax_old": lambda: old_preprocess(old_read_image(path), "vit_jax"),
             "big_vision_old": lambda: old_preprocess(old_read_image(path), "big_vision")}
+
+
+def numpy_path(fn):
+    """``fn`` run with the compiled kernels off: preprocess's numpy code."""
+    def run():
+        saved = kernels.vit_jax, kernels.big_vision
+        kernels.vit_jax = kernels.big_vision = lambda *args: False
+        try:
+            return fn()
+        finally:
+            kernels.vit_jax, kernels.big_vision = saved
+    return run
 
 
 def check_outputs(path: Path) -> dict:
@@ -159,7 +179,9 @@ def check_outputs(path: Path) -> dict:
     vit_new, vit_old = load_image(path, "vit_jax"), old_preprocess(img, "vit_jax")
     bv_new, bv_old = load_image(path, "big_vision"), old_preprocess(img, "big_vision")
     level = lambda x: np.rint((x + 1) * 127.5)  # noqa: E731  (the uint8 value a model input came from)
-    return {"vit_jax_identical": bool(np.array_equal(vit_new, vit_old)),
+    compiled_equals_numpy = all(np.array_equal(load_image(path, p), numpy_path(lambda p=p: load_image(path, p))())
+                                for p in ("vit_jax", "big_vision"))
+    return {"vit_jax_identical": bool(np.array_equal(vit_new, vit_old)), "compiled_equals_numpy": compiled_equals_numpy,
             "big_vision_uint8_levels_differing": int((level(bv_new) != level(bv_old)).sum()),
             "big_vision_max_abs_difference": float(np.abs(bv_new - bv_old).max())}
 
@@ -255,10 +277,11 @@ def print_report(doc: dict) -> None:
                   f"[{v['ratio_wall']:.2f}]")
         c = r["check"]
         print(f"{'':<26}vit_jax new == old: {c['vit_jax_identical']}; big_vision uint8 levels differing: "
-              f"{c['big_vision_uint8_levels_differing']}")
+              f"{c['big_vision_uint8_levels_differing']}; compiled == numpy: {c['compiled_equals_numpy']}")
     s = doc["summary_500x375"]
-    print(f"500x375 JPEGs, preprocessing (decode included) / decode speed: vit_jax {s['vit_jax']:.2f}, "
-          f"big_vision {s['big_vision']:.2f} (target >= 0.5); was {s['vit_jax_old']:.2f} and {s['big_vision_old']:.2f}")
+    print(f"500x375 JPEGs, preprocessing (decode included) / decode speed, {doc['kernels']}: vit_jax "
+          f"{s['vit_jax']:.2f}, big_vision {s['big_vision']:.2f} (target >= 0.5); numpy path {s['vit_jax_numpy']:.2f} "
+          f"and {s['big_vision_numpy']:.2f}; was {s['vit_jax_old']:.2f} and {s['big_vision_old']:.2f}")
     for model, runs in doc.get("eval", {}).get("models", {}).items():
         for k, v in runs.items():
             print(f"mixer-eval {model:<5} {k:<10} end-to-end {v['end_to_end_img_s']:6.1f} img/s, model "
@@ -273,8 +296,10 @@ def main() -> int:
     p.add_argument("--images", type=int, default=256, help="--eval: JPEGs in the folder")
     p.add_argument("--eval-repeat", type=int, default=3)
     args = p.parse_args()
+    compiled = kernels.wait()  # loaded before timing (mixer-eval loads them while its model loads)
     doc = {"date": datetime.date.today().isoformat(), "machine": machine(), "python": platform.python_version(),
-           "numpy": np.__version__, "pillow": Image.__version__, "repeat": args.repeat, "jpegs": {}}
+           "numpy": np.__version__, "pillow": Image.__version__, "repeat": args.repeat, "jpegs": {},
+           "kernels": f"numba {importlib.metadata.version('numba')}" if compiled else "numpy only (no numba)"}
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in sample_jpegs(Path(tmp)).items():
             doc["jpegs"][name] = bench_one(path, args.repeat)

@@ -39,6 +39,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from mixer_convert.images import ImageError, read_image
+from mixer_convert.taps import AreaPlan, area_plan, bilinear_taps, frozen, pixel_columns
 
 PIPELINES = ("vit_jax", "big_vision")
 # read_image and ImageError live in mixer_convert.images; also importable from here, their old home.
@@ -117,29 +118,7 @@ def _as_slice(index: np.ndarray) -> np.ndarray | slice:
     return index
 
 
-def _pixel_columns(x: np.ndarray, channels: int) -> np.ndarray:
-    """Pixel columns -> element columns of the (H, W * C) view of an image."""
-    return _frozen((x[:, None] * channels + np.arange(channels)).ravel())
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    a.setflags(write=False)  # cached plans are shared by every thread
-    return a
-
-
 # ---- bilinear (vit_jax) ---------------------------------------------------------------------------
-
-
-def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """TensorFlow's half-pixel bilinear taps, in float32 as TF computes them:
-    x_in = (x + 0.5) * in/out - 0.5; lower = max(floor, 0), upper = min(ceil, in - 1), lerp = x_in - floor."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    pos = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-    fl = np.floor(pos)
-    lower = np.maximum(fl, 0).astype(np.intp)
-    upper = np.minimum(np.ceil(pos), in_size - 1).astype(np.intp)
-    return lower, upper, (pos - fl).astype(np.float32)
 
 
 class _BilinearPlan(NamedTuple):
@@ -155,12 +134,12 @@ class _BilinearPlan(NamedTuple):
 @functools.lru_cache(maxsize=1024)
 def _bilinear_plan(ih: int, iw: int, oh: int, ow: int, c: int, r0: int, r1: int) -> _BilinearPlan:
     """The taps of output rows r0..r1-1."""
-    y0, y1, ly = (a[r0:r1] for a in _bilinear_taps(ih, oh))
-    x0, x1, lx = _bilinear_taps(iw, ow)
+    y0, y1, ly = (a[r0:r1] for a in bilinear_taps(ih, oh))
+    x0, x1, lx = bilinear_taps(iw, ow)
     rows, inv = np.unique(np.concatenate([y0, y1]), return_inverse=True)
     n = r1 - r0
-    return _BilinearPlan(_as_slice(rows), _as_slice(inv[:n]), _frozen(inv[n:]), _frozen(ly[:, None]),
-                         _pixel_columns(x0, c), _pixel_columns(x1, c), _frozen(np.repeat(lx, c)))
+    return _BilinearPlan(_as_slice(rows), _as_slice(inv[:n]), frozen(inv[n:]), frozen(ly[:, None]),
+                         pixel_columns(x0, c), pixel_columns(x1, c), frozen(np.repeat(lx, c)))
 
 
 def resize_bilinear(image: np.ndarray, size: int | Sequence[int], *, out: np.ndarray | None = None) -> np.ndarray:
@@ -203,47 +182,6 @@ def _blocks(rows: int, row_size: int) -> list[tuple[int, int]]:
 # ---- area (big_vision) ----------------------------------------------------------------------------
 
 
-def _area_taps(in_size: int, out_size: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """TensorFlow's resize_area weights of output cells start..stop-1 along one axis: (n, K)
-    input indices and float32 weights. Cell x covers input [x*s, (x+1)*s), s = in/out; each input
-    pixel weighs its overlap with it; unused taps (K is the most any cell needs) weigh 0."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    x = np.arange(start, stop, dtype=np.float32)
-    lo, hi = x * scale, (x + np.float32(1)) * scale
-    first = np.floor(lo).astype(np.intp)
-    end = np.ceil(hi).astype(np.intp)
-    idx = first[:, None] + np.arange(int((end - first).max()))[None, :]
-    i, lo, hi = idx.astype(np.float32), lo[:, None], hi[:, None]
-    # The overlap, with TF's branches (a cell inside one pixel weighs exactly `scale`, not hi - lo).
-    w = np.where(i < lo, np.where(i + 1 > hi, scale, i + 1 - lo), np.where(i + 1 > hi, hi - i, np.float32(1)))
-    w = np.where(idx < end[:, None], w, np.float32(0)).astype(np.float32)
-    idx = np.minimum(idx, in_size - 1)  # TF bounds indices that rounding pushes past the edge
-    return np.where(w != 0, idx, idx[:, :1]), w  # an unused tap adds pixel * 0: any pixel of the cell will do
-
-
-class _AreaPlan(NamedTuple):
-    rows: slice  # the input rows the window needs
-    columns: tuple[np.ndarray, ...]  # per tap k: the element columns of every output element column
-    x_weights: tuple[np.ndarray, ...]
-    row_taps: tuple[np.ndarray, ...]  # per tap k: each output row's input row (relative to `rows`)
-    y_weights: tuple[np.ndarray, ...]
-    inv_area: np.float32
-
-
-@functools.lru_cache(maxsize=1024)
-def _area_plan(ih: int, iw: int, oh: int, ow: int, c: int, window: tuple[int, int, int, int]) -> _AreaPlan:
-    top, left, h, w = window
-    xi, xw = _area_taps(iw, ow, left, left + w)
-    yi, yw = _area_taps(ih, oh, top, top + h)
-    lo = int(yi.min())
-    # TF multiplies by 1 / (scale_y * scale_x), the reciprocal taken in double of a float32 product.
-    inv = np.float32(1.0 / float(np.float32(ih) / np.float32(oh) * (np.float32(iw) / np.float32(ow))))
-    return _AreaPlan(slice(lo, int(yi.max()) + 1), tuple(_pixel_columns(xi[:, k], c) for k in range(xi.shape[1])),
-                     tuple(_frozen(np.repeat(xw[:, k], c)) for k in range(xw.shape[1])),
-                     tuple(_frozen(yi[:, k] - lo) for k in range(yi.shape[1])),
-                     tuple(_frozen(yw[:, k:k + 1]) for k in range(yw.shape[1])), inv)
-
-
 def resize_area(image: np.ndarray, size: int | Sequence[int], *, window: Sequence[int] | None = None,
                 out: np.ndarray | None = None) -> np.ndarray:
     """``tf.image.resize(image, size, method='area')``: every output pixel is the mean of the input
@@ -257,11 +195,11 @@ def resize_area(image: np.ndarray, size: int | Sequence[int], *, window: Sequenc
     out = _output(out, (h, w, c))
     image2, out2 = image.reshape(ih, iw * c), out.reshape(h, w * c)
     for r0, r1 in _blocks(h, w * c):
-        _area_block(image2, _area_plan(ih, iw, oh, ow, c, (top + r0, left, r1 - r0, w)), out2[r0:r1])
+        _area_block(image2, area_plan(ih, iw, oh, ow, c, (top + r0, left, r1 - r0, w)), out2[r0:r1])
     return out
 
 
-def _area_block(image: np.ndarray, p: _AreaPlan, o: np.ndarray) -> None:
+def _area_block(image: np.ndarray, p: AreaPlan, o: np.ndarray) -> None:
     rows = image[p.rows]
     # TF's ComputeXSum: along x each row's taps in order (first, middle..., last), in float32 ...
     along_x = _scratch("area_x", (rows.shape[0], o.shape[1]), np.float32)
@@ -330,9 +268,13 @@ def preprocess(image: np.ndarray, pipeline: str = "vit_jax", image_size: int | S
     eval pipeline (see the module docstring). ``out``: a float32 (h, w, 3) array to write it to."""
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown preprocessing {pipeline!r}; expected one of {', '.join(PIPELINES)}")
+    from mixer_convert import kernels  # numba, where installed, is imported on the first image
+
     size, image = _size2(image_size), _check_image(image)
     out = _output(out, (*size, image.shape[2]))
     if pipeline == "vit_jax":
+        if image.dtype == np.uint8 and kernels.vit_jax(image, size, out):
+            return out
         resize_bilinear(image, size, out=out)
         np.subtract(out, np.float32(127.5), out=out)  # value_range(x, "vit_jax"), in place
         np.divide(out, np.float32(127.5), out=out)
@@ -341,6 +283,8 @@ def preprocess(image: np.ndarray, pipeline: str = "vit_jax", image_size: int | S
     if size[0] > small[0] or size[1] > small[1]:
         raise ValueError(f"cannot crop {size[0]}x{size[1]} from a {small[0]}x{small[1]} image")
     window = ((small[0] - size[0]) // 2, (small[1] - size[1]) // 2, *size)  # central_crop's offsets
+    if image.dtype == np.uint8 and kernels.big_vision(image, small, window, out):
+        return out
     crop = resize_area(image, small, window=window, out=out)
     if image.dtype != np.uint8:  # no truncation: value_range of the float resize
         out[...] = value_range(crop, "big_vision")

@@ -17,6 +17,7 @@ from PIL import Image
 from helpers import tf_kernels
 from conftest import requires_jax, subprocess_env
 from helpers.image_data import digit_images, photos
+from helpers.preprocessing import numpy_path_only
 from mixer_convert import preprocess as pp
 
 RNG = np.random.default_rng(0)
@@ -285,6 +286,9 @@ def _oracle_inputs() -> tuple[dict[str, np.ndarray], dict[str, list]]:
 def test_resizes_and_pipelines_equal_tensorflow(tmp_path):
     import json
 
+    from mixer_convert import kernels
+
+    kernels.wait()  # with numba installed, pp.preprocess below runs the compiled kernels
     images, sizes = _oracle_inputs()
     np.savez(tmp_path / "in.npz", **images)
     (tmp_path / "sizes.json").write_text(json.dumps(sizes))
@@ -300,5 +304,7 @@ def test_resizes_and_pipelines_equal_tensorflow(tmp_path):
             if img.shape[-1] == 3:
                 for pipeline in pp.PIPELINES:
                     np.testing.assert_array_equal(pp.preprocess(img, pipeline, 224), tf_out[f"{key}/{pipeline}"])
+                    with numpy_path_only():  # with numba installed the line above ran the compiled kernels
+                        np.testing.assert_array_equal(pp.preprocess(img, pipeline, 224), tf_out[f"{key}/{pipeline}"])
                 small = pp.resize_small(img, 256)  # and no truncation flipped: the uint8 crop is tf's
                 np.testing.assert_array_equal(pp.central_crop(small, 224), tf_out[f"{key}/big_vision_uint8"])

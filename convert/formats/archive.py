@@ -22,8 +22,6 @@ from collections import Counter
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
-import numpy as np
-
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.source import Buffers, pread_into
 

@@ -48,8 +48,10 @@ def parse_frameworks(spec: str | None, single: bool = False) -> list[str]:
 def load_weights(weights: str, image_size: Sequence[int] | None = None) -> tuple[dict[str, np.ndarray], MixerConfig]:
     """Canonical float32 params and config of a checkpoint (any format the bridge reads; names once
     the catalogue knows them), through :func:`mixer_convert.load.load_checkpoint`. Needs a head."""
+    from mixer_convert import kernels
     from mixer_convert.load import load_checkpoint
 
+    kernels.start()  # the compiled preprocessing (where numba is installed) loads while the weights do
     flat, cfg = load_checkpoint(weights, image_size=tuple(image_size) if image_size else None)
     if cfg.num_classes is None:
         raise ValueError(f"{weights}: the checkpoint has no classification head (pre-logits only)")
