@@ -110,10 +110,14 @@ failure: str | None = None  # why the kernels are off, once they failed
 
 def enabled() -> bool:
     """Whether the kernels are wanted here: numba installed, MIXER_KERNELS not 'numpy', no failure."""
+    return failure is None and os.environ.get("MIXER_KERNELS", "numba") != "numpy" and _numba_installed()
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_installed() -> bool:  # asked on every image until the kernels are loaded: looked up once
     import importlib.util
 
-    return (failure is None and os.environ.get("MIXER_KERNELS", "numba") != "numpy"
-            and importlib.util.find_spec("numba") is not None)
+    return importlib.util.find_spec("numba") is not None
 
 
 def start() -> None:

@@ -27,7 +27,9 @@ Speed: output rows are computed in blocks small enough to stay in a core's cache
 intermediate lives in a per-thread scratch buffer reused from call to call, and ``out=`` lets the
 caller's batch be written in place -- fresh multi-MB arrays per image cost more in page faults than
 the arithmetic (measured on the 2-core development machine: 1.0 ms vs 2.2-4 ms per 500x375 image).
-benchmarks/bench_preprocess.py times it against Pillow's decoding of the same JPEG.
+benchmarks/bench_preprocess.py times it against Pillow's decoding of the same JPEG. With the ``fast``
+extra, uint8 images go through the same arithmetic compiled by numba (:mod:`mixer_convert.kernels`,
+loaded in the background on the first image; the numpy code below runs until then and without it).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from mixer_convert import kernels
 from mixer_convert.images import ImageError, read_image
 from mixer_convert.taps import AreaPlan, area_plan, bilinear_taps, frozen, pixel_columns
 
@@ -268,8 +271,6 @@ def preprocess(image: np.ndarray, pipeline: str = "vit_jax", image_size: int | S
     eval pipeline (see the module docstring). ``out``: a float32 (h, w, 3) array to write it to."""
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown preprocessing {pipeline!r}; expected one of {', '.join(PIPELINES)}")
-    from mixer_convert import kernels  # numba, where installed, is imported on the first image
-
     size, image = _size2(image_size), _check_image(image)
     out = _output(out, (*size, image.shape[2]))
     if pipeline == "vit_jax":
