@@ -26,8 +26,8 @@ bottleneck) and for S/32 (the model is).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
