@@ -249,6 +249,9 @@ def inception_box(width: int, height: int, rng: np.random.Generator,
     return (0.0, 0.0, float(width), float(height))
 
 
+WORKER_TYPES = ("thread", "process")  # how image readers run, in training's pipeline and in mixer-eval
+
+
 def default_workers() -> int:
     """How many image readers to run: one per core this process may run on."""
     try:

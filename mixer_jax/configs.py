@@ -10,6 +10,7 @@ import math
 import os
 
 from mixer_convert.hub import is_remote
+from mixer_convert.images import WORKER_TYPES
 from mixer_convert.spec import SIZES, MixerConfig, image_hw, parse_variant, variant_name
 
 AUGMENTS = ("inception_crop_flip", "inception_crop", "none")
@@ -200,7 +201,7 @@ _CHECKS: tuple[tuple[str, object, str], ...] = (
     ("data.name", lambda x: isinstance(x, str) and x != "", "'digits', 'imagefolder' or a tfds dataset name"),
     ("data.train_augment", lambda x: x in AUGMENTS, " or ".join(map(repr, AUGMENTS))),
     ("data.workers", lambda x: x is None or _int_at_least(0)(x), "an integer >= 0 (0: in-process) or none (one per core)"),
-    ("data.worker_type", lambda x: x in ("thread", "process"), "'thread' or 'process'"),
+    ("data.worker_type", lambda x: x in WORKER_TYPES, " or ".join(map(repr, WORKER_TYPES))),
     ("data.jpeg_draft", lambda x: isinstance(x, bool), "true or false"),
     ("data.skip_bad", lambda x: isinstance(x, bool), "true or false"),
     ("data.crop_area", lambda x: isinstance(x, tuple) and len(x) == 2 and all(map(_finite, x))

@@ -38,12 +38,11 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 
 from mixer_convert.datasets import ImageFolder, TfdsSource, digits, folder_classes
-from mixer_convert.images import ImageError, crop_resize, default_workers, inception_box, read_crop
+from mixer_convert.images import WORKER_TYPES, ImageError, crop_resize, default_workers, inception_box, read_crop
 from mixer_convert.preprocess import value_range
 from mixer_convert.spec import image_hw
 from mixer_jax.configs import AUGMENTS, DataConfig
 
-WORKER_TYPES = ("thread", "process")
 MAX_CONSECUTIVE_BAD = 100  # skip_bad gives up (an error) after this many unreadable examples in a row
 
 

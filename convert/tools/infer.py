@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from mixer_convert.images import default_workers
+from mixer_convert.images import WORKER_TYPES, default_workers
 from mixer_convert.preprocess import load_image
 from mixer_convert.spec import MixerConfig, variant_name
 from mixer_convert.errors import MissingExtraError
@@ -21,7 +21,6 @@ from mixer_convert.tools.extras import has_extra, require
 FRAMEWORKS = ("torch", "flax")
 FRAMEWORK_EXTRA = {"torch": "torch", "flax": "jax"}
 Classifier = Callable[[np.ndarray], np.ndarray]  # (B, H, W, 3) float32 in [-1, 1] -> (B, classes) float32 logits
-WORKER_TYPES = ("thread", "process")
 
 
 def available_frameworks() -> list[str]:
@@ -146,9 +145,11 @@ def load_batches(source: Any, count: int, batch: int, pipeline: str, image_size:
     else:
         import multiprocessing
 
-        # spawn: the parent may hold torch's or XLA's threads, which fork would copy in a broken state
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            yield from _in_order(pool, chunks, workers, lambda c: (_load_chunk, *args, c, None), lambda x: None)
+        # spawn: the parent may hold torch's or XLA's threads, which fork would copy in a broken state.
+        # The source goes to each process once (initializer), each task only its record indices.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_set_reader,
+                                 initargs=args) as pool:
+            yield from _in_order(pool, chunks, workers, lambda c: (_load_chunk_in_reader, c), lambda x: None)
 
 
 def _in_order(pool: Executor, chunks: list, depth: int, task: Callable, done: Callable
@@ -173,6 +174,18 @@ def _in_order(pool: Executor, chunks: list, depth: int, task: Callable, done: Ca
     finally:
         for f in pending:
             f.cancel()
+
+
+_reader: tuple = ()  # in a reader process: (source, pipeline, image_size, exif_orientation)
+
+
+def _set_reader(*args: Any) -> None:
+    global _reader
+    _reader = args
+
+
+def _load_chunk_in_reader(indices: range) -> tuple[np.ndarray, np.ndarray]:
+    return _load_chunk(*_reader, indices, None)
 
 
 def _load_chunk(source: Any, pipeline: str, image_size: tuple[int, int], exif_orientation: bool,
