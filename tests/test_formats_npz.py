@@ -74,3 +74,29 @@ def test_writing_then_reading_is_exact_and_nothing_is_read_before_it_is_asked_fo
     with params:
         assert params.format == "npz" and params.shapes == {k: v.shape for k, v in flat.items()}
         assert all(np.array_equal(params[k], flat[k]) for k in flat)
+
+
+def test_reading_the_headers_reads_a_few_kib_per_member_not_its_data(tmp_path, monkeypatch):
+    from mixer_convert.formats.archive import Zip
+
+    np.savez(tmp_path / "big.npz", a=np.ones((512, 1024), np.float32), b=np.zeros((3, 5), np.float32))
+    sizes, read_stored = [], Zip.read_stored
+    monkeypatch.setattr(Zip, "read_stored", lambda self, info, at=0, size=None: sizes.append(size)
+                        or read_stored(self, info, at, size))
+    entries, close = npz.read(Source.open(tmp_path / "big.npz"))
+    close()
+    assert entries["a"][0] == (512, 1024) and max(sizes) <= npz._HEADER_FIRST
+
+
+def test_a_header_longer_than_the_first_read_is_read_whole(tmp_path):
+    """numpy pads headers with spaces; one padded past the first 4 KiB still parses exactly."""
+    import zipfile
+
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    text = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }".ljust(6000 - 10 - 1) + "\n"
+    npy = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1") + arr.tobytes()
+    with zipfile.ZipFile(tmp_path / "long.npz", "w") as zf:
+        zf.writestr("x.npy", npy)
+    assert len(npy) - arr.nbytes > npz._HEADER_FIRST
+    got = _read(tmp_path / "long.npz")["x"]
+    assert got[0] == (3, 4) and np.array_equal(got[2], arr)

@@ -36,6 +36,7 @@ CHUNK = 4 * 2**20  # bytes per read when streaming a member
 class Zip:
     def __init__(self, path: Path) -> None:
         self.path, self._file, self._buffers = path, None, Buffers()
+        self._offsets: dict[int, int] = {}  # local header offset -> data offset, each parsed once
         try:
             self.zf = zipfile.ZipFile(path)
             self.members = self.zf.infolist()
@@ -98,7 +99,13 @@ class Zip:
         return os.fstat(self._fd()).st_size
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
-        """Where a member's data starts: after its local header, whose name must be the directory's."""
+        """Where a member's data starts: after its local header, whose name must be the directory's
+        (checked on the first read of the member; a header read and a data read share it)."""
+        if info.header_offset not in self._offsets:
+            self._offsets[info.header_offset] = self._parse_local_header(info)
+        return self._offsets[info.header_offset]
+
+    def _parse_local_header(self, info: zipfile.ZipInfo) -> int:
         head = bytearray(30)
         got = pread_into(self._fd(), memoryview(head), info.header_offset, exact=False)
         if got != 30 or head[:4] != b"PK\x03\x04":

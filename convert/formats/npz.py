@@ -41,6 +41,17 @@ def _header(f, where: str, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 _HEADER_MAX = 1 << 20  # an .npy header is a few hundred bytes; this bounds what is parsed
+_HEADER_FIRST = 4096  # read first; more only if the header's length field asks for it
+
+
+def _stored_header(z: Zip, info: zipfile.ZipInfo) -> io.BytesIO:
+    """The start of a stored member, enough to hold its .npy header (not a MiB of tensor data)."""
+    head = z.read_stored(info, 0, min(_HEADER_FIRST, info.file_size))
+    if len(head) >= 12 and bytes(head[:6]) == b"\x93NUMPY":  # magic, version, header length (2 or 4 bytes)
+        length = 10 + int.from_bytes(head[8:10], "little") if head[6] == 1 else 12 + int.from_bytes(head[8:12], "little")
+        if length > len(head):
+            head = z.read_stored(info, 0, min(length, _HEADER_MAX, info.file_size))
+    return io.BytesIO(head)
 
 
 def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None]]:
@@ -62,7 +73,7 @@ def _entry(src: Source, z: Zip, info: zipfile.ZipInfo) -> Entry:
     path, key = src.path, info.filename[:-4]
     stored = info.compress_type == zipfile.ZIP_STORED
     with src.reading(f".npz (entry {key!r})"):
-        with (io.BytesIO(z.read_stored(info, 0, min(_HEADER_MAX, info.file_size))) if stored else z.open(info)) as f:
+        with (_stored_header(z, info) if stored else z.open(info)) as f:
             shape, fortran, dtype = _header(f, str(path), key)
             offset = f.tell()
     src.declare(key, shape, dtype)
