@@ -23,7 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from mixer_convert.taps import area_plan, area_taps, bilinear_taps, frozen
+from mixer_convert.errors import importable
+from mixer_convert.taps import area_plan, bilinear_taps, frozen
 
 
 def _bilinear(image, channels, rows, top, bottom, y_lerp, left, right, x_lerp, scale, row, along, out):
@@ -115,9 +116,7 @@ def enabled() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _numba_installed() -> bool:  # asked on every image until the kernels are loaded: looked up once
-    import importlib.util
-
-    return importlib.util.find_spec("numba") is not None
+    return importable("numba")
 
 
 def start() -> None:
@@ -220,13 +219,11 @@ def _bilinear_taps(ih: int, iw: int, oh: int, ow: int) -> tuple[np.ndarray, ...]
 
 @functools.lru_cache(maxsize=256)
 def _area_taps(ih: int, iw: int, oh: int, ow: int, window: tuple[int, int, int, int]) -> tuple:
-    """The numpy path's plan of the whole window (its rows, row taps, 1 / area), with the x taps per
-    pixel (the plan has them per element column)."""
-    _, left, _, w = window
-    p = area_plan(ih, iw, oh, ow, 1, window)
-    pixels, x_weights = area_taps(iw, ow, left, left + w)
+    """The numpy path's plan of the whole window, stacked: its rows, row taps, x taps per pixel, 1 / area."""
+    p = area_plan(ih, iw, oh, ow, 1, window)  # one channel: its element columns are the pixels
     return (p.rows.start, p.rows.stop - p.rows.start, frozen(np.stack(p.row_taps, 1)),
-            frozen(np.concatenate(p.y_weights, 1)), frozen(pixels.T), frozen(x_weights.T), p.inv_area)
+            frozen(np.concatenate(p.y_weights, 1)), frozen(np.stack(p.columns)), frozen(np.stack(p.x_weights)),
+            p.inv_area)
 
 
 _local = threading.local()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata as metadata
-import importlib.util
 import re
 
 from mixer_convert.errors import MissingExtraError, importable
@@ -44,11 +43,8 @@ def _modules_of(dist: str) -> tuple[str, ...] | None:
     except metadata.PackageNotFoundError:
         return None
     guess = dist.replace("-", "_")
-    try:
-        if importlib.util.find_spec(guess) is not None:  # the usual case, without reading the file list
-            return (guess,)
-    except (ImportError, ValueError):
-        pass  # refused by a finder: the distribution's own listing names it below
+    if importable(guess):  # the usual case, without reading the file list (a refusing finder: the listing below)
+        return (guess,)
     listed = d.read_text("top_level.txt")
     if listed:
         return tuple(listed.split())
