@@ -62,7 +62,6 @@ class Loop:
     eval_source: Any
     workdir: Path
     rng: jax.Array
-    is_main: bool
     config_json: dict
     on_step: Callable[[int], None] | None = None
 
@@ -154,7 +153,7 @@ def record_eval(step: int, ev: dict[str, float], loop: Loop) -> None:
     if loop.sinks.tensorboard is not None:
         loop.sinks.tensorboard.flush()
     loop.sinks.console.print(f"step {step}: eval accuracy {ev['eval_accuracy']:.4f} loss {ev['eval_loss']:.4f}")
-    if loop.is_main:
+    if loop.sinks.ckpt.is_main:
         plot_metrics(loop.workdir / "metrics.jsonl", loop.workdir / "metrics.png")
 
 

@@ -205,13 +205,19 @@ def flat_to_state(flat: Mapping[str, Any], cfg: MixerConfig) -> nnx.State:
                                 for k, v in flat.items()})
 
 
+def abstract_model(cfg: MixerConfig, dtype: Any = jnp.float32) -> MlpMixer:
+    """The module tree with shapes only (``nnx.eval_shape``): what loading merges a checkpoint into
+    and what training merges its params into."""
+    return nnx.eval_shape(lambda: MlpMixer(cfg, rngs=nnx.Rngs(params=0, dropout=0), dtype=dtype))
+
+
 def from_flat(flat: Mapping[str, Any], cfg: MixerConfig, *, rngs: nnx.Rngs | int = 0,
               dtype: Any = jnp.float32) -> MlpMixer:
     """A model holding ``flat`` (strictly checked), built without random initialisation: the
     module tree comes from ``nnx.eval_shape`` (shapes only) and the checkpoint's arrays become
     its parameters. ``rngs`` seeds the dropout / stochastic-depth streams, if the config has any."""
     params = flat_to_state(flat, cfg)
-    abstract = nnx.eval_shape(lambda: MlpMixer(cfg, rngs=nnx.Rngs(params=0, dropout=0), dtype=dtype))
+    abstract = abstract_model(cfg, dtype)
     graphdef, _, rng_state = nnx.split(abstract, nnx.Param, nnx.RngState)
     model = nnx.merge(graphdef, params, rng_state)
     if nnx.to_flat_state(rng_state):  # abstract keys until reseeded: give them real ones

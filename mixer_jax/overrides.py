@@ -30,8 +30,9 @@ def override(cfg, assignments: list[str]):
         cfg = _set(cfg, key.split("."), raw, key)
         keys.append(key)
     _check_init_from(cfg, keys)
-    if isinstance(cfg, TrainConfig) and size_errors(cfg):  # e.g. a patch size that does not divide the images
-        raise ValueError(size_errors(cfg)[0])
+    errors = size_errors(cfg) if isinstance(cfg, TrainConfig) else []  # e.g. a patch not dividing the images
+    if errors:
+        raise ValueError(errors[0])
     return cfg
 
 

@@ -20,6 +20,7 @@ from flax.training import train_state
 
 from mixer_convert.spec import MixerConfig
 from mixer_jax.input_pipeline import normalize
+from mixer_jax.model import init_params
 
 # (params, images, train, rng) -> logits; rng drives dropout and stochastic depth when train is True.
 ApplyFn = Callable[[Any, jax.Array, bool, Any], jax.Array]
@@ -34,18 +35,13 @@ class ModelFns:
     apply: ApplyFn
 
 
-def _linen_init(model, rng: jax.Array):
-    cfg = model.config
-    return model.init(rng, jnp.zeros((1, *cfg.image_size, cfg.in_chans), jnp.float32))["params"]
-
-
 def _linen_apply(model, params, images: jax.Array, train: bool, rng) -> jax.Array:
     return model.apply({"params": params}, images, train=train, rngs={"dropout": rng} if train else None)
 
 
 def linen_fns(model) -> ModelFns:
     """The pure functions of a Flax linen module (``mixer_jax.model.MlpMixer``)."""
-    return ModelFns(init=partial(_linen_init, model), apply=partial(_linen_apply, model))
+    return ModelFns(init=partial(init_params, model), apply=partial(_linen_apply, model))
 
 
 def _linen_model(cfg: MixerConfig, dtype: Any) -> ModelFns:
@@ -88,11 +84,9 @@ def nnx_fns(model, init: Callable[[jax.Array], Any]) -> ModelFns:
 
 
 def _nnx_model(cfg: MixerConfig, dtype: Any) -> ModelFns:
-    from flax import nnx
+    from mixer_jax.nnx import abstract_model
 
-    from mixer_jax.nnx import MlpMixer
-
-    abstract = nnx.eval_shape(lambda: MlpMixer(cfg, rngs=nnx.Rngs(params=0, dropout=0), dtype=dtype))
+    abstract = abstract_model(cfg, dtype)
     # Linen's initial weights for the seed (the same initialisers, drawn the Linen way), so that
     # model.api changes nothing a run computes: the two models are the same function, bit for bit.
     return nnx_fns(abstract, init=_linen_model(cfg, dtype).init)

@@ -150,8 +150,8 @@ def run(cfg: TrainConfig, workdir: Path, state: TrainState, start: int, compiled
         if sinks.ckpt.is_main:
             save_class_names(train_src, workdir)
         sinks.console.start_bar(cfg.steps, start)
-        loop = Loop(cfg, compiled, sinks, batches, eval_src, workdir, jax.random.PRNGKey(cfg.seed),
-                    sinks.ckpt.is_main, jsonable(cfg), on_step)
+        loop = Loop(cfg, compiled, sinks, batches, eval_src, workdir, jax.random.PRNGKey(cfg.seed), jsonable(cfg),
+                    on_step)
         end = train_loop(loop, state, start, last_good=start or None)
         return end, (finish(loop, end) if end.done == cfg.steps else {})
     finally:

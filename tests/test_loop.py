@@ -113,7 +113,7 @@ def _loop(tmp_path, cfg, norm=0.0, on_step=None):
 
     compiled = Compiled(step, None, lambda params: norm, NamedSharding(mesh, P(None, "data")),
                         NamedSharding(mesh, P("data")), cfg.accum_steps, cfg.batch_size // cfg.accum_steps)
-    return Loop(cfg, compiled, _sinks(tmp_path), Batches(), None, tmp_path, jax.random.PRNGKey(0), True, {}, on_step)
+    return Loop(cfg, compiled, _sinks(tmp_path), Batches(), None, tmp_path, jax.random.PRNGKey(0), {}, on_step)
 
 
 def test_the_loop_logs_evaluates_and_saves_in_step_order_and_finishes_once(tmp_path, monkeypatch):
