@@ -193,6 +193,7 @@ class Source:
         self.path, self.stat, self.max_bytes = path, st, max_bytes
         self.declared = 0
         self.buffers = Buffers()
+        self._file = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, max_bytes: int | None = MAX_BYTES) -> "Source":
@@ -226,12 +227,20 @@ class Source:
         """``size`` bytes at ``offset``, read into a buffer of its own (:class:`Buffers`); the file
         ending first is an error."""
         buf = self.buffers.get(size)
-        with open(self.path, "rb", buffering=0) as f:
-            try:
-                pread_into(f.fileno(), buf, offset)
-            except CheckpointError as e:
-                raise CheckpointError(f"{self.path}: {e}") from None
+        if self._file is None:  # opened on the first read, kept for the rest (closed by close())
+            self._file = open(self.path, "rb", buffering=0)
+        try:
+            pread_into(self._file.fileno(), buf, offset)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
         return buf
+
+    def close(self) -> None:
+        """Close the file :meth:`read_at` opened and drop the read buffers kept for reuse."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.buffers.clear()
 
     def reading(self, what: str):
         """Turn a third-party reader's failure on damaged input into one CheckpointError."""

@@ -21,8 +21,11 @@ def _write(path, tensors=TENSORS):
 
 
 def _read(path):
-    entries, _ = st.read(Source.open(path))
-    return {k: load() for k, (_, _, load) in entries.items()}
+    entries, close = st.read(Source.open(path))
+    try:
+        return {k: load() for k, (_, _, load) in entries.items()}
+    finally:
+        close()
 
 
 def _raw(path, header: bytes, data: bytes = b""):

@@ -815,7 +815,8 @@ def test_force_replaces_an_orbax_output_whole(bases, tmp_path, old):
     assert out.rc == 0, out.stderr
     assert not (dst / "stale").exists() and sorted(os.listdir(tmp_path)) == ["ckpt"]
     from mixer_convert.load import read_params
-    assert same_weights({k: np.asarray(v) for k, v in read_params(dst).items()}, FLAT)
+    with read_params(dst) as params:
+        assert same_weights({k: np.asarray(v) for k, v in params.items()}, FLAT)
 
 
 @cases(1)
@@ -1003,7 +1004,8 @@ def test_a_rerun_removes_what_a_killed_run_left_but_not_a_live_runs_temporary(ba
         live.communicate(timeout=60)
     assert sorted(os.listdir(tmp_path)) == [dst.name]
     from mixer_convert.load import read_params
-    assert same_weights({k: np.asarray(v) for k, v in read_params(dst).items()}, FLAT)
+    with read_params(dst) as params:
+        assert same_weights({k: np.asarray(v) for k, v in params.items()}, FLAT)
 
 
 # ==== the tally the README reports =========================================================================

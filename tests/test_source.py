@@ -205,6 +205,7 @@ def test_read_at_names_the_file_that_ended_early(tmp_path):
     assert bytes(src.read_at(2, 3)) == b"cde"
     with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'f'}: file ended 1 bytes early"):
         src.read_at(4, 3)
+    src.close()
 
 
 def test_reading_turns_a_third_party_failure_into_one_error_naming_the_file():
@@ -284,3 +285,19 @@ def test_tensors_read_from_one_source_stay_intact_while_later_ones_are_read(tmp_
     finally:
         if close:
             close()
+
+
+def test_read_at_opens_the_file_once_for_every_read_and_close_closes_it(tmp_path, monkeypatch):
+    import builtins
+
+    (tmp_path / "f.bin").write_bytes(bytes(range(256)) * 16)
+    src = Source.open(tmp_path / "f.bin")
+    opened, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    assert bytes(src.read_at(1, 3)) == b"\x01\x02\x03" and bytes(src.read_at(255, 2)) == b"\xff\x00"
+    assert len(opened) == 1
+    src.close()
+    assert src._file is None
+    with pytest.raises(CheckpointError, match="ended 4 bytes early"):
+        src.read_at(4094, 6)  # reopened after close; the file ending first is still an error
+    src.close()

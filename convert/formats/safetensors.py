@@ -97,7 +97,7 @@ def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None]]:
         def load(begin=begin, end=end, shape=shape, dtype=dtype):
             return np.frombuffer(src.read_at(8 + n + begin, end - begin), dtype).reshape(shape)
         entries[k] = (shape, dtype, load)
-    return entries, src.buffers.clear  # closing drops the read buffers kept for reuse
+    return entries, src.close  # closes the file the tensors are read from, drops the read buffers
 
 
 def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list[tuple[str, tuple, np.dtype]],

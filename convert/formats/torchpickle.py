@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mixer_convert.arrays import bf16
+from mixer_convert.arrays import np_dtype
 
 # torch's legacy storage type names, as the pickle spells them -> element dtype
 STORAGES = {"FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
@@ -73,7 +73,7 @@ class _StateDictUnpickler(pickle.Unpickler):
                 and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.200}")
         name = STORAGES[pid[1]]
-        return StorageRef(pid[2], bf16() if name == "bfloat16" else np.dtype(name), pid[4])
+        return StorageRef(pid[2], np_dtype(name), pid[4])
 
     def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> TensorRef:
         if not (isinstance(storage, StorageRef) and _ints(offset) and _ints(*size) and _ints(*stride)
