@@ -1,7 +1,9 @@
 """mixer_convert.formats.orbax: orbax checkpoint folders, read and written; an interrupt or a failure
 inside orbax leaves one clean exception and no noise after it."""
 import gc
+import logging
 import signal
+import time
 import warnings
 
 import numpy as np
@@ -40,6 +42,24 @@ class _Broken:
         raise ValueError("tensorstore said no")
 
 
+class _InterruptedWhileAWriterRuns:
+    """orbax's save when SIGINT lands while one of its writer threads (a real ``CommitFuture``, as
+    its numpy handler starts) still works; that write then fails, its folder gone (seen in CI)."""
+
+    writer = None
+
+    def save(self, path, tree):
+        import asyncio
+
+        from orbax.checkpoint._src.futures import future
+
+        async def write_into_a_removed_folder():
+            await asyncio.sleep(0.3)
+            raise ValueError("NOT_FOUND: Error writing in OCDBT database")
+        type(self).writer = future.CommitFuture(write_into_a_removed_folder(), name="np_type_handler")
+        raise Interrupted(signal.SIGINT)
+
+
 def _write_with(monkeypatch, tmp_path, checkpointer):
     import orbax.checkpoint as ocp
     from mixer_convert.formats import orbax
@@ -61,3 +81,13 @@ def test_an_interrupt_inside_orbax_warns_of_no_unawaited_coroutine_afterwards(mo
 def test_a_failure_inside_orbax_is_one_write_error(monkeypatch, tmp_path):
     with pytest.raises(WriteError, match="orbax failed .*tensorstore said no"):
         _write_with(monkeypatch, tmp_path, _Broken)
+
+
+def test_an_interrupt_stops_orbaxs_writer_threads_before_returning_and_they_log_nothing(monkeypatch, tmp_path,
+                                                                                         caplog):
+    with caplog.at_level(logging.INFO, logger="absl"), pytest.raises(Interrupted):
+        _write_with(monkeypatch, tmp_path, _InterruptedWhileAWriterRuns)
+    writer = _InterruptedWhileAWriterRuns.writer._t
+    assert not writer.is_alive()  # joined: nothing writes under the temporary once it is removed
+    time.sleep(0.1)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

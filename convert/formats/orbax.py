@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -147,12 +148,15 @@ def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> N
     _drop_closed_loop_noise()
     tree = nest({k: np.asarray(v) for k, v in items})
     check_interrupted()
+    before = set(threading.enumerate())
     try:
         with _quiet_orbax():
             ocp.PyTreeCheckpointer().save(path.absolute(), tree)
     except BaseException as e:
-        # orbax returns on the first failed write while tensorstore finishes the others, which
-        # would recreate files under the temporary after it is removed: let them land first.
+        # orbax returns on the first failed write (or an interrupt) while its writer threads and
+        # tensorstore finish the others, which would recreate files under the temporary after it
+        # is removed: stop them and let what they started land first.
+        _cancel_writers(before)
         _wait_until_quiet(path.parent)
         if not isinstance(e, Exception):
             _drop_unawaited_coroutines(e)
@@ -160,6 +164,20 @@ def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> N
         if isinstance(e, (CheckpointError, OSError)):
             raise
         raise WriteError(f"orbax failed ({why(e)}); disk full or not writable?") from None
+
+
+def _cancel_writers(before: set[threading.Thread], limit: float = 60.0) -> None:
+    """orbax writes in threads of its own (``_SignalingThread``, e.g. ``np_type_handler``) that
+    outlive a save cut short in the main thread. One whose write then fails (its folder removed
+    meanwhile) logs the error with two tracebacks after our one line. Cancelled, it fails silently;
+    joined (at most ``limit`` seconds in all), it writes nothing once the temporary is removed."""
+    writers = [t for t in threading.enumerate() if t not in before and callable(getattr(t, "cancel", None))]
+    for t in writers:
+        t.cancel()
+    deadline = time.monotonic() + limit
+    for t in writers:
+        # Thread's own join: orbax's override logs from the main thread and re-raises the cancel.
+        threading.Thread.join(t, max(0.0, deadline - time.monotonic()))
 
 
 def _drop_unawaited_coroutines(e: BaseException) -> None:
