@@ -13,7 +13,8 @@ unreadable image, and the training crops.
   at 255 (grey here; 16-bit RGB Pillow reduces to its high byte); an animation gives its first
   frame (``decode_image(expand_animations=False)``).
 * :func:`crop_resize`: training's crop + resize + flip in one OpenCV ``warpAffine`` (bilinear,
-  half-pixel centres, no antialiasing, uint8 out: ``tf.image.resize`` within rounding).
+  half-pixel centres, no antialiasing, in float32 then rounded to uint8: ``tf.image.resize``
+  within rounding).
   mixer-eval and mixer-predict use the exact float resizes of :mod:`mixer_convert.preprocess`.
 
 Everything unreadable -- missing, a directory, not a regular file, empty, not an image, corrupt,
@@ -261,15 +262,25 @@ def default_workers() -> int:
 
 
 _cv2_module = None
+# OpenCV 4.x's warpAffine puts every source position on a 1/32-pixel grid (its fixed-point
+# INTER_BITS), floats included: measured up to 6 levels off tf.image.resize on noise. 5.0 computes
+# the positions in float.
+OPENCV_MIN = (5, 0)
 
 
-def _cv2():
-    """OpenCV (the ``train`` extra), single-threaded: the input workers are the parallelism; its own
-    thread pool on top of them only costs CPU (measured: 7% more CPU per image, no faster)."""
+def opencv():
+    """OpenCV (the ``train`` extra), checked and single-threaded: the input workers are the
+    parallelism; its own thread pool on top of them only costs CPU (measured: 7% more CPU per
+    image, no faster). An OpenCV older than :data:`OPENCV_MIN` is a ValueError saying why."""
     global _cv2_module
     if _cv2_module is None:
         import cv2
 
+        found = tuple(int(p) for p in cv2.__version__.split(".")[:2])
+        if found < OPENCV_MIN:
+            raise ValueError(f"training's crop needs OpenCV >= {'.'.join(map(str, OPENCV_MIN))}, found "
+                             f"{cv2.__version__}, whose warpAffine rounds pixel positions to 1/32 (up to 6 "
+                             f"levels off tf.image.resize): pip install -U 'opencv-python-headless>=5'")
         cv2.setNumThreads(1)
         _cv2_module = cv2
     return _cv2_module
@@ -281,16 +292,26 @@ def crop_resize(im: np.ndarray, box: Box, out_hw: tuple[int, int], flip: bool = 
 
     Output pixel u (centre u + 0.5) samples the input at x0 + (u + 0.5) * box_width / out_width
     (half-pixel centres, neighbours clamped at the image edge): ``tf.image.resize``'s bilinear
-    applied to the box, within rounding (OpenCV's fixed-point weights; measured <= 0.51 of a
-    level, unbiased). OpenCV's ``warpAffine``, not Pillow: Pillow's ``resize`` antialiases when
-    downscaling, and its affine ``transform`` truncates (a -0.5 level bias) at 6x the cost.
+    applied to the box, in float32, then rounded to the nearest level (ties to even, so unbiased).
+    The rounding is ours, not OpenCV's: its uint8 path rounds differently from release to release
+    (5.1 rounds ties up, a +0.08 level bias on a 2x upscale). OpenCV's ``warpAffine``, not Pillow:
+    Pillow's ``resize`` antialiases when downscaling, and its affine ``transform`` truncates (a
+    -0.5 level bias) at 6x the cost.
     """
-    cv2 = _cv2()
+    cv2 = opencv()
     oh, ow = out_hw
     x0, y0, x1, y1 = box
     sx, sy = (x1 - x0) / ow, (y1 - y0) / oh
+    # Only what the output reads becomes float32: the box and one pixel around it. Positions span
+    # [x0 - 0.5, x1 - 0.5], so their neighbours lie in [floor(x0) - 1, ceil(x1)].
+    h, w = im.shape[:2]
+    c0, r0 = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
+    window = im[r0:min(math.ceil(y1) + 1, h), c0:min(math.ceil(x1) + 1, w)].astype(np.float32)
     # destination pixel (u, v) -> source (a u + c, e v + f) in OpenCV's pixel-centre coordinates
     a, c = (-sx, x1 - 0.5 * sx - 0.5) if flip else (sx, x0 + 0.5 * sx - 0.5)
-    m = np.array([[a, 0.0, c], [0.0, sy, y0 + 0.5 * sy - 0.5]])
-    return cv2.warpAffine(np.ascontiguousarray(im), m, (ow, oh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_REPLICATE)
+    m = np.array([[a, 0.0, c - c0], [0.0, sy, y0 + 0.5 * sy - 0.5 - r0]])
+    # Replicating the window's border is the image's: the window stops short of an edge only where
+    # no position reads past it.
+    out = cv2.warpAffine(window, m, (ow, oh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REPLICATE)
+    return np.rint(out, out=out).astype(np.uint8)

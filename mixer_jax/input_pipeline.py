@@ -38,7 +38,8 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 
 from mixer_convert.datasets import ImageFolder, TfdsSource, digits, folder_classes
-from mixer_convert.images import WORKER_TYPES, ImageError, crop_resize, default_workers, inception_box, read_crop
+from mixer_convert.images import (WORKER_TYPES, ImageError, crop_resize, default_workers, inception_box, opencv,
+                                  read_crop)
 from mixer_convert.preprocess import value_range
 from mixer_convert.spec import image_hw
 from mixer_jax.configs import AUGMENTS, DataConfig
@@ -87,6 +88,9 @@ class Preprocess:
     augment: str = "inception_crop_flip"
     crop_area: tuple[float, float] = (0.05, 1.0)
     draft: bool = True
+
+    def __post_init__(self) -> None:
+        opencv()  # a missing or too old OpenCV is one line before training starts, not in a worker
 
     @classmethod
     def from_config(cls, d: DataConfig) -> "Preprocess":

@@ -2,14 +2,19 @@
 16-bit, alpha, EXIF, animations), JPEG draft decoding, the training crop/resize, and the one
 error for an unreadable image."""
 import io
+import json
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.image_data import tf_resize_reference, write_png
+from conftest import subprocess_env
+from helpers.image_data import crop_resize_errors, tf_resize_reference, write_png
 from mixer_convert.images import ImageError, crop_resize, draft_scale, read_crop, read_image
 
 RNG = np.random.default_rng(0)
@@ -218,18 +223,48 @@ def test_jpeg_draft_decodes_at_reduced_scale_only_when_the_crop_is_downscaled(tm
 
 def test_training_resize_is_tf_bilinear_without_antialiasing_within_rounding_not_pillows():
     pytest.importorskip("cv2")
-    rng = np.random.default_rng(0)
-    for h, w, oh, ow in [(8, 8, 16, 16), (375, 500, 224, 224), (100, 37, 224, 224), (500, 375, 50, 70)]:
-        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        ref = tf_resize_reference(img, oh, ow)
-        ours = crop_resize(img, (0, 0, w, h), (oh, ow)).astype(np.float64)
-        assert np.abs(ours - ref).max() <= 0.51 and abs((ours - ref).mean()) < 0.01  # rounding only, unbiased
-        flipped = crop_resize(img, (0, 0, w, h), (oh, ow), flip=True).astype(np.float64)
-        assert np.abs(flipped - ref[:, ::-1]).max() <= 0.51
+    errors = crop_resize_errors()
+    assert errors["max_error"] <= 0.51 and abs(errors["mean_error"]) < 0.01, errors  # rounding only, unbiased
     # Pillow's BILINEAR antialiases when downscaling: a different function, far from tf's
-    img = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    img = RNG.integers(0, 256, (200, 200, 3), dtype=np.uint8)
     pil = np.asarray(Image.fromarray(img).resize((50, 50), Image.BILINEAR)).astype(np.float64)
     assert np.abs(pil - tf_resize_reference(img, 50, 50)).mean() > 10
+
+
+def test_a_crop_reads_only_its_window_yet_clamps_at_the_image_edge_as_tf():
+    pytest.importorskip("cv2")
+    img = RNG.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    for box in [(0, 0, 40, 30), (80.5, 60.25, 120, 90), (30.75, 20.5, 70.25, 50.5), (1, 1, 119, 89)]:
+        ref = tf_resize_reference(img, 24, 32, box)
+        for flip in (False, True):
+            out = crop_resize(img, box, (24, 32), flip).astype(np.float64)
+            assert np.abs(out - (ref[:, ::-1] if flip else ref)).max() <= 0.51, (box, flip)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["4.14.0.94", "5.0.0.93"])
+def test_the_oldest_opencv_allowed_passes_and_an_older_one_is_refused_in_one_line(tmp_path, version):
+    """The bound in pyproject (>= 5.0) and images.OPENCV_MIN, checked against the releases
+    themselves, installed beside the suite's own OpenCV in a child interpreter."""
+    pytest.importorskip("cv2")
+    target = tmp_path / "cv2"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+                          "--target", str(target), f"opencv-python-headless=={version}"],
+                         capture_output=True, text=True, timeout=600)
+    if pip.returncode:
+        pytest.skip(f"pip could not install opencv-python-headless=={version}: {pip.stderr.strip()[-200:]}")
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import cv2; from helpers.image_data import "
+            "crop_resize_errors\ntry: print(json.dumps([cv2.__version__, crop_resize_errors()]))\n"
+            "except ValueError as e: print(json.dumps([cv2.__version__, str(e)]))")
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), subprocess_env()["PYTHONPATH"]]))
+    run = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    found, result = json.loads(run.stdout)
+    assert found == version.rsplit(".", 1)[0]
+    if version.startswith("4."):
+        assert result.startswith("training's crop needs OpenCV >= 5.0, found 4.14.0") and "\n" not in result
+    else:
+        assert result["max_error"] <= 0.51 and abs(result["mean_error"]) < 0.01, result
 
 
 def test_a_box_is_cropped_then_resized():
