@@ -1,0 +1,74 @@
+"""Which installed distributions differ from a lock: run it with the interpreter to inspect.
+
+    python .ci/drift.py LOCK            # print the differences (bash .ci/run --latest: drift)
+    python .ci/drift.py LOCK --exact    # and exit 1 if there are any (bash .ci/run: the lock in use)
+
+Standard library only, so it runs in any venv.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from importlib import metadata
+from pathlib import Path
+
+# The installer and the project itself are in every venv and in no lock.
+NOT_LOCKED = frozenset({"pip", "mixer-toolkit"})
+
+
+def canonical(name: str) -> str:
+    """PEP 503's normalised name: ``Foo_Bar.baz`` -> ``foo-bar-baz``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a pip requirements file, comments and markers ignored."""
+    pins = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        if not sep or not name.strip() or not version.strip():
+            raise ValueError(f"{path}:{number}: not a name==version pin: {line!r}")
+        pins[canonical(name.strip())] = version.strip()
+    return pins
+
+
+def installed() -> dict[str, str]:
+    """Every distribution this interpreter sees, by canonical name."""
+    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+
+
+def differences(lock: dict[str, str], have: dict[str, str]) -> list[tuple[str, str | None, str | None]]:
+    """(name, locked version or None, installed version or None) for each package that differs."""
+    names = sorted((set(lock) | set(have)) - NOT_LOCKED)
+    return [(n, lock.get(n), have.get(n)) for n in names if lock.get(n) != have.get(n)]
+
+
+def report(lock_name: str, rows: list[tuple[str, str | None, str | None]]) -> str:
+    if not rows:
+        return f"drift: none, every package is as {lock_name} pins it"
+    width = max(len(n) for n, _, _ in rows)
+    lines = [f"drift: {len(rows)} package(s) differ from {lock_name} (locked -> installed):"]
+    lines += [f"  {n:<{width}}  {a or '(not locked)'} -> {b or '(not installed)'}" for n, a, b in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("lock", type=Path)
+    parser.add_argument("--exact", action="store_true", help="exit 1 if anything differs from the lock")
+    args = parser.parse_args(argv)
+    try:
+        rows = differences(read_lock(args.lock), installed())
+    except (OSError, ValueError) as e:
+        print(f"drift: error: {e}", file=sys.stderr)
+        return 2
+    print(report(str(args.lock), rows))
+    return 1 if rows and args.exact else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
