@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mixer_convert.arrays import bf16, contiguous, is_bf16
+from mixer_convert.arrays import bf16, contiguous, is_bf16, raw_as_declared
 from mixer_convert.errors import CheckpointError, importable, needs, why
 import mixer_convert.formats.torchpickle as torchpickle
 from mixer_convert.formats.archive import Zip, ZipWriter
@@ -290,10 +290,8 @@ def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> N
         z.add(f"{folder}/data.pkl", [pkl])
         for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
             z.add(f"{folder}/{name}", [value])
-        for i, ((key, shape, dtype), (k, v)) in enumerate(zip(specs, items, strict=True)):
-            if k != key or tuple(v.shape) != tuple(shape) or v.dtype != dtype:
-                raise ValueError(f"PyTorch writer: {k} {v.shape} {v.dtype} where the pickle has {key} {shape} {dtype}")
-            z.add(f"{folder}/data/{i}", [contiguous(v).reshape(-1).view(np.uint8).data], align=64)
+        for i, data in enumerate(raw_as_declared(items, specs, "PyTorch writer", "the pickle")):
+            z.add(f"{folder}/data/{i}", [data], align=64)
         z.add(f"{folder}/version", [b"3\n"])
         z.add(f"{folder}/.data/serialization_id", [str(int(hashlib.sha256(pkl).hexdigest(), 16) % 10**40).encode()])
         z.close()
