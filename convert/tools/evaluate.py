@@ -47,8 +47,6 @@ class Dataset:
 
 def image_folder(root: str, cfg: MixerConfig) -> Dataset:
     classes = folder_classes(root)
-    if not classes:
-        raise ValueError(f"imagefolder: {root!r} has no class folders (expected DIR/<class>/*.jpg)")
     labels = synset_labels(classes, cfg.num_classes)
     if labels is not None:
         rule = f"synset folder names -> ImageNet-{'1k' if cfg.num_classes == 1000 else '21k'} index"
