@@ -30,8 +30,8 @@ from mixer_convert.datasets import ImageFolder, TfdsSource, folder_classes, syns
 from mixer_convert.preprocess import PIPELINES
 from mixer_convert.spec import MixerConfig
 from mixer_convert.errors import MissingExtraError, importable
-from mixer_convert.tools.command import (Parser, add_device, add_image_size, add_json, add_quiet, command, emit,
-                                         positive_int)
+from mixer_convert.command import (Parser, add_device, add_image_size, add_json, add_quiet, command, emit,
+                                   positive_int)
 from mixer_convert.tools.infer import (FRAMEWORKS, WORKER_TYPES, default_workers, describe, load_batches, load_weights,
                                        make_classifier, parse_frameworks, topk)
 
