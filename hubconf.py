@@ -44,6 +44,8 @@ def _core_from_checkout() -> None:
 
 _core_from_checkout()
 
+from mixer_convert.spec import TIMM_NAMES as _TIMM_NAMES, config_for as _config_for  # noqa: E402
+from mixer_convert.spec import num_params as _num_params  # noqa: E402
 from mixer_torch import MlpMixer as _MlpMixer  # noqa: E402
 from mixer_torch import create_model as _create_model  # noqa: E402
 
@@ -53,18 +55,15 @@ def mixer(variant: str = "B/16", pretrained: "bool | str" = False, **kwargs) -> 
     return _create_model(variant, pretrained=pretrained, **kwargs)
 
 
-def _entry(variant: str, name: str, millions: float):
+def _entry(variant: str, name: str):
     def entry(pretrained: "bool | str" = False, **kwargs) -> _MlpMixer:
         return _create_model(variant, pretrained=pretrained, **kwargs)
+    millions = _num_params(_config_for(variant)) / 1e6
     entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"Mixer-{variant} at 224x224 ({millions} M parameters with the 1000-class head)."
+    entry.__doc__ = f"Mixer-{variant} at 224x224 ({millions:.1f} M parameters with the 1000-class head)."
     return entry
 
 
-# timm's names (torch.hub lists the module's public callables; each needs its own name and doc)
-mixer_s32_224 = _entry("S/32", "mixer_s32_224", 19.1)
-mixer_s16_224 = _entry("S/16", "mixer_s16_224", 18.5)
-mixer_b32_224 = _entry("B/32", "mixer_b32_224", 60.3)
-mixer_b16_224 = _entry("B/16", "mixer_b16_224", 59.9)
-mixer_l32_224 = _entry("L/32", "mixer_l32_224", 206.9)
-mixer_l16_224 = _entry("L/16", "mixer_l16_224", 208.2)
+# timm's names (mixer_s32_224 ... mixer_l16_224), one entry point each, made from the spec's one list:
+# torch.hub lists the module's public callables, so each is a module-level function of its own name.
+globals().update({name: _entry(variant, name) for variant, name in _TIMM_NAMES.items()})

@@ -1,5 +1,6 @@
 """Mixer weights as numpy arrays: the dtypes they may have (float16, bfloat16, float32, float64),
-casts, the NaN/Inf count, and fast C-ordered copies of the transposed views the layouts make.
+casts, the NaN/Inf count, fast C-ordered copies of the transposed views the layouts make, and the
+raw bytes the writers write.
 
 bfloat16 is numpy's ``ml_dtypes.bfloat16``; it is recognised by name so that float32 paths never
 import ml_dtypes (an interpreter without it, such as timm's oracle, still converts float32 files).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -82,6 +83,22 @@ def contiguous(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2 and arr.T.flags.c_contiguous:
         return transpose2d(arr.T)
     return np.ascontiguousarray(arr)
+
+
+def raw(arr: np.ndarray) -> memoryview:
+    """``arr``'s bytes in C order, as a writer writes them: no copy where it is C-ordered already
+    (viewed as bytes: bfloat16 has no buffer format of its own)."""
+    return contiguous(arr).reshape(-1).view(np.uint8).data
+
+
+def raw_as_declared(items: Iterable[tuple[str, np.ndarray]], specs: Iterable[tuple[str, tuple, Any]],
+                    writer: str, declared_in: str) -> Iterator[memoryview]:
+    """:func:`raw` of each array of ``items``, once it is checked to be the one ``specs`` declares in
+    its place: for the writers that write the specs first (``declared_in``: 'the header')."""
+    for (key, shape, dtype), (k, v) in zip(specs, items, strict=True):
+        if k != key or tuple(v.shape) != tuple(shape) or v.dtype != dtype:
+            raise ValueError(f"{writer}: {k} {v.shape} {v.dtype} where {declared_in} has {key} {shape} {dtype}")
+        yield raw(v)
 
 
 def transpose2d(arr: np.ndarray) -> np.ndarray:

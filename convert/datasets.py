@@ -70,12 +70,17 @@ def digits(split: str) -> ArraySource:
 # ---- image folders ------------------------------------------------------------------------------
 
 
-def folder_classes(root: str | os.PathLike, expected: str = "DIR/<class>/*.jpg") -> list[str]:
-    """The class folders of ``root``: its sub-folders, sorted, hidden ones (``.name``) left out."""
+def folder_classes(root: str | os.PathLike, expected: str = "DIR/<class>/*.jpg", *,
+                   at_least_one: bool = True) -> list[str]:
+    """The class folders of ``root``: its sub-folders, sorted, hidden ones (``.name``) left out; none
+    is an error unless not ``at_least_one``. ``expected``: the layout the errors name."""
     base = Path(root)
     if not base.is_dir():
         raise ValueError(f"imagefolder: no directory {str(base)!r} (expected {expected})")
-    return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if at_least_one and not found:
+        raise ValueError(f"imagefolder: {str(base)!r} has no class folders (expected {expected})")
+    return found
 
 
 class ImageFolder:
@@ -94,10 +99,8 @@ class ImageFolder:
                  labels: Mapping[str, int] | None = None, nested: bool = False, skip_bad: bool = False,
                  expected: str = "DIR/<class>/*.jpg") -> None:
         self.root = Path(root)
-        found = folder_classes(self.root, expected)
+        found = folder_classes(self.root, expected, at_least_one=not classes)  # given classes may be absent
         self.classes = list(classes) if classes else found
-        if not self.classes:
-            raise ValueError(f"imagefolder: {str(self.root)!r} has no class folders (expected {expected})")
         label_of = dict(labels) if labels is not None else {c: i for i, c in enumerate(self.classes)}
         files, targets, not_files = [], [], []
         for cname in self.classes:
@@ -116,7 +119,11 @@ class ImageFolder:
         self.labels = np.asarray(targets, np.int32)
         self.num_classes = len(self.classes)  # classes the data has (labels may number a larger head)
         self.not_files = not_files  # entries named like images that are not files, left out (skip_bad)
-        self.left_out = len(not_files)
+
+    @property
+    def left_out(self) -> int:
+        """How many entries were left out (:attr:`not_files`)."""
+        return len(self.not_files)
 
     def __len__(self) -> int:
         return len(self.files)

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from mixer_convert.errors import importable
-from mixer_convert.taps import area_plan, bilinear_taps, frozen
+from mixer_convert.taps import area_plan, bilinear_taps, frozen, scratch, value_range
 
 
 def _bilinear(image, channels, rows, top, bottom, y_lerp, left, right, x_lerp, scale, row, along, out):
@@ -190,21 +190,20 @@ def big_vision(image: np.ndarray, small: tuple[int, int], window: tuple[int, int
 def _run_bilinear(kernel: Callable, image: np.ndarray, size: tuple[int, int], out: np.ndarray) -> None:
     (ih, iw, c), (oh, ow) = image.shape, size
     rows, *taps = _bilinear_taps(ih, iw, oh, ow)
-    kernel(image.reshape(ih, iw * c), c, rows, *taps, True, _scratch("row", iw * c),
-           _scratch("along", len(rows) * ow * c).reshape(len(rows), ow * c), out.reshape(oh, ow * c))
+    kernel(image.reshape(ih, iw * c), c, rows, *taps, True, scratch("kernel_row", (iw * c,), np.float32),
+           scratch("kernel_along", (len(rows), ow * c), np.float32), out.reshape(oh, ow * c))
 
 
 def _run_area(kernel: Callable, image: np.ndarray, small: tuple[int, int], window: tuple[int, int, int, int],
               out: np.ndarray) -> None:
     (ih, iw, c), (h, w) = image.shape, window[2:]
     lo, n, *taps = _area_taps(ih, iw, *small, window)
-    kernel(image.reshape(ih, iw * c), c, lo, *taps, _VALUE_RANGE, _scratch("row", iw * c),
-           _scratch("along", n * w * c).reshape(n, w * c), out.reshape(h, w * c))
+    kernel(image.reshape(ih, iw * c), c, lo, *taps, _VALUE_RANGE, scratch("kernel_row", (iw * c,), np.float32),
+           scratch("kernel_along", (n, w * c), np.float32), out.reshape(h, w * c))
 
 
-# big_vision's value_range of each uint8 value, as preprocess's numpy path computes it: x / 255 * 2 - 1
-_VALUE_RANGE = frozen(np.divide(np.arange(256, dtype=np.uint8), np.float32(255), dtype=np.float32)
-                      * np.float32(2) + np.float32(-1))
+# big_vision's value_range of each uint8 value, looked up by the area kernel
+_VALUE_RANGE = frozen(value_range(np.arange(256, dtype=np.uint8), "big_vision"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -224,19 +223,3 @@ def _area_taps(ih: int, iw: int, oh: int, ow: int, window: tuple[int, int, int, 
     return (p.rows.start, p.rows.stop - p.rows.start, frozen(np.stack(p.row_taps, 1)),
             frozen(np.concatenate(p.y_weights, 1)), frozen(np.stack(p.columns)), frozen(np.stack(p.x_weights)),
             p.inv_area)
-
-
-_local = threading.local()
-_SCRATCH_MAX_FLOATS = 16 << 20
-
-
-def _scratch(name: str, size: int) -> np.ndarray:
-    """A float32 buffer of this thread's, reused (fresh pages per image cost more than the arithmetic);
-    one over 64 MB (a huge output) is the call's own, not kept."""
-    if size > _SCRATCH_MAX_FLOATS:
-        return np.empty(size, np.float32)
-    buf = getattr(_local, name, None)
-    if buf is None or buf.size < size:
-        buf = np.empty(size, np.float32)
-        setattr(_local, name, buf)
-    return buf[:size]

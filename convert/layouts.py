@@ -52,30 +52,13 @@ def torch_key_to_canonical(key: str, ndim: int) -> str:
     return path.replace(".", "/") + "/" + leaf
 
 
-def kernel_to_torch(arr: np.ndarray) -> np.ndarray:
-    """A view: Conv HWIO -> OIHW, Dense (in, out) -> Linear (out, in)."""
-    if arr.ndim == 4:
-        return arr.transpose(3, 2, 0, 1)
-    return arr.T if arr.ndim == 2 else arr
+# A kernel's axes in torch's order, by rank: Conv HWIO -> OIHW, Dense (in, out) -> Linear (out, in).
+# The one table: both directions, of values and of shapes, are derived from it.
+TORCH_KERNEL_AXES: dict[int, tuple[int, ...]] = {4: (3, 2, 0, 1), 2: (1, 0)}
 
 
-def kernel_from_torch(arr: np.ndarray) -> np.ndarray:
-    """A view: OIHW -> HWIO, (out, in) -> (in, out)."""
-    if arr.ndim == 4:
-        return arr.transpose(2, 3, 1, 0)
-    return arr.T if arr.ndim == 2 else arr
-
-
-def _kernel_shape_to_torch(shape: tuple[int, ...]) -> tuple[int, ...]:
-    if len(shape) == 4:
-        return shape[3], shape[2], shape[0], shape[1]
-    return tuple(reversed(shape)) if len(shape) == 2 else shape
-
-
-def _kernel_shape_from_torch(shape: tuple[int, ...]) -> tuple[int, ...]:
-    if len(shape) == 4:
-        return shape[2], shape[3], shape[1], shape[0]
-    return tuple(reversed(shape)) if len(shape) == 2 else shape
+def _inverse(axes: Mapping[int, tuple[int, ...]]) -> dict[int, tuple[int, ...]]:
+    return {n: tuple(sorted(range(n), key=p.__getitem__)) for n, p in axes.items()}
 
 
 # ---- the timm table ------------------------------------------------------------------------
@@ -131,14 +114,13 @@ def timm_key_to_canonical(key: str, ndim: int) -> str:
 
 
 class Layout:
-    """Per-tensor maps between canonical and one foreign naming."""
+    """Per-tensor maps between canonical and one foreign naming; ``kernel_axes``: the foreign
+    order of a kernel's axes by rank (a rank not listed, or no table, keeps the canonical order)."""
 
     def __init__(self, name: str, key_to: Callable[[str], str], key_from: Callable[[str, int], str],
-                 value_to: Callable[[np.ndarray], np.ndarray], value_from: Callable[[np.ndarray], np.ndarray],
-                 kernel_shape_to: Callable = tuple, kernel_shape_from: Callable = tuple):
+                 kernel_axes: Mapping[int, tuple[int, ...]] | None = None):
         self.name, self._key_to, self._key_from = name, key_to, key_from
-        self._value_to, self._value_from = value_to, value_from
-        self._shape_to, self._shape_from = kernel_shape_to, kernel_shape_from
+        self._axes_to, self._axes_from = dict(kernel_axes or {}), _inverse(kernel_axes or {})
 
     def key_to(self, key: str) -> str:
         return self._key_to(key)
@@ -148,16 +130,27 @@ class Layout:
         return self._key_from(key, ndim)
 
     def value_to(self, key: str, arr):
-        return self._value_to(arr) if key.endswith("/kernel") else arr
+        """A view (no copy) in the foreign layout."""
+        return _permuted(arr, self._axes_to, key)
 
     def value_from(self, canonical_key: str, arr):
-        return self._value_from(arr) if canonical_key.endswith("/kernel") else arr
+        return _permuted(arr, self._axes_from, canonical_key)
 
     def shape_to(self, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(self._shape_to(tuple(shape))) if key.endswith("/kernel") else tuple(shape)
+        return _permuted_shape(tuple(shape), self._axes_to, key)
 
     def shape_from(self, canonical_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(self._shape_from(tuple(shape))) if canonical_key.endswith("/kernel") else tuple(shape)
+        return _permuted_shape(tuple(shape), self._axes_from, canonical_key)
+
+
+def _permuted(arr, axes: Mapping[int, tuple[int, ...]], key: str):
+    order = axes.get(arr.ndim) if key.endswith("/kernel") else None
+    return arr if order is None else arr.transpose(order)
+
+
+def _permuted_shape(shape: tuple[int, ...], axes: Mapping[int, tuple[int, ...]], key: str) -> tuple[int, ...]:
+    order = axes.get(len(shape)) if key.endswith("/kernel") else None
+    return shape if order is None else tuple(shape[i] for i in order)
 
 
 def _identity(x):
@@ -181,12 +174,10 @@ def _nnx_key_from(key: str, ndim: int) -> str:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "flax": Layout("flax", _identity, _flax_key, _identity, _identity),
-    "nnx": Layout("nnx", _nnx_key, _nnx_key_from, _identity, _identity),
-    "torch": Layout("torch", torch_key, torch_key_to_canonical, kernel_to_torch, kernel_from_torch,
-                    _kernel_shape_to_torch, _kernel_shape_from_torch),
-    "timm": Layout("timm", timm_key, timm_key_to_canonical, kernel_to_torch, kernel_from_torch,
-                   _kernel_shape_to_torch, _kernel_shape_from_torch),
+    "flax": Layout("flax", _identity, _flax_key),
+    "nnx": Layout("nnx", _nnx_key, _nnx_key_from),
+    "torch": Layout("torch", torch_key, torch_key_to_canonical, TORCH_KERNEL_AXES),
+    "timm": Layout("timm", timm_key, timm_key_to_canonical, TORCH_KERNEL_AXES),
 }
 
 

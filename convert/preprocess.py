@@ -34,24 +34,22 @@ loaded in the background on the first image; the numpy code below runs until the
 from __future__ import annotations
 
 import functools
-import math
-import threading
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from mixer_convert import kernels
 from mixer_convert.images import ImageError, read_image
-from mixer_convert.taps import AreaPlan, area_plan, bilinear_taps, frozen, pixel_columns
+from mixer_convert.taps import AreaPlan, area_plan, bilinear_taps, frozen, pixel_columns, scratch, value_range
 
 PIPELINES = ("vit_jax", "big_vision")
-# read_image and ImageError live in mixer_convert.images; also importable from here, their old home.
+# read_image and ImageError live in mixer_convert.images, value_range in mixer_convert.taps (kernels use it
+# too); all importable from here.
 __all__ = ["PIPELINES", "ImageError", "central_crop", "load_image", "preprocess", "read_image", "resize_area",
            "resize_bilinear", "resize_small", "value_range"]
 
 # big_vision's ImageNet eval resizes the shorter side to 256 for a 224 crop; other crop sizes keep the ratio.
 _BIG_VISION_RESIZE_RATIO = 256 / 224
-_SCRATCH_MAX_BYTES = 64 << 20  # larger intermediates (huge images) are allocated per call, not kept
 _BLOCK_ELEMENTS = 40_000  # output elements (rows x W x C) computed together
 
 
@@ -79,39 +77,14 @@ def _output(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-# ---- per-thread scratch -------------------------------------------------------------------------
-
-_local = threading.local()
-
-
-def _scratch(key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    """A buffer of ``shape`` that this thread reuses on its next call (contents undefined)."""
-    views = _local.__dict__.setdefault("views", {})
-    view = views.get((key, shape, dtype))
-    if view is not None:
-        return view
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    if nbytes > _SCRATCH_MAX_BYTES:
-        return np.empty(shape, dtype)
-    bufs = _local.__dict__.setdefault("buffers", {})
-    if key not in bufs or bufs[key].size < nbytes:
-        bufs[key] = np.empty(nbytes, np.uint8)
-        for k in [k for k in views if k[0] == key]:  # views of the old buffer
-            del views[k]
-    if len(views) > 256:  # many image sizes: start over rather than keep every view
-        views.clear()
-    view = views[(key, shape, dtype)] = bufs[key][:nbytes].view(dtype).reshape(shape)
-    return view
-
-
 def _rows(a: np.ndarray, index: np.ndarray | slice, key: str) -> np.ndarray:
     if isinstance(index, slice):
         return a[index]
-    return a.take(index, 0, _scratch(key, (len(index), a.shape[1]), a.dtype), "clip")
+    return a.take(index, 0, scratch(key, (len(index), a.shape[1]), a.dtype), "clip")
 
 
 def _columns(a: np.ndarray, index: np.ndarray, key: str) -> np.ndarray:
-    return a.take(index, 1, _scratch(key, (a.shape[0], len(index)), a.dtype), "clip")
+    return a.take(index, 1, scratch(key, (a.shape[0], len(index)), a.dtype), "clip")
 
 
 def _as_slice(index: np.ndarray) -> np.ndarray | slice:
@@ -161,7 +134,7 @@ def _bilinear_block(image: np.ndarray, p: _BilinearPlan, o: np.ndarray) -> None:
     rows = _rows(image, p.rows, "bl_rows")
     left, right = _columns(rows, p.left, "bl_left"), _columns(rows, p.right, "bl_right")
     # TF's compute_lerp: every needed row along x first, left + (right - left) * x_lerp ...
-    along_x, left_f = _scratch("bl_x", left.shape, np.float32), _scratch("bl_left_f", left.shape, np.float32)
+    along_x, left_f = scratch("bl_x", left.shape, np.float32), scratch("bl_left_f", left.shape, np.float32)
     np.copyto(along_x, right)  # exact; two plain casts are cheaper than one mixed-type subtract
     np.copyto(left_f, left)
     np.subtract(along_x, left_f, out=along_x)
@@ -205,8 +178,8 @@ def resize_area(image: np.ndarray, size: int | Sequence[int], *, window: Sequenc
 def _area_block(image: np.ndarray, p: AreaPlan, o: np.ndarray) -> None:
     rows = image[p.rows]
     # TF's ComputeXSum: along x each row's taps in order (first, middle..., last), in float32 ...
-    along_x = _scratch("area_x", (rows.shape[0], o.shape[1]), np.float32)
-    term = _scratch("area_term", along_x.shape, np.float32)
+    along_x = scratch("area_x", (rows.shape[0], o.shape[1]), np.float32)
+    term = scratch("area_term", along_x.shape, np.float32)
     for k, (cols, weights) in enumerate(zip(p.columns, p.x_weights)):
         dst = along_x if k == 0 else term
         np.copyto(dst, _columns(rows, cols, "area_taps"))
@@ -214,7 +187,7 @@ def _area_block(image: np.ndarray, p: AreaPlan, o: np.ndarray) -> None:
         if k:
             np.add(along_x, term, out=along_x)
     # ... then the rows' sums weighted and added in order (TF starts from 0; 0 + x is x) ...
-    row_term = _scratch("area_rows", o.shape, np.float32)
+    row_term = scratch("area_rows", o.shape, np.float32)
     for k, (taps, weights) in enumerate(zip(p.row_taps, p.y_weights)):
         dst = o if k == 0 else row_term
         along_x.take(taps, 0, dst, "clip")
@@ -251,18 +224,7 @@ def central_crop(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     return image[dy:dy + ch, dx:dx + cw]
 
 
-# ---- [-1, 1] and the pipelines --------------------------------------------------------------------
-
-
-def value_range(image, pipeline: str = "vit_jax"):
-    """[0, 255] -> [-1, 1], float32, as the official pipeline writes it: vit_jax
-    ``(x - 127.5) / 127.5``; big_vision ``value_range(-1, 1)``, ``-1 + x / 255 * 2`` (the same map
-    to within 1 float32 ulp). Works on numpy arrays and on jax arrays (inside jit: training's
-    ``normalize``)."""
-    x = image.astype(np.float32) if hasattr(image, "astype") else np.asarray(image, np.float32)
-    if pipeline == "big_vision":
-        return x / np.float32(255) * np.float32(2) + np.float32(-1)  # tf: -1 + (x / 255) * 2, same value
-    return (x - np.float32(127.5)) / np.float32(127.5)
+# ---- the pipelines ----------------------------------------------------------------------------
 
 
 def preprocess(image: np.ndarray, pipeline: str = "vit_jax", image_size: int | Sequence[int] = 224, *,
@@ -291,7 +253,7 @@ def preprocess(image: np.ndarray, pipeline: str = "vit_jax", image_size: int | S
         out[...] = value_range(crop, "big_vision")
         return out
     # tf.cast truncates toward zero; an area mean of uint8 pixels lies in [0, 255 + rounding] < 256.
-    pixels = _scratch("bv_uint8", out.shape, np.uint8)
+    pixels = scratch("bv_uint8", out.shape, np.uint8)
     np.copyto(pixels, crop, casting="unsafe")
     np.divide(pixels, np.float32(255), out=out, dtype=np.float32)  # value_range(pixels, "big_vision") in place
     np.multiply(out, np.float32(2), out=out)

@@ -43,12 +43,7 @@ class Output:
         if fmt is None:
             fmt, layout = formats.output_format(dst, to)
         formats.module(fmt)  # an unknown format fails here, before anything is written
-        layout = layout or ("torch" if fmt in ("torch", "safetensors") else "timm" if fmt == "timm-hub" else "flax")
-        if fmt in ("npz", "msgpack", "orbax") and layout != "flax" and (fmt, layout) != ("orbax", "nnx"):
-            raise ValueError(f"{fmt} files hold the Flax (official) naming, not {layout!r}")
-        if fmt == "timm-hub" and layout != "timm":
-            raise ValueError(f"timm model folders hold timm's naming, not {layout!r}")
-        out = cls(Path(dst), fmt, layout)
+        out = cls(Path(dst), fmt, formats.naming(fmt, layout))
         check_destination(out.path, force, out.is_dir)
         return out
 

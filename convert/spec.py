@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
-from typing import Iterator
+from typing import Any, Iterator
 
 # size -> (hidden C, num_blocks, tokens_mlp_dim D_S, channels_mlp_dim D_C); paper Table 1.
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -21,6 +21,8 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 # The published patch sizes; other sizes still build (e.g. tests), but names must be real.
 VARIANTS: tuple[str, ...] = ("S/32", "S/16", "S/8", "B/32", "B/16", "L/32", "L/16", "H/14")
+# The config fields a variant name fixes (its patch size, then its size's four SIZES).
+VARIANT_FIELDS = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")
 
 LAYERNORM_EPS = 1e-6  # flax.linen.LayerNorm default; the official checkpoints were trained with it.
 
@@ -112,21 +114,22 @@ def parse_variant(name: str) -> tuple[str, int]:
     return size, patch
 
 
+def variant_dims(variant: str) -> dict[str, Any]:
+    """The config fields (:data:`VARIANT_FIELDS`) a variant name fixes, e.g. 'B/16' ->
+    ``{'patch_size': (16, 16), 'hidden_dim': 768, 'num_blocks': 12, ...}``."""
+    size, patch = parse_variant(variant)
+    return dict(zip(VARIANT_FIELDS, ((patch, patch), *SIZES[size])))
+
+
 def config_for(variant: str, **overrides) -> MixerConfig:
     """The config of a named variant, e.g. ``config_for('B/16', num_classes=10, image_size=384)``."""
-    size, patch = parse_variant(variant)
-    hidden, blocks, d_s, d_c = SIZES[size]
-    kw = dict(patch_size=patch, hidden_dim=hidden, num_blocks=blocks, tokens_mlp_dim=d_s, channels_mlp_dim=d_c)
-    kw.update(overrides)
-    return MixerConfig(**kw)
+    return MixerConfig(**{**variant_dims(variant), **overrides})
 
 
 def variant_name(cfg: MixerConfig) -> str | None:
     """The published variant a config matches (size and patch), or None."""
     for name in VARIANTS:
-        size, patch = parse_variant(name)
-        if (cfg.hidden_dim, cfg.num_blocks, cfg.tokens_mlp_dim, cfg.channels_mlp_dim) == SIZES[size] \
-                and cfg.patch_size == (patch, patch):
+        if all(getattr(cfg, field) == value for field, value in variant_dims(name).items()):
             return name
     return None
 

@@ -4,11 +4,14 @@
 official eval pipelines, computed in float32 exactly as TensorFlow computes them. Shared by the
 numpy path (:mod:`mixer_convert.preprocess`) and the compiled one (:mod:`mixer_convert.kernels`),
 so that both read the same pixels with the same weights; every array returned is read-only, as
-cached plans are shared by every thread.
+cached plans are shared by every thread. Also shared by both: the per-thread scratch buffers their
+intermediates live in (:func:`scratch`) and the [-1, 1] map they end with (:func:`value_range`).
 """
 from __future__ import annotations
 
 import functools
+import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -75,3 +78,41 @@ def area_plan(ih: int, iw: int, oh: int, ow: int, c: int, window: tuple[int, int
                      tuple(frozen(np.repeat(xw[:, k], c)) for k in range(xw.shape[1])),
                      tuple(frozen(yi[:, k] - lo) for k in range(yi.shape[1])),
                      tuple(frozen(yw[:, k:k + 1]) for k in range(yw.shape[1])), inv)
+
+
+# ---- per-thread scratch, the [-1, 1] map ----------------------------------------------------------
+
+_SCRATCH_MAX_BYTES = 64 << 20  # larger intermediates (huge images) are allocated per call, not kept
+_local = threading.local()
+
+
+def scratch(key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A buffer of ``shape`` that this thread reuses on its next call (contents undefined): fresh
+    pages per image cost more than the arithmetic. One over 64 MB (a huge image) is the call's own."""
+    views = _local.__dict__.setdefault("views", {})
+    view = views.get((key, shape, dtype))
+    if view is not None:
+        return view
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes > _SCRATCH_MAX_BYTES:
+        return np.empty(shape, dtype)
+    bufs = _local.__dict__.setdefault("buffers", {})
+    if key not in bufs or bufs[key].size < nbytes:
+        bufs[key] = np.empty(nbytes, np.uint8)
+        for k in [k for k in views if k[0] == key]:  # views of the old buffer
+            del views[k]
+    if len(views) > 256:  # many image sizes: start over rather than keep every view
+        views.clear()
+    view = views[(key, shape, dtype)] = bufs[key][:nbytes].view(dtype).reshape(shape)
+    return view
+
+
+def value_range(image, pipeline: str = "vit_jax"):
+    """[0, 255] -> [-1, 1], float32, as the official pipeline writes it: vit_jax
+    ``(x - 127.5) / 127.5``; big_vision ``value_range(-1, 1)``, ``-1 + x / 255 * 2`` (the same map
+    to within 1 float32 ulp). Works on numpy arrays and on jax arrays (inside jit: training's
+    ``normalize``)."""
+    x = image.astype(np.float32) if hasattr(image, "astype") else np.asarray(image, np.float32)
+    if pipeline == "big_vision":
+        return x / np.float32(255) * np.float32(2) + np.float32(-1)  # tf: -1 + (x / 255) * 2, same value
+    return (x - np.float32(127.5)) / np.float32(127.5)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import shlex
 import sys
 
-from mixer_convert.tools.command import Parser, add_json, add_quiet, command, emit
-from mixer_convert.tools.extras import require
+from mixer_convert.command import Parser, add_json, add_quiet, command, emit
+from mixer_convert.extras import require
 
 PROG = "mixer-train"
 

@@ -11,7 +11,7 @@ import os
 
 from mixer_convert.hub import is_remote
 from mixer_convert.images import WORKER_TYPES
-from mixer_convert.spec import SIZES, MixerConfig, image_hw, parse_variant, variant_name
+from mixer_convert.spec import VARIANT_FIELDS, MixerConfig, image_hw, parse_variant, variant_dims, variant_name
 
 AUGMENTS = ("inception_crop_flip", "inception_crop", "none")
 
@@ -38,8 +38,8 @@ class DataConfig:
     skip_bad: bool = False
 
 
-# The fields a variant name fixes; without a variant all of them are given.
-DIMENSIONS = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")
+# The fields a variant name fixes (the spec's); without a variant all of them are given.
+DIMENSIONS = VARIANT_FIELDS
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MODEL_API_NAMES = ("linen", "nnx")  # Flax's two module APIs (mixer_jax.steps.MODEL_APIS); the same model
 
@@ -79,7 +79,7 @@ class ModelConfig:
         except ValueError as e:
             raise ValueError(f"model.variant: {e}") from None
         object.__setattr__(self, "variant", f"{size}/{patch}")  # 'mixer_b16_224' is saved as 'B/16'
-        wanted = dict(zip(DIMENSIONS, ((patch, patch), *SIZES[size])))
+        wanted = variant_dims(self.variant)
         for d, value in wanted.items():
             if getattr(self, d) is None:
                 object.__setattr__(self, d, value)

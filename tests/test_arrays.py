@@ -1,11 +1,12 @@
-"""mixer_convert.arrays: the float dtypes a weight may have, casts, the exact NaN/Inf count, and the
-tiled transpose that makes C-ordered copies of the layouts' transposed views."""
+"""mixer_convert.arrays: the float dtypes a weight may have, casts, the exact NaN/Inf count, the
+tiled transpose that makes C-ordered copies of the layouts' transposed views, and the raw bytes the
+writers write (checked against the specs a header declared)."""
 import ml_dtypes
 import numpy as np
 import pytest
 
 from mixer_convert.arrays import (DTYPES, bf16, cast, check_float, contiguous, count_nonfinite, is_bf16, np_dtype,
-                                  transpose2d)
+                                  raw, raw_as_declared, transpose2d)
 from mixer_convert.errors import CheckpointError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -14,6 +15,27 @@ FLOATS = [np.float16, np.float32, np.float64, BF16]
 
 def _random(shape, dtype, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# ---- raw bytes, as the writers write them ----------------------------------------------------------
+
+
+def test_raw_is_the_c_ordered_bytes_without_a_copy_where_they_are_already():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3).astype(BF16)
+    assert bytes(raw(a)) == a.tobytes() and np.shares_memory(np.frombuffer(raw(a), np.uint8), a)
+    assert bytes(raw(a.T)) == np.ascontiguousarray(a.T).tobytes()
+
+
+def test_raw_as_declared_checks_each_array_against_its_spec_in_order():
+    a, b = np.zeros((2, 3), np.float32), np.ones(4, np.float16)
+    specs = [("a", (2, 3), a.dtype), ("b", (4,), b.dtype)]
+    assert [bytes(d) for d in raw_as_declared(iter([("a", a), ("b", b)]), specs, "w", "the header")] == \
+        [a.tobytes(), b.tobytes()]
+    for items in ([("b", b), ("a", a)], [("a", a), ("b", b.astype(np.float32))], [("a", a.T), ("b", b)]):
+        with pytest.raises(ValueError, match="^w: .* where the header has "):
+            list(raw_as_declared(iter(items), specs, "w", "the header"))
+    with pytest.raises(ValueError):  # one array too few
+        list(raw_as_declared(iter([("a", a)]), specs, "w", "the header"))
 
 
 # ---- contiguous / transpose2d ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""mixer_convert.tools.command: the one convention of the six commands -- every error one line on
+"""mixer_convert.command: the one convention of the six commands -- every error one line on
 stderr with exit 2 (usage, bad input, a missing extra), signals 128 + n, a bug said to be one (its
 traceback with MIXER_TRACEBACK=1), warnings one line, ``--json`` alone JSON only, ``--json PATH``
 the text and the JSON written atomically."""
@@ -12,7 +12,7 @@ import pytest
 
 from conftest import subprocess_env
 from mixer_convert.errors import CheckpointError, MissingExtraError
-from mixer_convert.tools.command import Parser, add_device, add_image_size, add_json, add_quiet, command, emit
+from mixer_convert.command import Parser, add_device, add_image_size, add_json, add_quiet, command, emit
 
 PROG = "mixer-test"
 
@@ -168,7 +168,7 @@ def test_a_warning_is_one_line_and_the_warning_printer_is_restored(capsys):
 
 _SIGNALLED = """
 import os, signal, sys, time
-from mixer_convert.tools.command import command
+from mixer_convert.command import command
 
 @command("mixer-test", interrupted="; nothing was written")
 def main(argv):

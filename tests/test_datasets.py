@@ -88,6 +88,15 @@ def test_folder_errors_are_one_line(tmp_path, case, match):
     assert "\n" not in str(e.value) and str(root) in str(e.value)
 
 
+def test_folder_classes_without_any_is_an_error_unless_none_may_be(tmp_path):
+    (tmp_path / ".hidden").mkdir()
+    with pytest.raises(ValueError, match=f"imagefolder: '{tmp_path}' has no class folders \\(expected DIR/x\\)"):
+        folder_classes(tmp_path, "DIR/x")
+    assert folder_classes(tmp_path, at_least_one=False) == []
+    with pytest.raises(ValueError, match="no image files under"):  # given classes: none of them is there
+        ImageFolder(tmp_path, ["cat"])
+
+
 def test_synset_folders_map_to_their_imagenet_head_index():
     assert synset_labels(["n01443537", "n15075141"], 1000) == {"n01443537": 1, "n15075141": 999}
     assert synset_labels(["n01443537", "cats"], 1000) is None  # not all synsets: sorted-index labels

@@ -1,4 +1,4 @@
-"""mixer_convert.tools.extras: the optional extras read from the package's own metadata (which is
+"""mixer_convert.extras: the optional extras read from the package's own metadata (which is
 pyproject's optional-dependencies, nothing copied by hand), an extra installed only when every
 module of it can be imported, and the smallest extra that provides a missing module."""
 import importlib.metadata
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, has_module, import_blocker, subprocess_env
-from mixer_convert.tools import extras
+from mixer_convert import extras
 
 
 def _normalise(name: str) -> str:  # PEP 503
@@ -79,7 +79,7 @@ def test_an_extra_with_a_module_blocked_by_an_import_hook_is_not_installed():
         pytest.skip("needs the onnx and torch extras installed")
     code = import_blocker("onnxruntime") + """
 from mixer_convert.errors import MissingExtraError
-from mixer_convert.tools.extras import has_extra, require
+from mixer_convert.extras import has_extra, require
 print(has_extra('onnx'), has_extra('torch'))
 try:
     require('torch', 'onnx')

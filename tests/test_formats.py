@@ -5,7 +5,7 @@ import zipfile
 import pytest
 
 from mixer_convert.errors import CheckpointError
-from mixer_convert.formats import FORMATS, format_of as detect_format, module, output_format
+from mixer_convert.formats import FORMATS, NAMINGS, format_of as detect_format, module, naming, output_format
 from mixer_convert.save import write_params
 
 
@@ -73,6 +73,19 @@ def test_an_output_without_a_known_suffix_or_with_an_unknown_kind_is_an_error():
         output_format("out.ckpt", None)
     with pytest.raises(ValueError, match="unknown output kind 'jax'"):
         output_format("out.npz", "jax")
+
+
+def test_each_format_has_a_default_naming_and_refuses_namings_it_cannot_hold():
+    assert set(NAMINGS) == set(FORMATS)
+    assert {fmt: naming(fmt, None) for fmt in FORMATS} == {"npz": "flax", "msgpack": "flax", "orbax": "flax",
+                                                           "torch": "torch", "safetensors": "torch",
+                                                           "timm-hub": "timm"}
+    assert naming("orbax", "nnx") == "nnx" and naming("safetensors", "timm") == "timm"
+    for fmt, layout, match in [("npz", "nnx", "npz files hold the Flax \\(official\\) naming, not 'nnx'"),
+                               ("msgpack", "timm", "msgpack files hold the Flax"), ("orbax", "torch", "orbax files"),
+                               ("timm-hub", "torch", "timm model folders hold timm's naming, not 'torch'")]:
+        with pytest.raises(ValueError, match=match):
+            naming(fmt, layout)
 
 
 def test_each_format_has_its_module_with_a_reader_and_a_writer():

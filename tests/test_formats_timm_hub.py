@@ -260,7 +260,11 @@ FOLDERS = {
                                             d["pretrained_cfg"].pop("num_classes")]), r"gives no num_classes"),
     "num-classes-bool": (dict(edit=lambda d: [d.update(num_classes=True)]), r"num_classes must be an integer"),
     "num-classes-negative": (dict(edit=_classes(-1)), r"num_classes must be an integer >= 0, got -1"),
-    "img-size-junk": (dict(edit=lambda d: d["model_args"].update(img_size="big")), r"img_size must be an integer"),
+    "img-size-junk": (dict(edit=lambda d: d["model_args"].update(img_size="big")),
+                      r"model_args.img_size must be a positive int or a pair of positive ints \(height, width\), "
+                      r"got 'big'"),
+    "img-size-zero": (dict(edit=lambda d: d["model_args"].update(img_size=[224, 0])),
+                      r"model_args.img_size must be a positive int or a pair"),
     # malformed or hostile JSON
     "key-twice": (dict(config='{"architecture": "mixer_s32_224", "num_classes": 1000, "num_classes": 10}'),
                   r"key 'num_classes' appears 2 times"),

@@ -99,3 +99,25 @@ def test_a_file_torch_saved_without_crcs_is_read(official, tmp_path):
     assert not any(i.CRC for i in zipfile.ZipFile(tmp_path / "nocrc.pt").infolist())
     with read_params(tmp_path / "nocrc.pt") as params:
         assert all(np.array_equal(params[k], flat[k]) for k in flat)
+
+
+@requires_torch
+def test_a_file_only_torch_load_reads_has_its_storages_crcs_checked_before_torch_load(official, tmp_path,
+                                                                                       monkeypatch):
+    import torch
+
+    from mixer_convert.formats import torch as torch_format
+
+    src, flat = official
+    convert_checkpoint(src, tmp_path / "m.pt", progress=False)
+    sd = torch.load(tmp_path / "m.pt", weights_only=True)
+    torch.save({"state_dict": sd, "input": torch.Size([3, 224, 224])}, tmp_path / "t.pt")  # a global of torch's
+    with read_params(tmp_path / "t.pt") as params:  # read through torch.load(weights_only=True)
+        assert all(np.array_equal(params[k], flat[k]) for k in flat)
+    blob = bytearray((tmp_path / "t.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "t.pt") as z:
+        blob[_data_offset(bytes(blob), z.getinfo("t/data/0")) + 3] ^= 1
+    (tmp_path / "t.pt").write_bytes(bytes(blob))
+    monkeypatch.setattr(torch_format, "_torch_load", lambda *a: pytest.fail("torch.load reached a corrupt file"))
+    with pytest.raises(CheckpointError, match="Bad CRC-32"):
+        read_params(tmp_path / "t.pt")

@@ -73,6 +73,13 @@ def test_the_models_import_only_the_core_and_their_own_framework():
         assert not {f for f, _ in frameworks} & other, (m, frameworks)
 
 
+def test_training_and_the_models_import_none_of_the_converters_tools():
+    # what the commands share (the CLI convention, the extras) is in the core, for mixer-train too
+    for m, (deps, _) in GRAPH.items():
+        if m.startswith(("mixer_jax", "mixer_torch")):
+            assert not [d for d in deps if layer(d) == "tools" and d.startswith("mixer_convert")], m
+
+
 def test_the_core_imports_a_framework_only_inside_the_function_that_needs_it():
     for m, (_, frameworks) in GRAPH.items():
         if layer(m) == "core":

@@ -104,3 +104,18 @@ def test_nnx_state_reading_never_drops_or_overwrites_a_weight(tmp_path, beside, 
     with pytest.raises(ParamMismatchError) as e:
         open_checkpoint(tmp_path / "w.npz")
     assert match in str(e.value)
+
+
+@pytest.mark.parametrize("layout", ["torch", "timm", "flax", "nnx"])
+def test_every_layouts_value_and_shape_maps_agree_and_invert_each_other(layout):
+    from mixer_convert.layouts import LAYOUTS
+
+    lay = LAYOUTS[layout]
+    for key, shape in [("stem/kernel", (2, 3, 4, 5)), ("head/kernel", (6, 7)), ("stem/bias", (5,)),
+                       ("pre_head_layer_norm/scale", (4,))]:
+        arr = np.arange(np.prod(shape)).reshape(shape)
+        there = lay.value_to(key, arr)
+        assert there.shape == lay.shape_to(key, shape) and np.shares_memory(there, arr)  # a view
+        assert np.array_equal(lay.value_from(key, there), arr) and lay.shape_from(key, there.shape) == shape
+    want = {"torch": (5, 4, 2, 3), "timm": (5, 4, 2, 3)}.get(layout, (2, 3, 4, 5))  # Conv HWIO -> OIHW
+    assert lay.shape_to("stem/kernel", (2, 3, 4, 5)) == want

@@ -9,7 +9,8 @@ import pytest
 from mixer_convert import config_for, random_params
 from mixer_convert.reference import forward
 from mixer_convert.tools.bridge import convert_checkpoint
-from mixer_convert.tools.model_card import card_text, describe_source
+from mixer_convert.formats.timm_hub import PREPROCESSING
+from mixer_convert.tools.model_card import PIPELINE_TEXT, card_text, describe_source
 from mixer_convert.tools.verify import Verification, probe_images
 
 S32 = config_for("S/32")
@@ -43,6 +44,15 @@ def test_the_card_states_model_size_preprocessing_and_front_matter(converted):
     assert "# Model card for mixer_s32_224" in card and "**Classes:** 1000" in card
     assert "area resampling" in card and 'load_image(path, "big_vision")' in card
     assert 'timm.create_model("local-dir:' in card
+
+
+@pytest.mark.parametrize("preprocess", sorted(PREPROCESSING))
+def test_the_preprocessing_section_states_what_config_json_asks_timm_for(preprocess):
+    assert set(PIPELINE_TEXT) == set(PREPROCESSING)
+    card = card_text(S32, "mine.npz", preprocess, Verification(verified_with="x"), {"float32"})
+    asked = PREPROCESSING[preprocess]
+    assert f"`crop_mode: {asked['crop_mode']}`" in card and f"`crop_pct: {asked['crop_pct']}`" in card
+    assert asked["interpolation"] in card and f'load_image(path, "{preprocess}")' in card
 
 
 def test_no_number_is_claimed_that_was_not_measured():

@@ -27,6 +27,16 @@ def test_every_published_variant_builds():
         assert cfg.patch_size == (patch, patch) and cfg.num_tokens == (224 // patch) ** 2
 
 
+def test_a_variants_dimensions_are_its_paper_row_and_name_it_back():
+    from mixer_convert.spec import VARIANT_FIELDS, variant_dims, variant_name
+
+    assert variant_dims("mixer_b16_224") == {"patch_size": (16, 16), "hidden_dim": 768, "num_blocks": 12,
+                                             "tokens_mlp_dim": 384, "channels_mlp_dim": 3072}
+    for v in VARIANTS:
+        assert tuple(variant_dims(v)) == VARIANT_FIELDS and variant_name(config_for(v)) == v
+    assert variant_name(config_for("B/16", tokens_mlp_dim=385)) is None
+
+
 @pytest.mark.parametrize("name", ["B/16", "Mixer-B_16", "mixer_b16", "b-16", " B/16 "])
 def test_variant_names_parse_in_all_common_spellings(name):
     assert parse_variant(name) == ("B", 16)

@@ -45,3 +45,24 @@ def test_verify_with_allowed_nan_warns_once_per_tensor(tmp_path):
         rep = convert_checkpoint(tmp_path / "inf.npz", tmp_path / "o.safetensors", allow_nonfinite=True, verify=True,
                                  progress=False)
     assert rep.warnings == ["stem/bias: 1 of 24 values are NaN or Inf"] and rep.verification.readback_exact
+
+
+@pytest.mark.parametrize("layout, names, framework", [
+    pytest.param("torch", "our PyTorch model", "torch", marks=requires_torch),
+    pytest.param("timm", "our PyTorch model", "torch", marks=requires_torch),
+    pytest.param("flax", "our Flax model", "flax", marks=requires_jax),
+    pytest.param("nnx", "our Flax NNX model", "flax", marks=requires_jax),
+    ("torch", "numpy reference on the written file", None), ("flax", "numpy reference on the written file", None)])
+def test_each_naming_is_verified_with_its_frameworks_model_or_else_the_numpy_reference(layout, names, framework,
+                                                                                        monkeypatch):
+    from mixer_convert import reference
+    from mixer_convert.tools import verify
+    from mixer_convert.tools.verify import probe_images
+
+    if framework is None:
+        monkeypatch.setattr(verify, "importable", lambda module: False)
+    flat, cfg = random_params(TINY, 0), TINY
+    x = probe_images(cfg)
+    logits, what = verify._framework_forward(flat, cfg, layout, x)
+    assert what.startswith(names) and logits.shape == (2, cfg.num_classes)
+    np.testing.assert_allclose(logits, reference.forward(flat, cfg, x), rtol=0, atol=1e-4)

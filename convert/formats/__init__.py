@@ -29,6 +29,13 @@ ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpo
 SUFFIX_FORMAT = {".npz": "npz", ".msgpack": "msgpack", ".flax": "msgpack", ".pt": "torch", ".pth": "torch",
                  ".bin": "torch", ".safetensors": "safetensors"}
 OUTPUT_KINDS = ("torch", "timm", "flax", "nnx", "npz", "msgpack", "orbax", "timm-hub")
+# The namings (mixer_convert.layouts) each format may be written in, its default first.
+NAMINGS: dict[str, tuple[str, ...]] = {
+    "npz": ("flax",), "msgpack": ("flax",), "orbax": ("flax", "nnx"), "timm-hub": ("timm",),
+    "torch": ("torch", "timm", "flax", "nnx"), "safetensors": ("torch", "timm", "flax", "nnx"),
+}
+_HOLDS = {"flax": "the Flax (official) naming", "timm": "timm's naming"}  # the defaults of formats with few namings
+_CALLED = {"timm-hub": "timm model folders"}  # in messages; the others are '<format> files'
 Spec = tuple[str, tuple[int, ...], np.dtype]
 
 
@@ -101,7 +108,7 @@ def output_format(path: str | os.PathLike, to: str | None) -> tuple[str, str]:
     if to in (None, "auto"):
         if suffix in SUFFIX_FORMAT:
             fmt = SUFFIX_FORMAT[suffix]
-            return fmt, "torch" if fmt in ("torch", "safetensors") else "flax"
+            return fmt, NAMINGS[fmt][0]
         raise ValueError(f"cannot tell the output format of {str(path)!r} from its suffix; pass --to")
     if to in ("timm", "torch"):
         return ("safetensors" if suffix == ".safetensors" else "torch"), to
@@ -120,6 +127,15 @@ def output_format(path: str | os.PathLike, to: str | None) -> tuple[str, str]:
     if to == "timm-hub":
         return to, "timm"
     raise ValueError(f"unknown output kind {to!r}; expected one of {', '.join(OUTPUT_KINDS)}")
+
+
+def naming(fmt: str, layout: str | None) -> str:
+    """``layout``, or ``fmt``'s default naming; a naming ``fmt`` cannot hold is a ValueError."""
+    namings = NAMINGS[fmt]
+    layout = layout or namings[0]
+    if layout not in namings:
+        raise ValueError(f"{_CALLED.get(fmt, fmt + ' files')} hold {_HOLDS[namings[0]]}, not {layout!r}")
+    return layout
 
 
 def read(src: Source, fmt: str | None = None) -> tuple[str, dict[str, Entry], Callable[[], None] | None]:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mixer_convert.arrays import bf16, contiguous
+from mixer_convert.arrays import bf16, contiguous, raw
 from mixer_convert.errors import CheckpointError
 from mixer_convert.formats.archive import Zip, ZipWriter
 from mixer_convert.source import Entry, Source, check_shape, nbytes
@@ -105,5 +105,5 @@ def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> N
             v = contiguous(v)
             head = io.BytesIO()
             np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(v))
-            z.add(k + ".npy", [head.getvalue(), v.reshape(-1).view(np.uint8).data], align=64)
+            z.add(k + ".npy", [head.getvalue(), raw(v)], align=64)
         z.close()

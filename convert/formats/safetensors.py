@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mixer_convert.arrays import contiguous, np_dtype
+from mixer_convert.arrays import np_dtype, raw_as_declared
 from mixer_convert.errors import CheckpointError, why
 from mixer_convert.source import Entry, Source, nbytes, no_duplicate_keys
 
@@ -114,7 +114,5 @@ def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list[tuple
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for (k, shape, dtype), (k2, v) in zip(specs, items, strict=True):
-            if k != k2 or tuple(v.shape) != tuple(shape) or v.dtype != dtype:
-                raise ValueError(f"safetensors writer: {k2} {v.shape} {v.dtype} where the header has {k} {shape} {dtype}")
-            f.write(contiguous(v).reshape(-1).view(np.uint8).data)  # no copy; bf16 has no buffer format
+        for data in raw_as_declared(items, specs, "safetensors writer", "the header"):
+            f.write(data)

@@ -27,7 +27,7 @@ from mixer_convert.formats.safetensors import read as read_safetensors, write as
 from mixer_convert.layouts import canonicalize, detect_layout
 from mixer_convert.params import infer_config
 from mixer_convert.source import Entry, MAX_METADATA_BYTES, Source, no_duplicate_keys
-from mixer_convert.spec import TIMM_NAMES, MixerConfig, variant_name
+from mixer_convert.spec import TIMM_NAMES, MixerConfig, image_hw, variant_name
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"  # what we write
@@ -147,11 +147,11 @@ def _count(where: str, field: str, value: Any, least: int) -> int:
     return value
 
 
-def _size(where: str, value: Any) -> tuple[int, int]:
-    pair = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(pair, list) or len(pair) != 2:
-        raise CheckpointError(f"{where}: model_args.img_size must be an integer or [H, W], got {value!r}")
-    return _count(where, "model_args.img_size", pair[0], 1), _count(where, "model_args.img_size", pair[1], 1)
+def _image_size(where: str, value: Any) -> tuple[int, int]:
+    try:
+        return image_hw(value, "model_args.img_size")
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def config_fields(doc: dict[str, Any], where: str) -> dict[str, Any]:
@@ -173,7 +173,7 @@ def config_fields(doc: dict[str, Any], where: str) -> dict[str, Any]:
     if len(set(counts.values())) > 1:
         raise CheckpointError(f"{where}: contradicts itself: " + ", ".join(f"{f} {v}" for f, v in counts.items()))
     return {"architecture": arch, "num_classes": next(iter(counts.values())),
-            "image_size": _size(where, args["img_size"]) if args.get("img_size") is not None else TIMM_SIZE,
+            "image_size": _image_size(where, args["img_size"]) if args.get("img_size") is not None else TIMM_SIZE,
             "in_chans": _count(where, "model_args.in_chans", args.get("in_chans", 3), 1)}
 
 

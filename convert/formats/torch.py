@@ -11,6 +11,7 @@ refuses anything that could run code), as is the legacy (non-zip) format.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import pickletools
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mixer_convert.arrays import bf16, contiguous, is_bf16
+from mixer_convert.arrays import bf16, contiguous, is_bf16, raw_as_declared
 from mixer_convert.errors import CheckpointError, importable, needs, why
 import mixer_convert.formats.torchpickle as torchpickle
 from mixer_convert.formats.archive import Zip, ZipWriter
@@ -65,8 +66,6 @@ def _torch_entries(sd: Mapping[str, Any], src: Source) -> dict[str, tuple]:
     where = src.where
     out = {}
     for k, v in sd.items():
-        if not isinstance(k, str):
-            raise CheckpointError(f"{where}: state dict key {k!r} is not a string")
         dtype = _torch_np_dtype(v.dtype, where, k)
         out[k] = (src.declare(k, tuple(v.shape), dtype), dtype,
                   (lambda v=v: torch_to_numpy(v)))
@@ -76,36 +75,6 @@ def _torch_entries(sd: Mapping[str, Any], src: Source) -> dict[str, tuple]:
 def _persistent_ids(data) -> int:
     """How many tensors a torch pickle rebuilds (one persistent id each), read without unpickling."""
     return sum(op.name in ("PERSID", "BINPERSID") for op, _, _ in pickletools.genops(data))
-
-
-def _unique_tensors(obj: Any, depth: int = 0, seen: set | None = None) -> set:
-    import torch
-
-    seen = set() if seen is None else seen
-    if depth > 32:
-        raise CheckpointError("nested more than 32 levels deep; not a state dict")
-    if isinstance(obj, torch.Tensor):
-        if obj.layout != torch.strided or obj.is_quantized:
-            raise CheckpointError(f"holds a {'quantized' if obj.is_quantized else obj.layout} tensor, "
-                                  "not a dense one")
-        seen.add(id(obj))
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            _unique_tensors(v, depth + 1, seen)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _unique_tensors(v, depth + 1, seen)
-    return seen
-
-
-def _check_torch_zip(src: Source) -> int:
-    """Everything torch.load would trust, checked first (:func:`_check_archive`, and every storage's
-    CRC, since torch checks none). Returns how many tensors the pickle rebuilds."""
-    with Zip(src.path) as z, src.reading("a PyTorch checkpoint"):
-        pkl = _check_archive(src, z)
-        for i in z.members:
-            z.verify(i)
-        return _persistent_ids(z.read(pkl, MAX_METADATA_BYTES))
 
 
 def _count_legacy(path: Path) -> int:
@@ -128,29 +97,42 @@ def _count_legacy(path: Path) -> int:
 def read(src: Source) -> tuple[dict[str, Entry], Callable[[], None] | None]:
     path = src.path
     if not zipfile.is_zipfile(path):
-        return _read_with_torch(src, is_zip=False), None
+        return _read_with_torch(src), None
     z = Zip(path)
     try:
-        pkl = _check_archive(src, z)
+        archive = _check_archive(src, z)
         try:
-            obj, rebuilt = torchpickle.load(z.read(pkl, MAX_METADATA_BYTES))
+            obj, rebuilt = torchpickle.load(archive.pickle)
         except torchpickle.UnsupportedPickle as e:
             if not importable("torch"):
                 raise CheckpointError(f"{path}: refusing to load: not a plain tensor state dict ({e})") from None
-            z.close()  # a state dict in another form torch writes: its weights_only reader judges it
-            return _read_with_torch(src, is_zip=True), None
+            # A state dict in another form torch writes: its weights_only reader judges it, once the
+            # storages' CRCs are checked too (torch checks none; the other members' were checked above).
+            with src.reading("a PyTorch checkpoint"):
+                for info in archive.storages.values():
+                    z.verify(info)
+            z.close()
+            return _read_with_torch(src, _persistent_ids(archive.pickle)), None
         except Exception as e:
             raise CheckpointError(f"{path}: refusing to load: not a plain tensor state dict ({why(e)})") from None
-        entries = _archive_entries(src, z, pkl, obj, rebuilt)
+        entries = _archive_entries(src, z, archive, obj, rebuilt)
     except BaseException:
         z.close()
         raise
     return entries, z.close
 
 
-def _check_archive(src: Source, z: Zip) -> zipfile.ZipInfo:
-    """One data.pkl of bounded size, every member inside its folder, a bounded total; the small
-    members' CRCs checked now (the storages' when each is used). Returns data.pkl's entry."""
+@dataclasses.dataclass(frozen=True)
+class _Archive:
+    """A checked archive (:func:`_check_archive`): data.pkl and byteorder read, their CRCs checked."""
+    pickle: bytes  # data.pkl
+    big_endian: bool  # byteorder says 'big'
+    storages: dict[str, zipfile.ZipInfo]  # storage key -> its member (data/<key>), CRC checked when read
+
+
+def _check_archive(src: Source, z: Zip) -> _Archive:
+    """One data.pkl of bounded size, every member inside its folder, a bounded total; every member
+    but the storages read once now, its CRC checked (the storages' when each is read)."""
     path = src.path
     pkls = [i for i in z.members if i.filename.endswith("data.pkl")]
     if len(pkls) != 1:
@@ -167,39 +149,37 @@ def _check_archive(src: Source, z: Zip) -> zipfile.ZipInfo:
     if not any(i.CRC for i in z.members):  # torch.save(compute_crc32=False) writes 0 for every CRC
         for i in z.members:
             i.CRC = None  # nothing to check, for zipfile and for Zip.check_crc
+    storages, data, byteorder = {}, b"", None
     with src.reading("a PyTorch checkpoint"):
         for i in z.members:
-            if not i.filename.startswith(folder + "data/"):
+            if i.filename.startswith(folder + "data/"):
+                storages[i.filename[len(folder + "data/"):]] = i
+            elif i is pkl:
+                data = z.read(i, MAX_METADATA_BYTES)
+            elif i.filename == folder + "byteorder":
+                byteorder = z.read(i, 16)
+            else:
                 z.verify(i)
-    return pkl
+    return _Archive(data, byteorder == b"big", storages)
 
 
-def _archive_entries(src: Source, z: Zip, pkl: zipfile.ZipInfo, obj: Any, rebuilt: int) -> dict[str, Entry]:
-    path, folder = src.path, pkl.filename[: -len("data.pkl")]
-    held = _unique_refs(obj, path)
-    if len(held) != rebuilt:
-        raise CheckpointError(f"{path}: the pickle builds {rebuilt} tensors but only {len(held)} are reachable; "
-                              "a key given twice? refusing an ambiguous file")
-    sd = _state_dict(obj)
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torchpickle.TensorRef) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    members = {i.filename: i for i in z.members}
-    big = members.get(folder + "byteorder") is not None and z.read(members[folder + "byteorder"], 16) == b"big"
+def _archive_entries(src: Source, z: Zip, archive: _Archive, obj: Any, rebuilt: int) -> dict[str, Entry]:
+    path = src.path
+    sd = _plain_state_dict(obj, torchpickle.TensorRef, rebuilt, path)
     storages: dict[str, np.ndarray] = {}  # only storages that several tensors view stay read
     owners = collections.Counter(ref.storage.key for ref in sd.values())
 
     def storage(ref: torchpickle.TensorRef) -> np.ndarray:
         s = ref.storage
         if s.key not in storages:
-            data = z.read_stored(members[folder + "data/" + s.key])
-            storages[s.key] = np.frombuffer(data, s.dtype.newbyteorder(">") if big else s.dtype, s.numel)
+            data = z.read_stored(archive.storages[s.key])
+            dtype = s.dtype.newbyteorder(">") if archive.big_endian else s.dtype
+            storages[s.key] = np.frombuffer(data, dtype, s.numel)
         return storages.pop(s.key) if owners[s.key] == 1 else storages[s.key]
 
     entries = {}
     for key, ref in sd.items():
-        if not isinstance(key, str):
-            raise CheckpointError(f"{path}: state dict key {key!r} is not a string")
-        _check_storage(path, key, ref, members.get(folder + "data/" + ref.storage.key))
+        _check_storage(path, key, ref, archive.storages.get(ref.storage.key))
         entries[key] = (src.declare(key, ref.shape, ref.storage.dtype), ref.storage.dtype,
                         (lambda ref=ref: torchpickle.view(ref, storage(ref)).astype(ref.storage.dtype, copy=False)))
     return entries
@@ -217,18 +197,39 @@ def _check_storage(path: Path, key: str, ref: torchpickle.TensorRef, info: zipfi
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({problem}; truncated or corrupt?)")
 
 
-def _unique_refs(obj: Any, path: Path, depth: int = 0, seen: dict | None = None) -> dict:
+def _plain_state_dict(obj: Any, tensor: type, rebuilt: int, path: Path,
+                      check: Callable[[Any], None] = lambda t: None) -> Mapping:
+    """The state dict in an unpickled ``obj`` whose tensors are ``tensor``s (each passed to ``check``),
+    refused unless every tensor the pickle rebuilt is reachable once (a key given twice builds one
+    more than the dict keeps) and the state dict maps strings to tensors."""
+    held = _tensors(obj, tensor, check, path)
+    if len(held) != rebuilt:
+        raise CheckpointError(f"{path}: the pickle builds {rebuilt} tensors but only {len(held)} are reachable; "
+                              "a key given twice? refusing an ambiguous file")
+    sd = _state_dict(obj)
+    if not isinstance(sd, Mapping) or not all(isinstance(v, tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    for key in sd:
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: state dict key {key!r} is not a string")
+    return sd
+
+
+def _tensors(obj: Any, tensor: type, check: Callable[[Any], None], path: Path, depth: int = 0,
+             seen: dict | None = None) -> dict[int, Any]:
+    """Every distinct ``tensor`` in nested dicts, lists and tuples, by identity."""
     seen = {} if seen is None else seen
     if depth > 32:
         raise CheckpointError(f"{path}: nested more than 32 levels deep; not a state dict")
-    if isinstance(obj, torchpickle.TensorRef):
+    if isinstance(obj, tensor):
+        check(obj)
         seen[id(obj)] = obj
     elif isinstance(obj, Mapping):
         for v in obj.values():
-            _unique_refs(v, path, depth + 1, seen)
+            _tensors(v, tensor, check, path, depth + 1, seen)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            _unique_refs(v, path, depth + 1, seen)
+            _tensors(v, tensor, check, path, depth + 1, seen)
     return seen
 
 
@@ -243,27 +244,22 @@ def _state_dict(obj: Any) -> Any:
 # ---- through torch: the legacy format, and state dicts in forms torch alone knows -----------------
 
 
-def _read_with_torch(src: Source, is_zip: bool) -> dict[str, Entry]:
+def _read_with_torch(src: Source, rebuilt: int | None = None) -> dict[str, Entry]:
+    """``rebuilt``: how many tensors a zip archive's pickle rebuilds, the archive already checked
+    (:func:`read`); None for the legacy format, checked here."""
     torch = needs("torch", "torch", "reading this PyTorch checkpoint")
-    path = src.path
-    if is_zip:
-        rebuilt = _check_torch_zip(src)
-    else:
+    path, is_zip = src.path, rebuilt is not None
+    if not is_zip:
         src.cap(src.stat.st_size, "is a legacy PyTorch file of")
         with src.reading("a PyTorch checkpoint"):
             rebuilt = _count_legacy(path)
     obj = _torch_load(torch, path, is_zip)
-    try:
-        held = len(_unique_tensors(obj))
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    if held != rebuilt:
-        raise CheckpointError(f"{path}: the pickle builds {rebuilt} tensors but only {held} are reachable; "
-                              "a key given twice? refusing an ambiguous file")
-    obj = _state_dict(obj)
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    return _torch_entries(obj, src)
+
+    def dense(t) -> None:
+        if t.layout != torch.strided or t.is_quantized:
+            raise CheckpointError(f"{path}: holds a {'quantized' if t.is_quantized else t.layout} tensor, "
+                                  "not a dense one")
+    return _torch_entries(_plain_state_dict(obj, torch.Tensor, rebuilt, path, dense), src)
 
 
 def _torch_load(torch, path: Path, is_zip: bool):
@@ -294,10 +290,8 @@ def write(path: Path, items: Iterator[tuple[str, np.ndarray]], specs: list) -> N
         z.add(f"{folder}/data.pkl", [pkl])
         for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
             z.add(f"{folder}/{name}", [value])
-        for i, ((key, shape, dtype), (k, v)) in enumerate(zip(specs, items, strict=True)):
-            if k != key or tuple(v.shape) != tuple(shape) or v.dtype != dtype:
-                raise ValueError(f"PyTorch writer: {k} {v.shape} {v.dtype} where the pickle has {key} {shape} {dtype}")
-            z.add(f"{folder}/data/{i}", [contiguous(v).reshape(-1).view(np.uint8).data], align=64)
+        for i, data in enumerate(raw_as_declared(items, specs, "PyTorch writer", "the pickle")):
+            z.add(f"{folder}/data/{i}", [data], align=64)
         z.add(f"{folder}/version", [b"3\n"])
         z.add(f"{folder}/.data/serialization_id", [str(int(hashlib.sha256(pkl).hexdigest(), 16) % 10**40).encode()])
         z.close()

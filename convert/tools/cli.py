@@ -1,7 +1,7 @@
 """mixer-convert SRC DST [--to torch|timm|flax|nnx|npz|msgpack|orbax] [--verify] ...; mixer-convert --list
 
 A thin command over :func:`mixer_convert.tools.bridge.convert_checkpoint`, following the commands'
-one convention (:mod:`mixer_convert.tools.command`): every failure is one line, exit status 2;
+one convention (:mod:`mixer_convert.command`): every failure is one line, exit status 2;
 SIGINT and SIGTERM remove the temporary output and exit with 128 + the signal number.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from mixer_convert.formats import OUTPUT_KINDS, output_format
 from mixer_convert.formats.timm_hub import PREPROCESSING
 from mixer_convert.source import MAX_BYTES
 from mixer_convert.tools.bridge import convert_checkpoint
-from mixer_convert.tools.command import Parser, add_image_size, add_json, add_quiet, command, emit
-from mixer_convert.tools.extras import require
+from mixer_convert.command import Parser, add_image_size, add_json, add_quiet, command, emit
+from mixer_convert.extras import require
 
 # The extra a checkpoint format needs to be written (npz, safetensors, torch's .pt and timm folders need none).
 FORMAT_EXTRA = {"msgpack": "jax", "orbax": "jax"}

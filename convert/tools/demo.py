@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mixer_convert.tools.command import Parser, add_quiet, command, positive_int
-from mixer_convert.tools.extras import require
+from mixer_convert.command import Parser, add_quiet, command, positive_int
+from mixer_convert.extras import require
 
 
 @command("mixer-demo")

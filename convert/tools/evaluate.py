@@ -30,8 +30,8 @@ from mixer_convert.datasets import ImageFolder, TfdsSource, folder_classes, syns
 from mixer_convert.preprocess import PIPELINES
 from mixer_convert.spec import MixerConfig
 from mixer_convert.errors import MissingExtraError, importable
-from mixer_convert.tools.command import (Parser, add_device, add_image_size, add_json, add_quiet, command, emit,
-                                         positive_int)
+from mixer_convert.command import (Parser, add_device, add_image_size, add_json, add_quiet, command, emit,
+                                   positive_int)
 from mixer_convert.tools.infer import (FRAMEWORKS, WORKER_TYPES, default_workers, describe, load_batches, load_weights,
                                        make_classifier, parse_frameworks, topk)
 
@@ -47,8 +47,6 @@ class Dataset:
 
 def image_folder(root: str, cfg: MixerConfig) -> Dataset:
     classes = folder_classes(root)
-    if not classes:
-        raise ValueError(f"imagefolder: {root!r} has no class folders (expected DIR/<class>/*.jpg)")
     labels = synset_labels(classes, cfg.num_classes)
     if labels is not None:
         rule = f"synset folder names -> ImageNet-{'1k' if cfg.num_classes == 1000 else '21k'} index"

@@ -16,7 +16,7 @@ from mixer_convert.images import WORKER_TYPES, default_workers
 from mixer_convert.preprocess import load_image
 from mixer_convert.spec import MixerConfig, variant_name
 from mixer_convert.errors import MissingExtraError
-from mixer_convert.tools.extras import has_extra, require
+from mixer_convert.extras import has_extra, require
 
 FRAMEWORKS = ("torch", "flax")
 FRAMEWORK_EXTRA = {"torch": "torch", "flax": "jax"}

@@ -19,21 +19,22 @@ from mixer_convert.tools.verify import Verification
 CARD = "README.md"
 PAPER = 'Tolstikhin et al., 2021, "MLP-Mixer: An all-MLP Architecture for Vision", arXiv:2105.01601'
 
+# What config.json's eval preprocessing does and how it differs from the official pipeline's; its
+# fields are filled in from formats.timm_hub.PREPROCESSING, what config.json says.
+_SCALING = "then (x - 127.5) / 127.5 (`mean = std = 0.5` on pixels scaled to [0, 1])"
 PIPELINE_TEXT = {
     "vit_jax": (
         "vision_transformer's eval preprocessing (the paper's fine-tuning results): the whole image resized to "
-        "224x224 without keeping its aspect ratio (`crop_mode: squash`, `crop_pct: 1.0`), bilinear, then "
-        "(x - 127.5) / 127.5 (`mean = std = 0.5` on pixels scaled to [0, 1]). The official pipeline resizes with "
-        "`tf.image.resize`, which does not antialias; timm resizes with Pillow / torchvision, which antialias when "
-        "shrinking, so the pixels timm feeds the model differ somewhat from the official ones for images larger "
-        "than 224x224.", "vit_jax"),
+        "224x224 without keeping its aspect ratio (`crop_mode: {crop_mode}`, `crop_pct: {crop_pct}`), "
+        "{interpolation}, {scaling}. The official pipeline resizes with `tf.image.resize`, which does not "
+        "antialias; timm resizes with Pillow / torchvision, which antialias when shrinking, so the pixels timm "
+        "feeds the model differ somewhat from the official ones for images larger than 224x224."),
     "big_vision": (
         "big_vision's ImageNet eval preprocessing (the paper's ImageNet tables): shorter side resized to 256, "
-        "central 224x224 crop (`crop_pct: 0.875`, `crop_mode: center`), then (x - 127.5) / 127.5 "
-        "(`mean = std = 0.5` on pixels scaled to [0, 1]). big_vision resizes with area resampling "
-        "(`tf.image.resize(method=\"area\")`), which timm does not offer; `bicubic` (timm's own default for its "
-        "Mixers) stands in for it, so the pixels timm feeds the model differ slightly from the official ones.",
-        "big_vision"),
+        "central 224x224 crop (`crop_pct: {crop_pct}`, `crop_mode: {crop_mode}`), {scaling}. big_vision resizes "
+        "with area resampling (`tf.image.resize(method=\"area\")`), which timm does not offer; `{interpolation}` "
+        "(timm's own default for its Mixers) stands in for it, so the pixels timm feeds the model differ slightly "
+        "from the official ones."),
 }
 
 
@@ -84,9 +85,9 @@ def _details(cfg: MixerConfig, source: str, dtypes: set[str]) -> list[str]:
 
 
 def _preprocessing(preprocess: str) -> list[str]:
-    pipeline, spelled = PIPELINE_TEXT[preprocess]
+    pipeline = PIPELINE_TEXT[preprocess].format(scaling=_SCALING, **PREPROCESSING[preprocess])
     return ["## Preprocessing", f"`config.json` asks timm for {pipeline} The official function, exactly: "
-            f'`mixer_convert.preprocess.load_image(path, "{spelled}")`.', ""]
+            f'`mixer_convert.preprocess.load_image(path, "{preprocess}")`.', ""]
 
 
 def _check(v: Verification) -> list[str]:
@@ -119,6 +120,6 @@ def write_card(folder: Path, cfg: MixerConfig, source: str, preprocess: str, ver
                dtypes: set[str]) -> None:
     """README.md in a (temporary) timm model folder, once ``verification`` measured it; ``source``
     as the user named it, ``dtypes`` those of the written weights."""
-    if preprocess not in PIPELINE_TEXT:
+    if preprocess not in PREPROCESSING:
         raise ValueError(f"unknown preprocessing {preprocess!r}; expected one of {', '.join(PREPROCESSING)}")
     (folder / CARD).write_text(card_text(cfg, source, preprocess, verification, dtypes), encoding="utf-8")

@@ -32,9 +32,9 @@ from typing import Callable
 import numpy as np
 
 from mixer_convert.spec import TIMM_NAMES, VARIANTS, MixerConfig, config_for, parse_variant, variant_name
-from mixer_convert.tools.command import (Parser, add_device, add_image_size, add_json, add_quiet, command, positive_int,
-                                         write_json)
-from mixer_convert.tools.extras import require
+from mixer_convert.command import (Parser, add_device, add_image_size, add_json, add_quiet, command, positive_int,
+                                   write_json)
+from mixer_convert.extras import require
 from mixer_convert.tools.parity import (BF16_REL, Diff, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL,
                                         compare, compare_params, first_divergence, flax_forward,
                                         flax_grads, format_table, nnx_forward, nnx_grads, timm_python, torch_device,

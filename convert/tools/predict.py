@@ -10,7 +10,7 @@ import sys
 
 from mixer_convert.classes import head_class_names
 from mixer_convert.preprocess import PIPELINES
-from mixer_convert.tools.command import Parser, add_device, add_image_size, add_json, command, emit, positive_int
+from mixer_convert.command import Parser, add_device, add_image_size, add_json, command, emit, positive_int
 from mixer_convert.tools.infer import (Files, describe, load_batches, load_weights, make_classifier, parse_frameworks,
                                        softmax, topk)
 

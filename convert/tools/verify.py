@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 import numpy as np
 
-from mixer_convert.errors import CheckpointError
+from mixer_convert.errors import CheckpointError, importable
 from mixer_convert.load import read_params
 from mixer_convert.spec import MixerConfig
 
@@ -98,21 +98,21 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-def _framework_forward(flat, cfg, layout, probe) -> tuple[np.ndarray, str]:
-    from mixer_convert.errors import importable
+# The model --verify runs for each output naming: (the framework it needs, parity's forward, what it is).
+_MODELS = {"torch": ("torch", "torch_forward", "our PyTorch model"),
+           "timm": ("torch", "torch_forward", "our PyTorch model"),
+           "nnx": ("flax", "nnx_forward", "our Flax NNX model"),
+           "flax": ("flax", "flax_forward", "our Flax model")}
 
+
+def _framework_forward(flat, cfg, layout, probe) -> tuple[np.ndarray, str]:
+    """The logits (pre-logits without a head) of the destination framework's model on ``flat``; the
+    numpy reference where that framework is not installed."""
     flat32 = {k: np.asarray(flat[k], np.float32) for k in flat}
-    if layout in ("torch", "timm") and importable("torch"):
-        from mixer_convert.tools.parity import torch_forward
-        return torch_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
-            "our PyTorch model vs numpy float64 reference"
-    if layout == "nnx" and importable("flax"):
-        from mixer_convert.tools.parity import nnx_forward
-        return nnx_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
-            "our Flax NNX model vs numpy float64 reference"
-    if layout == "flax" and importable("flax"):
-        from mixer_convert.tools.parity import flax_forward
-        return flax_forward(cfg, flat32, probe)["logits" if cfg.num_classes else "pre_logits"], \
-            "our Flax model vs numpy float64 reference"
+    framework, forward, what = _MODELS[layout]
+    if importable(framework):
+        from mixer_convert.tools import parity
+        out = getattr(parity, forward)(cfg, flat32, probe)
+        return out["logits" if cfg.num_classes else "pre_logits"], f"{what} vs numpy float64 reference"
     from mixer_convert import reference
     return reference.forward(flat32, cfg, probe), "numpy reference on the written file vs on the source"

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from mixer_convert.atomic import Interrupted, atomic_path, interruptible
 from mixer_convert.errors import MissingExtraError, one_line
-from mixer_convert.tools.extras import extra_for_module
+from mixer_convert.extras import extra_for_module
 
 DEVICES = ("auto", "cpu", "gpu")
 
