@@ -4,7 +4,7 @@ Sections: blocks, model, variant factory, load helpers (same order as mixer_torc
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -14,6 +14,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mixer_convert.params import check_params
 from mixer_convert.spec import LAYERNORM_EPS, MixerConfig, block_drop_rates, check_image_shape, config_for
+from mixer_jax.sharding import Placement
+from mixer_jax.stacking import STACKED
 
 Array = jax.Array
 
@@ -43,23 +45,37 @@ class MixerBlock(nn.Module):
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
 
-    def _keep(self, x: Array, deterministic: bool) -> Array | float:
+    def _keep(self, x: Array, deterministic: bool, drop_p) -> Array | float:
         # big_vision stochastic depth: a per-sample mask on each residual branch, no 1/(1-p) rescale.
         if deterministic or not self.drop_p:
             return 1.0
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        return 1.0 - jax.random.bernoulli(self.make_rng("dropout"), self.drop_p, shape).astype(x.dtype)
+        return 1.0 - jax.random.bernoulli(self.make_rng("dropout"), drop_p, shape).astype(x.dtype)
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, deterministic: bool = True, drop_p: Array | None = None) -> Array:
+        """``drop_p`` (a scanned model's: each block's rate as data) replaces ``self.drop_p``,
+        which then only says whether there is stochastic depth at all."""
+        drop_p = self.drop_p if drop_p is None else drop_p
         y = nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype)(x)
         y = jnp.swapaxes(y, 1, 2)
         y = MlpBlock(self.tokens_mlp_dim, self.dropout_rate, self.dtype, name="token_mixing")(y, deterministic)
         y = jnp.swapaxes(y, 1, 2)
-        x = x + y * self._keep(x, deterministic)
+        x = x + y * self._keep(x, deterministic, drop_p)
         y = nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype)(x)
         y = MlpBlock(self.channels_mlp_dim, self.dropout_rate, self.dtype, name="channel_mixing")(y, deterministic)
-        return x + y * self._keep(x, deterministic)
+        return x + y * self._keep(x, deterministic, drop_p)
+
+
+def remat_policy(name: str) -> Callable | None:
+    """``model.remat``'s policy: 'block' saves nothing inside a block (only its input), any other
+    name is one of ``jax.checkpoint_policies``."""
+    return jax.checkpoint_policies.nothing_saveable if name == "block" else getattr(jax.checkpoint_policies, name)
+
+
+def _scan_body(block: MixerBlock, x: Array, drop_p: Array, deterministic: bool, keep: bool):
+    x = block(x, deterministic, drop_p)
+    return x, (x if keep else None)  # every block's output only when asked for: N activations
 
 
 # --------------------------------------------------------------------------------------
@@ -74,10 +90,53 @@ class MlpMixer(nn.Module):
     With ``return_intermediates=True`` returns ``(out, {name: array})`` where the names are
     ``mixer_convert.spec.intermediate_names(config)`` (stem tokens, every block's output,
     pre-logits, logits), the same as the PyTorch model returns.
+
+    For scale (training; each changes how the function is computed, not the function):
+    ``scan`` runs the blocks as one ``nn.scan`` over parameters stacked under ``MixerBlock``
+    (:mod:`mixer_jax.stacking` converts to and from the official layout); ``remat`` recomputes
+    each block in the backward pass ('block', or a ``jax.checkpoint_policies`` name; 'none'
+    keeps everything); ``placement`` keeps the batch split over the mesh between blocks and
+    gathers each block's weights where used (:class:`mixer_jax.sharding.Placement`, FSDP).
     """
 
     config: MixerConfig
     dtype: Any = jnp.float32
+    scan: bool = False
+    remat: str = "none"
+    placement: Placement | None = None
+
+    def _block_type(self) -> type:
+        block = MixerBlock
+        if self.placement is not None and not self.is_initializing():
+            block = nn.map_variables(block, "params", trans_in_fn=self.placement.gathered)
+        if self.remat != "none":
+            # deterministic (argument 2, counting the module) is a Python bool; the scan's
+            # loop already keeps XLA from merging recomputations across blocks.
+            block = nn.remat(block, policy=remat_policy(self.remat), static_argnums=(2,), prevent_cse=not self.scan)
+        return block
+
+    def _blocks(self, x: Array, train: bool, inter: dict[str, Array] | None) -> Array:
+        cfg, block = self.config, self._block_type()
+        rates = block_drop_rates(cfg)
+        dims = (cfg.tokens_mlp_dim, cfg.channels_mlp_dim)
+        if not self.scan:
+            for i, drop_p in enumerate(rates):
+                x = block(*dims, drop_p, cfg.dropout_rate, self.dtype, name=f"MixerBlock_{i}")(x, not train)
+                x = self._placed(x)
+                if inter is not None:
+                    inter[f"MixerBlock_{i}"] = x
+            return x
+        scanned = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                          in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_blocks)
+        # drop_p: only whether there is stochastic depth; each block's rate comes in as data.
+        x, ys = scanned(block(*dims, max(rates, default=0.0), cfg.dropout_rate, self.dtype, name=STACKED), x,
+                        jnp.asarray(rates, jnp.float32), not train, inter is not None)
+        if inter is not None:
+            inter.update({f"MixerBlock_{i}": ys[i] for i in range(cfg.num_blocks)})
+        return self._placed(x)
+
+    def _placed(self, x: Array) -> Array:
+        return x if self.placement is None else self.placement.batch(x)
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False, return_intermediates: bool = False):
@@ -87,11 +146,8 @@ class MlpMixer(nn.Module):
         x = nn.Conv(cfg.hidden_dim, cfg.patch_size, strides=cfg.patch_size, padding="VALID",
                     dtype=self.dtype, name="stem")(x.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # raster (h, w) token order, as official
-        inter["stem"] = x
-        for i, drop_p in enumerate(block_drop_rates(cfg)):
-            x = MixerBlock(cfg.tokens_mlp_dim, cfg.channels_mlp_dim, drop_p, cfg.dropout_rate, self.dtype,
-                           name=f"MixerBlock_{i}")(x, deterministic=not train)
-            inter[f"MixerBlock_{i}"] = x
+        inter["stem"] = x = self._placed(x)
+        x = self._blocks(x, train, inter if return_intermediates else None)
         x = nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype, name="pre_head_layer_norm")(x)
         x = jnp.mean(x, axis=1)
         inter["pre_logits"] = x
