@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import forward_flops, timeit  # noqa: E402
+from common import timeit  # noqa: E402
+from mixer_convert.spec import forward_flops  # noqa: E402
 from mixer_convert import config_for, random_params  # noqa: E402
 
 

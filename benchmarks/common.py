@@ -4,10 +4,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from typing import TYPE_CHECKING, Callable
-
-if TYPE_CHECKING:  # no import of the package here: accel_env uses this before anything is installed
-    from mixer_convert.spec import MixerConfig
+from typing import Callable
 
 
 def timeit(fn: Callable[[], object], sync: Callable[[object], object] = lambda r: r, warmup: int = 2,
@@ -22,15 +19,6 @@ def timeit(fn: Callable[[], object], sync: Callable[[object], object] = lambda r
         sync(fn())
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def forward_flops(cfg: MixerConfig) -> int:
-    """Multiply-adds x 2 of one image's forward pass (matmuls only; norms and GELU are O(S*C))."""
-    (ph, pw), c, s = cfg.patch_size, cfg.hidden_dim, cfg.num_tokens
-    stem = s * ph * pw * cfg.in_chans * c
-    block = c * (2 * s * cfg.tokens_mlp_dim) + s * (2 * c * cfg.channels_mlp_dim)
-    head = c * (cfg.num_classes or 0)
-    return 2 * (stem + cfg.num_blocks * block + head)
 
 
 def cpu_name() -> str:

@@ -17,7 +17,7 @@ from mixer_convert.errors import MissingExtraError, importable
 
 DIST = "mixer-toolkit"
 # When a module is missing, the smallest extra that provides it is named.
-_SMALLEST_FIRST = ("jax", "torch", "hub", "onnx", "train", "dev")
+_SMALLEST_FIRST = ("jax", "torch", "hub", "onnx", "tpu", "train", "dev")
 
 
 def _normalise(name: str) -> str:

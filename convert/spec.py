@@ -206,6 +206,16 @@ def num_params(cfg: MixerConfig) -> int:
     return total
 
 
+def forward_flops(cfg: MixerConfig) -> int:
+    """Multiply-adds x 2 of one image's forward pass (matmuls only; norms and GELU are O(S*C)).
+    A training step computes about 3x this per image (the backward pass is two matmuls per one)."""
+    (ph, pw), c, s = cfg.patch_size, cfg.hidden_dim, cfg.num_tokens
+    stem = s * ph * pw * cfg.in_chans * c
+    block = c * (2 * s * cfg.tokens_mlp_dim) + s * (2 * c * cfg.channels_mlp_dim)
+    head = c * (cfg.num_classes or 0)
+    return 2 * (stem + cfg.num_blocks * block + head)
+
+
 # Names of the per-block outputs both models can return, in order; parity reports use them.
 def intermediate_names(cfg: MixerConfig) -> list[str]:
     return ["stem"] + [f"MixerBlock_{i}" for i in range(cfg.num_blocks)] + ["pre_logits"] + (

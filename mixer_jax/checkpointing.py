@@ -22,9 +22,11 @@ from mixer_convert.errors import CheckpointError
 from mixer_convert.trees import flatten
 
 # Config keys a resumed run may change without changing what it computes (init_allow_nonfinite: the
-# checkpoint's weights replace init_from's).
+# checkpoint's weights replace init_from's; the mesh, remat and scan: how the same function is
+# computed, checkpoints being in the official layout on any mesh).
 RESUMABLE_KEYS = frozenset({"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "export_torch",
-                            "eval_batch_size", "data.workers", "data.worker_type", "init_allow_nonfinite"})
+                            "eval_batch_size", "data.workers", "data.worker_type", "init_allow_nonfinite",
+                            "mesh.data", "mesh.fsdp", "mesh.fsdp_min_mib", "model.remat", "model.scan"})
 
 
 class ResumeConfigError(ValueError):
@@ -32,10 +34,15 @@ class ResumeConfigError(ValueError):
 
 
 def to_host(tree):
-    """Replicated device arrays -> numpy; works when other processes hold other devices."""
+    """Device arrays -> numpy, whole, when other processes hold other devices too: a replicated
+    array from this process's copy, a split one (FSDP) gathered from every process (so every
+    process must call this at the same point)."""
     def get(a):
         if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            return np.asarray(a.addressable_data(0))
+            if a.sharding.is_fully_replicated:
+                return np.asarray(a.addressable_data(0))
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
         return np.asarray(a)
     return jax.tree_util.tree_map(get, tree)
 

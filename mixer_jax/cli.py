@@ -1,4 +1,5 @@
-"""mixer-train --config digits --workdir runs/digits [--set optim.lr=0.01 ...]"""
+"""mixer-train --config digits --workdir runs/digits [--set optim.lr=0.01 ...]
+mixer-train --config pretrain_i1k --compile-only v5e:4x4 [--set ...] [--json OUT]"""
 from __future__ import annotations
 
 import shlex
@@ -15,7 +16,7 @@ def build_parser() -> Parser:
 
     p = Parser(prog=PROG, description="Train or fine-tune an MLP-Mixer in Flax.")
     p.add_argument("--config", default="digits", choices=sorted(CONFIGS), help="named config (mixer_jax/configs.py)")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, metrics.png, "
+    p.add_argument("--workdir", help="checkpoints, metrics.jsonl, TensorBoard events, metrics.png, "
                                                     "model.npz, classes.json; an existing run there is resumed "
                                                     "(--set steps=0: only evaluate its latest checkpoint, "
                                                     "or init_from, reporting top-1 and top-5)")
@@ -25,6 +26,11 @@ def build_parser() -> Parser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a run although the config changes what it computes (steps, schedule, batch, "
                         "model, data...); without it such a resume is refused, listing the differences")
+    p.add_argument("--compile-only", metavar="TOPOLOGY",
+                   help="compile the run's train step for a TPU slice (e.g. v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:2x2, "
+                        "v3:2x2; needs the 'tpu' extra) or 'local' (this machine's devices), reading no data and "
+                        "writing nothing: per-chip memory against HBM, FLOPs, the step-time lower bound; exit 1 "
+                        "if it does not fit. The number of classes: --set data.num_classes=N")
     add_quiet(p)
     add_json(p)
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port (jax.distributed.initialize)")
@@ -38,10 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     require("train")
     args = build_parser().parse_args(argv)
+    if args.compile_only is None and args.workdir is None:
+        raise ValueError("--workdir is required (except with --compile-only)")
+    if args.compile_only not in (None, "local"):
+        require("tpu")
+        from mixer_jax.compile_only import quiet_libtpu
+        quiet_libtpu()  # before JAX loads libtpu
     from mixer_jax.configs import get_config
     from mixer_jax.overrides import override
 
     cfg = override(get_config(args.config), args.overrides)
+    if args.compile_only is not None:
+        return compile_only(cfg, args)
     import jax
 
     if args.coordinator:
@@ -66,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
            "data": f"{cfg.data.name} {cfg.data.eval_split}", **result.eval}
     emit(out, args.json, _summary)
     return 0
+
+
+def compile_only(cfg, args) -> int:
+    """--compile-only: the report, exit 1 when the step does not fit."""
+    from mixer_jax.compile_only import compile_train_step, summary
+    from mixer_jax.train import num_classes_without_data
+
+    def progress(text: str) -> None:
+        if not args.quiet:
+            print(f"{PROG}: {text}", file=sys.stderr)
+    report = compile_train_step(cfg, args.compile_only, num_classes_without_data(cfg), progress)
+    emit(report.json(), args.json, summary)
+    return 0 if report.fits else 1
 
 
 def _summary(out: dict) -> str:

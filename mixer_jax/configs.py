@@ -36,11 +36,19 @@ class DataConfig:
     # Unreadable examples: False stops the run naming the file; True replaces each (training) by
     # the next readable example, or leaves it out (eval), and reports and counts it.
     skip_bad: bool = False
+    # 0: the data's own number of classes. --compile-only reads no data and needs it given; a run
+    # that reads data checks it.
+    num_classes: int = 0
 
 
 # The fields a variant name fixes (the spec's); without a variant all of them are given.
 DIMENSIONS = VARIANT_FIELDS
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# model.remat: 'none', 'block' (recompute each block; saves only its input), or one of these
+# jax.checkpoint_policies (those that take no arguments; tests/test_configs.py checks the names).
+REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+REMAT_NAMES = ("none", "block", *REMAT_POLICIES)
 MODEL_API_NAMES = ("linen", "nnx")  # Flax's two module APIs (mixer_jax.steps.MODEL_APIS); the same model
 
 
@@ -65,6 +73,11 @@ class ModelConfig:
     # 'linen' (mixer_jax.model) or 'nnx' (mixer_jax.nnx): bit-identical models, the same params
     # tree, initial weights and checkpoints; only the code that runs differs.
     api: str = "linen"
+    # For scale (the same function, computed otherwise): recompute each block in the backward
+    # pass ('block' or a policy of REMAT_POLICIES), and run the blocks as one scanned layer
+    # (compiled once, not N times). Checkpoints keep the official per-block names either way.
+    remat: str = "none"
+    scan: bool = False
 
     def __post_init__(self) -> None:
         if self.patch_size is not None:
@@ -96,6 +109,34 @@ class ModelConfig:
         return dataclasses.replace(self, **{name: value})
 
 
+def mesh_shape(data: int, fsdp: int, devices: int) -> tuple[int, int]:
+    """(data, fsdp) sizes of the mesh over ``devices``; -1 is the rest of them. Where both are -1
+    (``--set mesh.fsdp=-1`` over the default data=-1) fsdp takes them all."""
+    if data == -1 and fsdp == -1:
+        data = 1
+    known = (data if data != -1 else 1) * (fsdp if fsdp != -1 else 1)
+    if devices % known:
+        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} does not divide the {devices} devices")
+    data, fsdp = (devices // known if data == -1 else data), (devices // known if fsdp == -1 else fsdp)
+    if data * fsdp != devices:
+        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} is {data * fsdp} devices; there are {devices} "
+                         "(-1: the rest of them)")
+    return data, fsdp
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The devices as a ``data`` x ``fsdp`` mesh (mixer_jax/sharding.py); -1 is the rest of them
+    (``mesh.fsdp=-1`` alone: every device in fsdp).
+    The batch is split over both; the parameters and optimizer state over ``fsdp`` (FSDP: each
+    array of at least ``fsdp_min_mib`` split along its largest divisible dimension, gathered per
+    block where used). The default is all data parallel, every device holding the whole state."""
+
+    data: int = -1
+    fsdp: int = 1
+    fsdp_min_mib: float = 4.0  # big_vision's min_size_to_shard_mb: smaller arrays stay replicated
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Defaults: vit_jax's fine-tuning recipe (SGD momentum 0.9, lr 0.03, cosine, 500 warmup, clip 1)."""
@@ -118,6 +159,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     batch_size: int = 512  # global, per optimizer step
     accum_steps: int = 1  # micro-batches per step (batch_size / accum_steps each)
     steps: int = 10_000
@@ -189,6 +231,12 @@ _CHECKS: tuple[tuple[str, object, str], ...] = (
     ("model.dropout_rate", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
     ("model.compute_dtype", lambda x: x in COMPUTE_DTYPES, " or ".join(map(repr, COMPUTE_DTYPES))),
     ("model.api", lambda x: x in MODEL_API_NAMES, " or ".join(map(repr, MODEL_API_NAMES))),
+    ("model.remat", lambda x: x in REMAT_NAMES, "'none', 'block' or a jax.checkpoint_policies name: "
+     + ", ".join(REMAT_POLICIES)),
+    ("model.scan", lambda x: isinstance(x, bool), "true or false"),
+    ("mesh.data", lambda x: x == -1 or _int_at_least(1)(x), "an integer >= 1, or -1 (the rest of the devices)"),
+    ("mesh.fsdp", lambda x: x == -1 or _int_at_least(1)(x), "an integer >= 1, or -1 (the rest of the devices)"),
+    ("mesh.fsdp_min_mib", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
     ("optim.name", lambda x: x in ("sgd", "adam"), "'sgd' or 'adam'"),
     ("optim.lr", lambda x: _finite(x) and x > 0, "a finite number > 0"),
     ("optim.momentum", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1) (0: plain SGD)"),
@@ -204,10 +252,11 @@ _CHECKS: tuple[tuple[str, object, str], ...] = (
     ("data.worker_type", lambda x: x in WORKER_TYPES, " or ".join(map(repr, WORKER_TYPES))),
     ("data.jpeg_draft", lambda x: isinstance(x, bool), "true or false"),
     ("data.skip_bad", lambda x: isinstance(x, bool), "true or false"),
+    ("data.num_classes", _int_at_least(0), "an integer >= 0 (0: the data's)"),
     ("data.crop_area", lambda x: isinstance(x, tuple) and len(x) == 2 and all(map(_finite, x))
      and 0 < x[0] <= x[1] <= 1, "two numbers lo,hi with 0 < lo <= hi <= 1"),
 )
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig}
 
 
 def _get(cfg, key: str):
@@ -224,6 +273,11 @@ def validate(cfg: TrainConfig, num_devices: int, process_count: int = 1) -> None
     if errors:
         raise ValueError("bad training config: " + "; ".join(errors))
     errors = _value_errors(cfg) + size_errors(cfg)
+    if not _value_errors(cfg, "mesh."):
+        try:
+            mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, num_devices)
+        except ValueError as e:
+            errors.append(str(e))
     if isinstance(cfg.init_from, str) and cfg.init_from and not is_remote(cfg.init_from) \
             and not os.path.exists(os.path.expanduser(cfg.init_from)):
         errors.append(f"init_from {cfg.init_from!r} does not exist (a checkpoint file, or a published name such as "

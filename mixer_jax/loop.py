@@ -34,6 +34,7 @@ class Compiled:
     eval_sharding: NamedSharding
     accum_steps: int
     micro_batch: int  # this process's rows of one micro-batch
+    to_disk: Callable = lambda state: state  # the state as checkpoints hold it (mixer_jax.state.Layout)
 
 
 @dataclasses.dataclass
@@ -166,7 +167,8 @@ def save(step: int, state, loop: Loop, last_good: int | None) -> int:
                                  f"{last_good_text(last_good, loop.sinks.ckpt.dir)}")
     if loop.sinks.tensorboard is not None:
         loop.sinks.tensorboard.flush()
-    loop.sinks.ckpt.save(step, state, {"data_position": loop.batches.position(step), "config": loop.config_json})
+    loop.sinks.ckpt.save(step, loop.compiled.to_disk(state),
+                         {"data_position": loop.batches.position(step), "config": loop.config_json})
     return step
 
 

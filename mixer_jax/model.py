@@ -14,7 +14,6 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mixer_convert.params import check_params
 from mixer_convert.spec import LAYERNORM_EPS, MixerConfig, block_drop_rates, check_image_shape, config_for
-from mixer_jax.sharding import Placement
 from mixer_jax.stacking import STACKED
 
 Array = jax.Array
@@ -103,7 +102,8 @@ class MlpMixer(nn.Module):
     dtype: Any = jnp.float32
     scan: bool = False
     remat: str = "none"
-    placement: Placement | None = None
+    # A mixer_jax.sharding.Placement (training's; any object with batch(x) and gathered(tree)).
+    placement: Any = None
 
     def _block_type(self) -> type:
         block = MixerBlock

@@ -12,7 +12,8 @@ from mixer_jax.configs import ModelConfig, TrainConfig, size_errors
 _NOT_SETTABLE = {"model.num_classes": "it is decided by the dataset's number of classes",
                  "model.image_size": "it is decided by data.image_size (set that instead)",
                  "compute_dtype": "it moved into the model section: --set model.compute_dtype=..."}
-_KEPT_WITH_INIT_FROM = {"model.stoch_depth", "model.dropout_rate", "model.compute_dtype", "model.api"}
+_KEPT_WITH_INIT_FROM = {"model.stoch_depth", "model.dropout_rate", "model.compute_dtype", "model.api", "model.remat",
+                        "model.scan"}
 
 
 def override(cfg, assignments: list[str]):

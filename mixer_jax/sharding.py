@@ -21,23 +21,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mixer_jax.configs import mesh_shape
+
 AXES = ("data", "fsdp")
 BATCH = P(AXES)  # the batch dimension split over every device
-
-
-def mesh_shape(data: int, fsdp: int, devices: int) -> tuple[int, int]:
-    """(data, fsdp) sizes; -1 is the rest of the devices (at most one of them)."""
-    if data == -1 and fsdp == -1:
-        raise ValueError("mesh.data and mesh.fsdp cannot both be -1 (the rest of the devices)")
-    known = (data if data != -1 else 1) * (fsdp if fsdp != -1 else 1)
-    if devices % known:
-        raise ValueError(f"mesh {data} x {fsdp} does not divide the {devices} devices")
-    data = devices // known if data == -1 else data
-    fsdp = devices // known if fsdp == -1 else fsdp
-    if data * fsdp != devices:
-        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices; there are {devices} "
-                         "(use -1 for the rest)")
-    return data, fsdp
 
 
 def make_mesh(data: int, fsdp: int, devices: Sequence | None = None) -> Mesh:

@@ -20,7 +20,9 @@ from flax.training import train_state
 
 from mixer_convert.spec import MixerConfig
 from mixer_jax.input_pipeline import normalize
-from mixer_jax.model import init_params
+from mixer_jax.model import MlpMixer, init_params
+from mixer_jax.sharding import Placement
+from mixer_jax.stacking import stack_blocks
 
 # (params, images, train, rng) -> logits; rng drives dropout and stochastic depth when train is True.
 ApplyFn = Callable[[Any, jax.Array, bool, Any], jax.Array]
@@ -44,10 +46,16 @@ def linen_fns(model) -> ModelFns:
     return ModelFns(init=partial(init_params, model), apply=partial(_linen_apply, model))
 
 
-def _linen_model(cfg: MixerConfig, dtype: Any) -> ModelFns:
-    from mixer_jax.model import MlpMixer
+def _official_init(cfg: MixerConfig, dtype: Any, scan: bool) -> Callable[[jax.Array], Any]:
+    # The plain Linen model's initial weights for the seed, stacked for a scanned model: scan,
+    # remat and the API change how a run computes, never where it starts.
+    init = partial(init_params, MlpMixer(cfg, dtype=dtype))
+    return (lambda rng: stack_blocks(init(rng))) if scan else init
 
-    return linen_fns(MlpMixer(cfg, dtype=dtype))
+
+def _linen_model(cfg: MixerConfig, dtype: Any, **scale) -> ModelFns:
+    return ModelFns(init=_official_init(cfg, dtype, scale.get("scan", False)),
+                    apply=partial(_linen_apply, MlpMixer(cfg, dtype=dtype, **scale)))
 
 
 def _nnx_param_state(template, params):
@@ -83,23 +91,27 @@ def nnx_fns(model, init: Callable[[jax.Array], Any]) -> ModelFns:
     return ModelFns(init=init, apply=partial(_nnx_apply, graphdef, template, rest))
 
 
-def _nnx_model(cfg: MixerConfig, dtype: Any) -> ModelFns:
+def _nnx_model(cfg: MixerConfig, dtype: Any, **scale) -> ModelFns:
     from mixer_jax.nnx import abstract_model
 
-    abstract = abstract_model(cfg, dtype)
     # Linen's initial weights for the seed (the same initialisers, drawn the Linen way), so that
     # model.api changes nothing a run computes: the two models are the same function, bit for bit.
-    return nnx_fns(abstract, init=_linen_model(cfg, dtype).init)
+    return nnx_fns(abstract_model(cfg, dtype, **scale), init=_official_init(cfg, dtype, scale.get("scan", False)))
 
 
-# model.api -> (architecture, compute dtype) -> ModelFns; the names are configs.MODEL_API_NAMES.
-MODEL_APIS: dict[str, Callable[[MixerConfig, Any], ModelFns]] = {"linen": _linen_model, "nnx": _nnx_model}
+# model.api -> (architecture, compute dtype, scale) -> ModelFns; the names are configs.MODEL_API_NAMES.
+MODEL_APIS: dict[str, Callable[..., ModelFns]] = {"linen": _linen_model, "nnx": _nnx_model}
+_PLAIN = {"scan": False, "remat": "none", "placement": None}
 
 
-def model_fns(cfg: MixerConfig, dtype: Any = jnp.float32, api: str = "linen") -> ModelFns:
+def model_fns(cfg: MixerConfig, dtype: Any = jnp.float32, api: str = "linen", *, scan: bool = False,
+              remat: str = "none", placement: Placement | None = None) -> ModelFns:
+    """``scan``, ``remat`` and ``placement`` as the models take them (mixer_jax/model.py); with
+    ``scan`` the params are stacked (:mod:`mixer_jax.stacking`)."""
     if api not in MODEL_APIS:
         raise ValueError(f"unknown model API {api!r}; expected one of {', '.join(MODEL_APIS)}")
-    return MODEL_APIS[api](cfg, jnp.dtype(dtype))
+    scale = {k: v for k, v in dict(scan=scan, remat=remat, placement=placement).items() if v != _PLAIN[k]}
+    return MODEL_APIS[api](cfg, jnp.dtype(dtype), **scale)
 
 
 def create_train_state(fns: ModelFns, tx: optax.GradientTransformation, rng: jax.Array,
@@ -158,13 +170,16 @@ def accumulated_grads(params, images: jax.Array, labels: jax.Array, rng: jax.Arr
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array, *, num_classes: int,
                label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
-               schedule: Callable | None = None) -> tuple[TrainState, dict]:
+               schedule: Callable | None = None, grad_shardings: Any = None) -> tuple[TrainState, dict]:
     """One optimizer step over ``images`` of shape (accum, micro_batch, H, W, C): gradients of the
     micro-batches are averaged (lax.scan, so memory is one micro-batch's). uint8 images (the input
-    pipeline's) are normalised here, on the device."""
+    pipeline's) are normalised here, on the device. ``grad_shardings`` (the params'): gradients are
+    reduce-scattered to them as soon as they are made, never held whole (FSDP)."""
     rng = jax.random.fold_in(rng, state.step)
     grads, loss, correct = accumulated_grads(state.params, normalize(images), labels, rng,
                                              (state.apply_fn, num_classes, label_smoothing, mixup_alpha))
+    if grad_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     metrics = {"loss": loss, "accuracy": correct / labels.size, "grad_norm": optax.tree.norm(grads)}
     if schedule is not None:
         metrics["lr"] = schedule(state.step)

@@ -5,9 +5,10 @@ model (``configs.architecture``; ``init_from`` is read, and refused if broken, b
 compiled), build the state and the compiled steps, resume from the newest intact checkpoint, run
 the loop (``mixer_jax.loop``), write the outputs. The steps are in ``mixer_jax.steps``, the
 optimizer in ``mixer_jax.optimizer``, checkpoints in ``mixer_jax.checkpointing``, the metrics'
-destinations in ``mixer_jax.metrics``. Data parallelism uses ``jax.sharding``: a 1-D ``Mesh``
-over every device of every process, batches sharded along it, parameters replicated; XLA inserts
-the gradient all-reduce.
+destinations in ``mixer_jax.metrics``. Parallelism uses ``jax.sharding``: a ``data`` x ``fsdp``
+``Mesh`` over every device of every process (``mixer_jax.sharding``), batches split over all of
+it, the state replicated along ``data`` and split along ``fsdp`` (``mixer_jax.state``); XLA
+inserts the collectives.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -31,8 +31,9 @@ from mixer_jax.configs import TrainConfig, architecture, current_layout, expand_
 from mixer_jax.input_pipeline import make_source, make_train_iterator
 from mixer_jax.loop import Compiled, Loop, Sinks, evaluate, finish, train_loop
 from mixer_jax.metrics import Console, MetricsLog, NonFiniteLossError, TensorBoardLog
-from mixer_jax.optimizer import make_optimizer
-from mixer_jax.steps import TrainState, create_train_state, eval_step, model_fns, train_step
+from mixer_jax.sharding import AXES, make_mesh
+from mixer_jax.state import Layout, build_state
+from mixer_jax.steps import TrainState, eval_step, train_step
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "load_init_params", "model_for", "train_and_evaluate",
            "write_outputs"]
@@ -68,6 +69,38 @@ def load_init_params(cfg: TrainConfig, num_classes: int) -> tuple[dict, MixerCon
     return params_from_flat(flat, model_cfg), model_cfg
 
 
+def num_classes_of(cfg: TrainConfig, source) -> int:
+    """The data's number of classes; ``data.num_classes``, if given, must agree with it."""
+    n = source.num_classes
+    if cfg.data.num_classes and cfg.data.num_classes != n:
+        raise ValueError(f"data.num_classes={cfg.data.num_classes}, but {cfg.data.name} has {n} classes")
+    return n
+
+
+def num_classes_without_data(cfg: TrainConfig) -> int:
+    """``data.num_classes``, or the embedded digits' (the only data at hand without reading any)."""
+    if cfg.data.num_classes:
+        return cfg.data.num_classes
+    if cfg.data.name == "digits":
+        return make_source(cfg.data, cfg.data.train_split).num_classes
+    raise ValueError(f"--compile-only reads no data: give {cfg.data.name}'s number of classes with "
+                     "--set data.num_classes=N")
+
+
+def architecture_of(cfg: TrainConfig, num_classes: int) -> MixerConfig:
+    """The architecture to train without reading any weights: ``init_from``'s from its header
+    (a published name is downloaded first), resized by ``resize_scale``, with ``num_classes``."""
+    if not cfg.init_from:
+        return architecture(cfg, num_classes)
+    from mixer_convert.load import open_checkpoint
+
+    params, ck = open_checkpoint(cfg.init_from)
+    params.close()
+    h, w = ck.image_size
+    return architecture(cfg, num_classes, checkpoint=ck.replace(
+        image_size=(h * cfg.resize_scale, w * cfg.resize_scale), num_classes=num_classes))
+
+
 def model_for(cfg: TrainConfig, num_classes: int) -> tuple[MixerConfig, dict | None]:
     """The architecture to train and its initial weights (None: fresh init)."""
     if cfg.init_from:
@@ -79,41 +112,35 @@ def model_for(cfg: TrainConfig, num_classes: int) -> tuple[MixerConfig, dict | N
 # ---- state, compiled steps, resume ------------------------------------------------------------------
 
 
-def build_state(cfg: TrainConfig, model_cfg: MixerConfig, init_params, mesh: Mesh) -> tuple[TrainState, Callable]:
-    """The replicated train state (fresh, or ``init_params``) and the learning-rate schedule."""
-    fns = model_fns(model_cfg, cfg.model.compute_dtype, cfg.model.api)
-    tx, schedule = make_optimizer(cfg.optim, cfg.steps)
-    init = jax.jit(partial(create_train_state, fns, tx), out_shardings=NamedSharding(mesh, P()))
-    return init(jax.random.PRNGKey(cfg.seed), init_params), schedule
-
-
-def compile_steps(cfg: TrainConfig, num_classes: int, schedule: Callable, mesh: Mesh) -> Compiled:
+def compile_steps(cfg: TrainConfig, num_classes: int, schedule: Callable, mesh: Mesh, layout: Layout) -> Compiled:
+    """The jitted steps, the state split as ``layout`` says, every batch over the whole mesh."""
     repl = NamedSharding(mesh, P())
-    batch_sh = NamedSharding(mesh, P(None, "data"))  # (accum, micro, ...) split on micro
-    eval_sh = NamedSharding(mesh, P("data"))
+    batch_sh = NamedSharding(mesh, P(None, AXES))  # (accum, micro, ...) split on micro
+    eval_sh = NamedSharding(mesh, P(AXES))
+    fsdp = mesh.shape["fsdp"] > 1
     step = partial(train_step, num_classes=num_classes, label_smoothing=cfg.label_smoothing,
-                   mixup_alpha=cfg.mixup_alpha, schedule=schedule)
+                   mixup_alpha=cfg.mixup_alpha, schedule=schedule,
+                   grad_shardings=layout.shardings.params if fsdp else None)
+    state_sh = layout.shardings
     return Compiled(
-        train_step=jax.jit(step, in_shardings=(repl, batch_sh, batch_sh, repl), out_shardings=(repl, repl),
+        train_step=jax.jit(step, in_shardings=(state_sh, batch_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                            donate_argnums=(0,)),
-        eval_step=jax.jit(eval_step, in_shardings=(repl, eval_sh, eval_sh, eval_sh), out_shardings=repl),
+        eval_step=jax.jit(eval_step, in_shardings=(state_sh, eval_sh, eval_sh, eval_sh), out_shardings=repl),
         param_norm=jax.jit(optax.tree.norm, out_shardings=repl), batch_sharding=batch_sh, eval_sharding=eval_sh,
-        accum_steps=cfg.accum_steps, micro_batch=cfg.batch_size // cfg.accum_steps // jax.process_count())
+        accum_steps=cfg.accum_steps, micro_batch=cfg.batch_size // cfg.accum_steps // jax.process_count(),
+        to_disk=layout.to_disk)
 
 
-def _abstract(x):
-    import orbax.checkpoint as ocp
-    return ocp.utils.to_shape_dtype_struct(x)
-
-
-def resume(cfg: TrainConfig, state: TrainState, sinks: Sinks, allow_config_change: bool
+def resume(cfg: TrainConfig, state: TrainState, layout: Layout, sinks: Sinks, allow_config_change: bool
            ) -> tuple[TrainState, int, list[str]]:
-    """(state, step, allowed config changes) from the newest intact checkpoint; (state, 0, [])
-    when there is none. A config that changes the run's meaning is refused unless allowed."""
-    restored = sinks.ckpt.restore_latest(jax.tree_util.tree_map(_abstract, state))
+    """(state, step, allowed config changes) from the newest intact checkpoint, placed on this
+    run's mesh whatever mesh wrote it; (state, 0, []) when there is none. A config that changes
+    the run's meaning is refused unless allowed."""
+    restored = sinks.ckpt.restore_latest(layout.disk_abstract)
     if restored is None:
         return state, 0, []
     start, state, meta = restored
+    state = layout.from_disk(state)
     changes = []
     if cfg.steps > 0 and meta.get("config") is not None:  # evaluating a checkpoint under another config is fine
         changes = check_resume_config(current_layout(meta["config"]), jsonable(cfg), start, allow_config_change,
@@ -170,30 +197,38 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, progress
     cfg, workdir = expand_paths(cfg), Path(workdir).expanduser().absolute()
     validate(cfg, jax.device_count(), jax.process_count())
     sources = make_source(cfg.data, cfg.data.train_split), make_source(cfg.data, cfg.data.eval_split)
-    model_cfg, init_params = model_for(cfg, sources[0].num_classes)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    state, schedule = build_state(cfg, model_cfg, init_params, mesh)
+    model_cfg, init_params = model_for(cfg, num_classes_of(cfg, sources[0]))
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    state, layout, schedule = build_state(cfg, model_cfg, init_params, mesh)
     is_main = jax.process_index() == 0
     console = Console(is_main and progress, is_main)
     # evaluating (steps=0) leaves the workdir as it was
     sinks = Sinks(Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, is_main, report=console.print,
                                create=cfg.steps > 0), console=console)
     try:
-        state, start, changes = resume(cfg, state, sinks, allow_config_change)
-        compiled = compile_steps(cfg, model_cfg.num_classes, schedule, mesh)
+        state, start, changes = resume(cfg, state, layout, sinks, allow_config_change)
+        compiled = compile_steps(cfg, model_cfg.num_classes, schedule, mesh, layout)
         if cfg.steps == 0:
             if start == 0 and not cfg.init_from:
                 raise ValueError(f"steps=0 evaluates init_from or the latest checkpoint in {sinks.ckpt.dir}; "
                                  "there is neither")
-            return TrainResult(start, model_cfg, to_host(state.params), [], evaluate(state, cfg, compiled, sources[1]))
+            return TrainResult(start, model_cfg, official_params(state, layout), [],
+                               evaluate(state, cfg, compiled, sources[1]))
         end, result = run(cfg, workdir, state, start, compiled, sinks, sources, on_step, bool(changes))
     finally:
         sinks.close()
     interrupted = end.done < cfg.steps
+    params = official_params(end.state, layout)
     if is_main and not interrupted:
-        write_outputs(end.state.params, model_cfg, workdir, cfg.export_torch)
-    return TrainResult(step=int(to_host(end.state.step)), model_config=model_cfg, params=to_host(end.state.params),
+        write_outputs(params, model_cfg, workdir, cfg.export_torch)
+    return TrainResult(step=int(to_host(end.state.step)), model_config=model_cfg, params=params,
                        history=end.history, eval=result, interrupted=interrupted)
+
+
+def official_params(state: TrainState, layout: Layout) -> dict:
+    """The params on the host, in the official layout (every process takes part: FSDP's shards
+    live on all of them)."""
+    return to_host(layout.to_disk(state).params)
 
 
 def write_outputs(params, model_cfg: MixerConfig, workdir: Path, export_torch: bool) -> None:

@@ -59,6 +59,20 @@ if "mixer_convert" not in sys.modules:
     _alias_core()
 
 
+def _no_tpu_runtime_without_a_tpu() -> None:
+    """The tpu extra's libtpu (XLA's TPU compiler, for --compile-only) would otherwise look for TPU
+    hosts whenever JAX starts, here and in every child interpreter, and print what it did not find.
+    Where there is no TPU and no GPU the suite runs on the CPU, as it would without libtpu."""
+    if importlib.util.find_spec("libtpu") is None or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"):
+        return
+    if os.path.exists("/dev/nvidiactl"):
+        return
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+_no_tpu_runtime_without_a_tpu()
+
+
 @functools.lru_cache(None)
 def _link_dir() -> str:
     link_dir = Path(tempfile.mkdtemp(prefix="mixer-pypath-"))

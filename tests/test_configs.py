@@ -113,3 +113,23 @@ def test_a_run_saved_before_model_api_existed_resumes_as_linen_and_not_silently_
     assert current_layout(saved)["model"]["api"] == "linen" and config_changes(current_layout(saved), now) == []
     nnx = jsonable(override(digits(), ["model.api=nnx"]))
     assert config_changes(current_layout(saved), nnx) == ["model.api: 'linen' -> 'nnx'"]
+
+
+def test_every_remat_policy_name_is_one_of_jaxs_and_takes_no_arguments():
+    import jax
+
+    from mixer_jax.configs import REMAT_POLICIES
+    from mixer_jax.model import remat_policy
+
+    for name in REMAT_POLICIES:
+        assert callable(getattr(jax.checkpoint_policies, name)) and remat_policy(name) is getattr(
+            jax.checkpoint_policies, name)
+    assert remat_policy("block") is jax.checkpoint_policies.nothing_saveable
+
+
+def test_a_mesh_that_does_not_divide_the_devices_is_refused_before_any_compute():
+    from mixer_jax.configs import MeshConfig, digits, validate
+
+    with pytest.raises(ValueError, match="mesh.data=3 x mesh.fsdp=-1 does not divide the 8 devices"):
+        validate(dataclasses.replace(digits(), mesh=MeshConfig(data=3, fsdp=-1)), 8)
+    validate(dataclasses.replace(digits(), mesh=MeshConfig(data=2, fsdp=4)), 8)

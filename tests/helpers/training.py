@@ -43,4 +43,10 @@ BAD_VALUES = [
     ("model.compute_dtype=float16", "model.compute_dtype must be 'float32' or 'bfloat16'"),
     ("model.hidden_dim=0", "model.hidden_dim must be an integer >= 1"),
     ("model.api=torch", "model.api must be 'linen' or 'nnx'"),
+    ("model.remat=some", "model.remat must be 'none', 'block' or a jax.checkpoint_policies name"),
+    ("model.scan=null", "model.scan must be true or false"),
+    ("mesh.fsdp=0", "mesh.fsdp must be an integer >= 1, or -1"),
+    ("mesh.data=-2", "mesh.data must be an integer >= 1, or -1"),
+    ("mesh.fsdp_min_mib=-1", "mesh.fsdp_min_mib must be a finite number >= 0"),
+    ("data.num_classes=-1", "data.num_classes must be an integer >= 0"),
 ]
