@@ -150,14 +150,19 @@ def _block_step(graphdef: nnx.GraphDef, call_def: nnx.GraphDef | None, determini
     ``jax.checkpoint`` take: ``((x, call_rngs), (params, rest, drop_p)) -> ((x, call_rngs), rest)``
     where ``rest`` is the block's RNG state and ``call_rngs`` the call-time ``rngs``' (None
     without). The weights it computes with (all-gathered under a placement, inside the remat so
-    that they are recomputed, not saved) are never written back: only the RNG state comes out."""
+    that they are recomputed, not saved) are never written back: only the RNG state comes out,
+    and the block's own only where it may have drawn from it (None with call-time ``rngs`` or
+    ``deterministic=True``: a module merged from state held outside a ``jax.jit`` stays untouched)."""
+    own = call_def is None and deterministic is not True
+
     def step(carry, xs):
         x, call_state = carry
         params, rest, drop_p = xs
         block = nnx.merge(graphdef, params if placement is None else placement.gathered(params), rest)
         rngs = None if call_def is None else nnx.merge(call_def, call_state)
         x = block(x, deterministic, rngs, drop_p)
-        return (x, None if rngs is None else nnx.state(rngs)), nnx.state(block, nnx.Not(nnx.Param))
+        rest = nnx.state(block, nnx.Not(nnx.Param)) if own else None
+        return (x, None if rngs is None else nnx.state(rngs)), rest
     if remat == "none":
         return step
     return jax.checkpoint(step, policy=remat_policy(remat), prevent_cse=prevent_cse)
@@ -225,7 +230,8 @@ class MlpMixer(nnx.Module):
             graphdef, params, rest = nnx.split(block, nnx.Param, ...)
             step = _block_step(graphdef, call_def, deterministic, self.placement, self.remat, prevent_cse=True)
             (x, call_state), rest = step(carry, (params, rest, None))  # drop_p: the block's own
-            nnx.update(block, rest)
+            if rest is not None:
+                nnx.update(block, rest)
             carry = (self._placed(x), call_state)
             if inter is not None:
                 inter[f"MixerBlock_{i}"] = carry[0]
@@ -243,7 +249,8 @@ class MlpMixer(nnx.Module):
             return (x, call_state), (rest, x if inter is not None else None)  # N activations only if asked
         rates = jnp.asarray(block_drop_rates(self.config), jnp.float32)  # each block's, as data
         carry, (rest, ys) = jax.lax.scan(body, carry, (params, rest, rates))
-        nnx.update(stacked, rest)
+        if rest is not None:
+            nnx.update(stacked, rest)
         if inter is not None:
             inter.update({f"MixerBlock_{i}": ys[i] for i in range(self.config.num_blocks)})
         return carry

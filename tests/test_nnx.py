@@ -729,3 +729,21 @@ def test_a_placed_model_on_8_devices_gives_the_logits_of_the_unplaced_one():
     env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", PLACED], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_a_scanned_rematerialised_model_trains_through_nnx_fns_merged_inside_jit():
+    """The training steps' way (mixer_jax.steps.nnx_fns): the model merged inside ``jax.jit`` from
+    state held outside it, call-time rngs for the masks; its own streams are left untouched."""
+    import jax
+    from flax import nnx
+    from mixer_jax.nnx import abstract_model, flat_to_state
+    from mixer_jax.steps import nnx_fns
+
+    cfg = TINY.replace(stoch_depth=0.5, dropout_rate=0.1)
+    fns = nnx_fns(abstract_model(cfg, scan=True, remat="block"), init=None)
+    params = nnx.to_pure_dict(flat_to_state(random_params(cfg, 19), cfg, scan=True))
+    loss = jax.jit(lambda p, x, key: _ce(fns.apply(p, x, True, key), _LABELS))
+    x, key = _x(cfg, 4), jax.random.key(0)
+    assert float(loss(params, x, key)) == float(loss(params, x, key)) != float(loss(params, x, jax.random.key(1)))
+    grads = jax.jit(jax.grad(loss))(params, x, key)
+    assert grads["MixerBlock"]["token_mixing"]["Dense_0"]["kernel"].shape == (3, 6, 8)
