@@ -1,8 +1,9 @@
 """The Flax NNX model (mixer_jax.nnx): the official parameter paths, bit-identical to Linen (forward,
 every intermediate, gradients), within PyTorch's bounds, built from checkpoints through the one
 loading path without random initialisation, NNX's train/eval conventions, NNX states saved by
-users read back into all three models, NNX states written by ``mixer-convert --to nnx``, and
-checkpoints crossing between the two Flax APIs."""
+users read back into all three models, NNX states written by ``mixer-convert --to nnx``,
+checkpoints crossing between the two Flax APIs, and scan / remat / placement computing the same
+function (against the plain model and Linen's same settings)."""
 import numpy as np
 import pytest
 
