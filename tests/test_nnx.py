@@ -1,8 +1,9 @@
 """The Flax NNX model (mixer_jax.nnx): the official parameter paths, bit-identical to Linen (forward,
 every intermediate, gradients), within PyTorch's bounds, built from checkpoints through the one
 loading path without random initialisation, NNX's train/eval conventions, NNX states saved by
-users read back into all three models, NNX states written by ``mixer-convert --to nnx``, and
-checkpoints crossing between the two Flax APIs."""
+users read back into all three models, NNX states written by ``mixer-convert --to nnx``,
+checkpoints crossing between the two Flax APIs, and scan / remat / placement computing the same
+function (against the plain model and Linen's same settings)."""
 import numpy as np
 import pytest
 
@@ -503,3 +504,247 @@ def test_a_linen_checkpoint_loads_into_nnx_and_an_nnx_one_into_linen(tmp_path, s
     linen2, params2 = mixer_jax.from_checkpoint(back, image_size=(32, 48))
     assert_same_arrays(params_to_flat(params2), flat)
     np.testing.assert_array_equal(np.asarray(linen2.apply({"params": params2}, x)), np.asarray(nnx_model(x)))
+
+
+# ---- scan, remat, placement: how the function is computed, not the function ------------------------
+
+REMATS = ["none", "block", "dots_saveable"]
+
+
+def _scaled_model(api, scan, remat, dtype="float32"):
+    """(intermediates, cross-entropy gradients as official flat numpy) of TINY's model with random
+    weights and head (the official zero head would make both comparisons vacuous), fp32 at full
+    precision; api 'nnx' or 'linen', computed once per setting."""
+    key = (api, scan, remat, dtype)
+    if key not in _SCALED:
+        _SCALED[key] = _nnx_scaled(scan, remat, dtype) if api == "nnx" else _linen_scaled(scan, remat, dtype)
+    return _SCALED[key]
+
+
+_SCALED: dict = {}
+_LABELS = np.arange(4) % TINY.num_classes
+
+
+def _ce(logits, labels):
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype("float32"), labels).mean()
+
+
+def _nnx_scaled(scan, remat, dtype):
+    import jax
+    from flax import nnx
+    from mixer_jax.nnx import from_flat, state_to_flat
+
+    model = from_flat(random_params(TINY, 12), TINY, dtype=dtype, scan=scan, remat=remat)
+    model.eval()
+    with jax.default_matmul_precision("highest"):
+        _, inter = nnx.jit(lambda m, x: m(x, return_intermediates=True))(model, _x(TINY, 4))
+        grads = nnx.jit(nnx.grad(lambda m, x, y: _ce(m(x), y)))(model, _x(TINY, 4), _LABELS)
+    return {k: np.asarray(v, np.float32) for k, v in inter.items()}, state_to_flat(grads)
+
+
+def _linen_scaled(scan, remat, dtype):
+    import jax
+    from mixer_jax.model import MlpMixer, params_from_flat, params_to_flat
+    from mixer_jax.stacking import stack_blocks, unstack_blocks
+
+    model = MlpMixer(TINY, dtype=dtype, scan=scan, remat=remat)
+    params = params_from_flat(random_params(TINY, 12), TINY)
+    params = stack_blocks(params) if scan else params
+    with jax.default_matmul_precision("highest"):
+        _, inter = jax.jit(lambda p, x: model.apply({"params": p}, x, return_intermediates=True))(params, _x(TINY, 4))
+        grads = jax.jit(jax.grad(lambda p, x, y: _ce(model.apply({"params": p}, x), y)))(params, _x(TINY, 4), _LABELS)
+    return {k: np.asarray(v, np.float32) for k, v in inter.items()}, params_to_flat(unstack_blocks(grads))
+
+
+@pytest.mark.parametrize("remat", fast_only(REMATS, "dots_saveable"))
+def test_remat_unscanned_logits_intermediates_and_gradients_are_bit_identical_to_the_plain_model_and_linen(remat):
+    inter, grads = _scaled_model("nnx", False, remat)
+    plain_inter, plain_grads = _scaled_model("nnx", False, "none")
+    assert set(inter) == set(intermediate_names(TINY)) and set(grads) == set(param_shapes(TINY))
+    assert max(float(np.abs(g).max()) for g in grads.values()) > 1e-3  # not trivially zero
+    assert_same_arrays(inter, plain_inter)
+    assert_same_arrays(grads, plain_grads)
+    linen_inter, linen_grads = _scaled_model("linen", False, remat)
+    assert_same_arrays(inter, linen_inter)
+    assert_same_arrays(grads, linen_grads)
+
+
+@pytest.mark.parametrize("remat", fast_only(REMATS, "none"))
+def test_scan_logits_and_intermediates_are_bit_identical_gradients_within_fp32_order_and_bit_identical_to_linen(remat):
+    """Scanned, XLA may sum a gradient in another order (fp32 rounding: on the CPU a few
+    token-mixing biases by ~1e-8 without remat, none with it); Linen's scan is bit for bit the same."""
+    inter, grads = _scaled_model("nnx", True, remat)
+    plain_inter, plain_grads = _scaled_model("nnx", False, "none")
+    assert_same_arrays(inter, plain_inter)
+    assert set(grads) == set(plain_grads)
+    big = max(float(np.abs(g).max()) for g in plain_grads.values())
+    for k, g in grads.items():
+        want = plain_grads[k]
+        assert np.abs(g - want).max() <= 1e-4 * np.abs(want).max() + 1e-6 * big, k
+    linen_inter, linen_grads = _scaled_model("linen", True, remat)
+    assert_same_arrays(inter, linen_inter)
+    assert_same_arrays(grads, linen_grads)
+
+
+@pytest.mark.parametrize("scan, remat", [(True, "block"), pytest.param(False, "dots_saveable", marks=pytest.mark.slow)])
+def test_scan_and_remat_in_bfloat16_are_within_5e_2_of_the_plain_model(scan, remat):
+    inter, _ = _scaled_model("nnx", scan, remat, "bfloat16")
+    plain, _ = _scaled_model("nnx", False, "none", "bfloat16")
+    for k, want in plain.items():
+        assert np.abs(inter[k] - want).max() <= 5e-2 * np.abs(want).max(), k
+
+
+def test_a_scanned_model_holds_linens_scanned_tree_and_converts_to_the_official_names():
+    import jax
+    from flax import nnx
+    from flax.traverse_util import flatten_dict
+    from mixer_jax.model import MlpMixer as Linen
+    from mixer_jax.nnx import abstract_model, create_model, flat_to_state, from_flat, state_to_flat
+
+    linen = jax.eval_shape(lambda: Linen(TINY, scan=True).init(jax.random.key(0), _x(TINY, 1)))["params"]
+    want = {"/".join(k): v.shape for k, v in flatten_dict(linen).items()}
+    assert want["MixerBlock/LayerNorm_0/scale"] == (3, 24) and "MixerBlock_0/LayerNorm_0/scale" not in want
+    for model in (abstract_model(TINY, scan=True), create_model(TINY, rngs=0, scan=True, remat="block")):
+        got = {"/".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        assert got == want
+    flat = random_params(TINY, 13)
+    model = from_flat(flat, TINY, scan=True)  # official in, stacked inside, official out (in model order)
+    assert_same_arrays(state_to_flat(model), flat) and list(state_to_flat(model)) == list(param_shapes(TINY))
+    assert_same_arrays(state_to_flat(flat_to_state(flat, TINY, scan=True)), flat)
+    assert_same_arrays(state_to_flat(nnx.state(model, nnx.Param)), flat)
+    assert_same_arrays(state_to_flat(from_flat(flat, TINY, remat="block")), flat)  # remat: the official paths
+
+
+def test_from_checkpoint_builds_a_scanned_model_from_an_official_file(tmp_path):
+    from mixer_jax.nnx import from_checkpoint, state_to_flat
+
+    path, flat = _npz(tmp_path, TINY, 14)
+    model = from_checkpoint(path, image_size=(32, 48), scan=True, remat="block")
+    assert model.MixerBlock.token_mixing.Dense_0.kernel.shape == (3, 6, 8)
+    assert_same_arrays(state_to_flat(model), flat)
+
+
+def _dropped_fraction(model, x, cfg):
+    """Per block, the fraction of samples whose channel-mixing branch was dropped (the weights make
+    token mixing add nothing, so a block's output equals its input exactly where it was)."""
+    import jax
+    from flax import nnx
+
+    _, inter = nnx.jit(lambda m, x: m(x, return_intermediates=True))(model, x)
+    names = ["stem"] + [f"MixerBlock_{i}" for i in range(cfg.num_blocks)]
+    return [float(np.mean(np.all(np.asarray(inter[a] == inter[b]), axis=(1, 2)))) for a, b in zip(names, names[1:])]
+
+
+def test_a_scanned_model_keeps_each_blocks_stochastic_depth_rate():
+    """Masks: other random numbers than the unscanned model's (one stream per block, every block
+    drawing), the same rate per block: block 0 never dropped, the last at ``stoch_depth``."""
+    from mixer_convert.spec import block_drop_rates
+    from mixer_jax.nnx import from_flat
+
+    cfg = TINY.replace(image_size=(16, 16), num_blocks=3, stoch_depth=0.6)
+    flat = random_params(cfg, 15)
+    flat = {k: v * 0 if k.endswith(("token_mixing/Dense_1/kernel", "token_mixing/Dense_1/bias")) else v
+            for k, v in flat.items()}
+    x, n = _x(cfg, 512), 512
+    for scan in (False, True):
+        model = from_flat(flat, cfg, rngs=16, scan=scan, remat="block")
+        got = _dropped_fraction(model, x, cfg)
+        for rate, frac in zip(block_drop_rates(cfg), got):
+            assert abs(frac - rate) <= 4 * np.sqrt(rate * (1 - rate) / n), (scan, got)
+        assert got[0] == 0
+        model.eval()
+        assert _dropped_fraction(model, x, cfg) == [0.0] * cfg.num_blocks
+
+
+def test_scanned_and_rematerialised_models_keep_nnx_train_eval_and_rngs_conventions():
+    """Remat draws the plain model's random numbers; a scanned model other ones, reproducibly."""
+    import jax
+    from flax import nnx
+    from mixer_jax.nnx import from_flat
+
+    cfg = TINY.replace(stoch_depth=0.5, dropout_rate=0.2)
+    flat, x, key = random_params(cfg, 17), _x(cfg, 4), jax.random.key(5)
+    train = nnx.jit(lambda m, x: m(x))
+    once = nnx.jit(lambda m, x, key: m(x, rngs=nnx.Rngs(dropout=key)))
+    plain = from_flat(flat, cfg, rngs=3)
+    want_train, want_once = train(plain, x), once(plain, x, key)
+    remat = from_flat(flat, cfg, rngs=3, remat="block")
+    np.testing.assert_array_equal(train(remat, x), want_train)
+    np.testing.assert_array_equal(once(remat, x, key), want_once)
+    scanned = from_flat(flat, cfg, rngs=3, scan=True, remat="dots_saveable")
+    a, b = train(scanned, x), train(scanned, x)
+    assert not np.array_equal(a, b) and not np.array_equal(a, want_train)  # fresh masks each call
+    np.testing.assert_array_equal(train(from_flat(flat, cfg, rngs=3, scan=True, remat="dots_saveable"), x), a)
+    assert np.array_equal(once(scanned, x, key), once(scanned, x, key))
+    plain.eval()
+    want_eval = train(plain, x)
+    np.testing.assert_array_equal(train(nnx.view(scanned, deterministic=True), x), want_eval)
+    scanned.eval()
+    np.testing.assert_array_equal(train(scanned, x), want_eval)
+    scanned.train()
+    assert not np.array_equal(train(scanned, x), want_eval)
+
+
+PLACED = """
+import numpy as np, jax
+from flax import nnx
+from jax.sharding import NamedSharding
+from mixer_convert import config_for, random_params
+from mixer_jax.nnx import from_flat
+from mixer_jax.sharding import BATCH, Placement, make_mesh, state_shardings
+
+cfg = config_for("S/16", image_size=(32, 48), hidden_dim=24, num_blocks=3, tokens_mlp_dim=8, channels_mlp_dim=40,
+                 num_classes=5)
+flat, mesh = random_params(cfg, 18), make_mesh(-1, 4)  # data 2 x fsdp 4
+x = np.random.default_rng(1).uniform(-1, 1, (8, 32, 48, 3)).astype(np.float32)
+call = nnx.jit(lambda m, x: m(x))
+for scan in (False, True):
+    want = np.asarray(call(from_flat(flat, cfg, scan=scan), x))
+    model = from_flat(flat, cfg, scan=scan, remat="block", placement=Placement(mesh))
+    nnx.update(model, jax.device_put(nnx.state(model), state_shardings(nnx.state(model), mesh, min_bytes=0)))
+    params = lambda: [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    before = params()
+    assert any("fsdp" in tuple(p.sharding.spec) for p in before)
+    xs = jax.device_put(x, NamedSharding(mesh, BATCH))
+    got = np.asarray(call(model, xs))
+    assert np.abs(got - want).max() <= 1e-6, (scan, np.abs(got - want).max())
+    assert "all-gather" in call.lower(model, xs).compile().as_text()  # the weights gathered where used...
+    before = params()
+    model(xs)  # eagerly: the model's parameters stay the very arrays they were, not gathered copies
+    assert all(a is b for a, b in zip(before, params()))
+print("ok")
+"""
+
+
+def test_a_placed_model_on_8_devices_gives_the_logits_of_the_unplaced_one():
+    """FSDP on 8 simulated CPU devices (a child process: the device count is fixed at JAX's start),
+    scanned and not, params sharded by the FSDP rule: the same logits within 1e-6, and the state
+    keeps its shardings (the gathered weights are not written back)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", PLACED], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_a_scanned_rematerialised_model_trains_through_nnx_fns_merged_inside_jit():
+    """The training steps' way (mixer_jax.steps.nnx_fns): the model merged inside ``jax.jit`` from
+    state held outside it, call-time rngs for the masks; its own streams are left untouched."""
+    import jax
+    from flax import nnx
+    from mixer_jax.nnx import abstract_model, flat_to_state
+    from mixer_jax.steps import nnx_fns
+
+    cfg = TINY.replace(stoch_depth=0.5, dropout_rate=0.1)
+    fns = nnx_fns(abstract_model(cfg, scan=True, remat="block"), init=None)
+    params = nnx.to_pure_dict(flat_to_state(random_params(cfg, 19), cfg, scan=True))
+    loss = jax.jit(lambda p, x, key: _ce(fns.apply(p, x, True, key), _LABELS))
+    x, key = _x(cfg, 4), jax.random.key(0)
+    assert float(loss(params, x, key)) == float(loss(params, x, key)) != float(loss(params, x, jax.random.key(1)))
+    grads = jax.jit(jax.grad(loss))(params, x, key)
+    assert grads["MixerBlock"]["token_mixing"]["Dense_0"]["kernel"].shape == (3, 6, 8)
