@@ -106,14 +106,13 @@ class MlpMixer(nn.Module):
     placement: Any = None
 
     def _block_type(self) -> type:
-        block, policy = MixerBlock, None if self.remat == "none" else remat_policy(self.remat)
+        block = MixerBlock
         if self.placement is not None and not self.is_initializing():
             block = nn.map_variables(block, "params", trans_in_fn=self.placement.gathered)
-            policy = policy or self.placement.policy_without_remat()
-        if policy is not None:
+        if self.remat != "none":
             # deterministic (argument 2, counting the module) is a Python bool; the scan's
             # loop already keeps XLA from merging recomputations across blocks.
-            block = nn.remat(block, policy=policy, static_argnums=(2,), prevent_cse=not self.scan)
+            block = nn.remat(block, policy=remat_policy(self.remat), static_argnums=(2,), prevent_cse=not self.scan)
         return block
 
     def _blocks(self, x: Array, train: bool, inter: dict[str, Array] | None) -> Array:

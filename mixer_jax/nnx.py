@@ -40,7 +40,6 @@ from mixer_convert.params import check_params
 from mixer_convert.spec import (LAYERNORM_EPS, MixerConfig, block_drop_rates, check_image_shape, config_for,
                                 param_shapes)
 from mixer_jax.model import remat_policy
-from mixer_jax.sharding import Placement
 from mixer_jax.stacking import STACKED, stack_blocks, unstack_blocks
 
 Array = jax.Array
@@ -145,7 +144,7 @@ def _stacked_blocks(cfg: MixerConfig, dtype: Any, rngs: nnx.Rngs) -> MixerBlock:
 
 
 def _block_step(graphdef: nnx.GraphDef, call_def: nnx.GraphDef | None, deterministic: bool | None,
-                placement: Placement | None, remat: str, prevent_cse: bool) -> Callable:
+                placement: Any, remat: str, prevent_cse: bool) -> Callable:
     """One block as a pure function of its ``nnx.split`` state, the form ``jax.lax.scan`` and
     ``jax.checkpoint`` take: ``((x, call_rngs), (params, rest, drop_p)) -> ((x, call_rngs), rest)``
     where ``rest`` is the block's RNG state and ``call_rngs`` the call-time ``rngs``' (None
@@ -189,7 +188,7 @@ class MlpMixer(nnx.Module):
     """
 
     def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, scan: bool = False,
-                 remat: str = "none", placement: Placement | None = None) -> None:
+                 remat: str = "none", placement: Any = None) -> None:
         if remat not in ("none", "block") and not callable(getattr(jax.checkpoint_policies, remat, None)):
             raise ValueError(f"remat={remat!r}: expected 'none', 'block' or a jax.checkpoint_policies name")
         self.config = cfg = config
@@ -282,7 +281,7 @@ class MlpMixer(nnx.Module):
 
 def create_model(variant: str | MixerConfig = "B/16", *, rngs: nnx.Rngs | int = 0, pretrained: bool | str = False,
                  dtype: Any = jnp.float32, scan: bool = False, remat: str = "none",
-                 placement: Placement | None = None, **overrides) -> MlpMixer:
+                 placement: Any = None, **overrides) -> MlpMixer:
     """``create_model('B/16', num_classes=10, rngs=nnx.Rngs(0))``: fresh weights (the official
     initialisers: lecun_normal kernels, zero biases and head); overrides are MixerConfig fields
     and ``rngs`` may be an int seed. With ``pretrained`` (True, a tag such as ``'imagenet21k'``,
@@ -326,7 +325,7 @@ def flat_to_state(flat: Mapping[str, Any], cfg: MixerConfig, *, scan: bool = Fal
 
 
 def abstract_model(cfg: MixerConfig, dtype: Any = jnp.float32, *, scan: bool = False, remat: str = "none",
-                   placement: Placement | None = None) -> MlpMixer:
+                   placement: Any = None) -> MlpMixer:
     """The module tree with shapes only (``nnx.eval_shape``): what loading merges a checkpoint into
     and what training merges its params into."""
     return nnx.eval_shape(lambda: MlpMixer(cfg, rngs=nnx.Rngs(params=0, dropout=0), dtype=dtype, scan=scan,
@@ -334,7 +333,7 @@ def abstract_model(cfg: MixerConfig, dtype: Any = jnp.float32, *, scan: bool = F
 
 
 def from_flat(flat: Mapping[str, Any], cfg: MixerConfig, *, rngs: nnx.Rngs | int = 0, dtype: Any = jnp.float32,
-              scan: bool = False, remat: str = "none", placement: Placement | None = None) -> MlpMixer:
+              scan: bool = False, remat: str = "none", placement: Any = None) -> MlpMixer:
     """A model holding ``flat`` (official names, strictly checked; stacked for a ``scan`` model),
     built without random initialisation: the module tree comes from ``nnx.eval_shape`` (shapes
     only) and the checkpoint's arrays become its parameters. ``rngs`` seeds the dropout /
@@ -351,7 +350,7 @@ def from_flat(flat: Mapping[str, Any], cfg: MixerConfig, *, rngs: nnx.Rngs | int
 def from_checkpoint(path, num_classes: int | None | str = "keep", scale: int = 1, variant: str | None = None,
                     dtype: Any = jnp.float32, prefix: str | None = None, image_size=None, *,
                     rngs: nnx.Rngs | int = 0, scan: bool = False, remat: str = "none",
-                    placement: Placement | None = None, **overrides) -> MlpMixer:
+                    placement: Any = None, **overrides) -> MlpMixer:
     """A model from any checkpoint the bridge reads (official .npz, Flax msgpack/orbax incl.
     ``nnx.state`` saves, PyTorch, timm, safetensors), a path or a published name/URL (``B/16-i21k``,
     ``gs://mixer_models/...``, ``hf-hub:timm/...``; downloaded into the cache): optionally a fresh

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -60,16 +59,11 @@ def state_shardings(abstract: Any, mesh: Mesh, min_bytes: int, stacked_paths: tu
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
-# The name of a block's gathered weights: a model saves them for the backward pass under no remat
-# policy (GATHERED_NOT_SAVED), so they are gathered again there instead of held for every block.
-GATHERED = "fsdp_gathered"
-
-
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """What a model does inside itself on a mesh: the activations between blocks stay split along
     the batch over ``batch_axes``, and each block's weights are all-gathered where used (a no-op
-    for weights that are replicated already), named :data:`GATHERED`."""
+    for weights that are replicated already)."""
 
     mesh: Mesh
     batch_axes: tuple[str, ...] = AXES
@@ -79,12 +73,4 @@ class Placement:
 
     def gathered(self, tree: Any) -> Any:
         replicated = NamedSharding(self.mesh, P())
-        return jax.tree_util.tree_map(
-            lambda w: checkpoint_name(jax.lax.with_sharding_constraint(w, replicated), GATHERED), tree)
-
-    @staticmethod
-    def policy_without_remat() -> Callable:
-        """The remat policy of a block without ``model.remat``: everything saved for the backward
-        pass as without remat, except the gathered weights, gathered again there (otherwise every
-        block's stay alive from forward to backward: H/14, 1.7 GB a chip)."""
-        return jax.checkpoint_policies.save_anything_except_these_names(GATHERED)
+        return jax.tree_util.tree_map(lambda w: jax.lax.with_sharding_constraint(w, replicated), tree)
