@@ -204,9 +204,13 @@ def _reserved_port():
     the coordinator's gRPC server also sets, so it binds the port beside this socket while nothing
     else can take it. A port picked and then closed could be taken by another process (or handed
     out for an outgoing connection) before the coordinator binds it, which crashes process 0."""
-    with socket.socket(socket.AF_INET6) as s:  # the coordinator listens on [::]
+    try:
+        s, anywhere = socket.socket(socket.AF_INET6), "::"  # the coordinator listens on [::]
+    except OSError:  # no IPv6: it listens on 0.0.0.0
+        s, anywhere = socket.socket(socket.AF_INET), "0.0.0.0"
+    with s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind(("::", 0))
+        s.bind((anywhere, 0))
         yield s.getsockname()[1]
 
 
