@@ -288,14 +288,16 @@ def test_two_processes_download_the_same_file_once_without_any_framework(bucket,
 def test_an_unreachable_server_is_one_line_naming_the_url_and_the_manual_way(tmp_path, monkeypatch, capsys):
     import socket
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MIXER_CHECKPOINT_BASE_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("MIXER_CACHE", str(tmp_path / "cache"))
     from mixer_convert.tools.cli import main
 
-    assert main(["S/32-gsam", str(tmp_path / "out.safetensors")]) == 2  # progress on: still one line
+    # A port nobody listens on: bound and not listening for the whole call (connections are refused),
+    # so no other process (another worker's server binding port 0) can be handed it meanwhile.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        monkeypatch.setenv("MIXER_CHECKPOINT_BASE_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("MIXER_CACHE", str(tmp_path / "cache"))
+        assert main(["S/32-gsam", str(tmp_path / "out.safetensors")]) == 2  # progress on: still one line
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith(f"mixer-convert: error: cannot download http://127.0.0.1:{port}/gsam/Mixer-S_32: ")
