@@ -63,7 +63,7 @@ except Interrupted as e:
 
 def test_a_signal_swallowed_inside_a_finaliser_still_stops_the_commit_silently(tmp_path):
     dst = tmp_path / "out.bin"
-    r = subprocess.run([sys.executable, "-c", _SWALLOWED, str(dst)], capture_output=True, text=True, timeout=60,
+    r = subprocess.run([sys.executable, "-c", _SWALLOWED, str(dst)], capture_output=True, text=True, timeout=300,
                        env=subprocess_env())
     assert r.stdout.splitlines() == ["still running after the signal", f"interrupted {int(signal.SIGINT)}"], r
     assert "Exception ignored" not in r.stderr and r.stderr == "", r.stderr

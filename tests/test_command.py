@@ -185,7 +185,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_inside_a_command_exits_128_plus_its_number_in_one_line(sig):
     name = signal.Signals(sig).name
-    r = subprocess.run([sys.executable, "-c", _SIGNALLED, name], capture_output=True, text=True, timeout=60,
+    r = subprocess.run([sys.executable, "-c", _SIGNALLED, name], capture_output=True, text=True, timeout=300,
                        env=subprocess_env())
     assert r.returncode == 128 + sig, r.stderr
     assert r.stderr == f"mixer-test: error: interrupted by {name}; nothing was written\n" and r.stdout == ""

@@ -3,6 +3,7 @@ inside orbax leaves one clean exception and no noise after it."""
 import gc
 import logging
 import signal
+import threading
 import time
 import warnings
 
@@ -44,7 +45,9 @@ class _Broken:
 
 class _InterruptedWhileAWriterRuns:
     """orbax's save when SIGINT lands while one of its writer threads (a real ``CommitFuture``, as
-    its numpy handler starts) still works; that write then fails, its folder gone (seen in CI)."""
+    its numpy handler starts) still works; that write then fails, its folder gone (seen in CI).
+    The write runs until the writer is cancelled and only then fails: the interrupt lands while it
+    runs, however slowly either thread is scheduled (a fixed 0.3 s write could end first)."""
 
     writer = None
 
@@ -53,10 +56,23 @@ class _InterruptedWhileAWriterRuns:
 
         from orbax.checkpoint._src.futures import future
 
+        running, stopped = threading.Event(), threading.Event()
+
         async def write_into_a_removed_folder():
-            await asyncio.sleep(0.3)
+            running.set()
+            deadline = time.monotonic() + 120  # a hang guard only: the writer is cancelled
+            while not stopped.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             raise ValueError("NOT_FOUND: Error writing in OCDBT database")
-        type(self).writer = future.CommitFuture(write_into_a_removed_folder(), name="np_type_handler")
+        writer = future.CommitFuture(write_into_a_removed_folder(), name="np_type_handler")
+        thread, cancel = writer._t, writer._t.cancel
+
+        def cancel_then_fail():
+            cancel()
+            stopped.set()
+        thread.cancel = cancel_then_fail
+        type(self).writer = writer
+        assert running.wait(120), "the writer thread never started"
         raise Interrupted(signal.SIGINT)
 
 

@@ -893,7 +893,7 @@ def test_a_fresh_process_prints_one_line_and_nothing_else(case, bases, tmp_path)
     if needs and not has_module({T: "torch", J: "flax", O: "orbax"}[needs]):
         pytest.skip(f"needs {needs}")
     src = build(bases, tmp_path)
-    out, _ = run_cli_process([str(src), str(tmp_path / "out.npz"), *extra], timeout=60)
+    out, _ = run_cli_process([str(src), str(tmp_path / "out.npz"), *extra])
     assert out.rc == 2 and len(out.lines) == 1 and re.search(error, out.lines[0]), out.stderr
 
 
@@ -904,7 +904,7 @@ def test_orbax_noise_after_a_failed_restore_is_silenced(bases, tmp_path):
     """Data files missing: orbax fails on the first array while tensorstore still reads the others,
     which then print "RuntimeError: Event loop is closed" on stderr unless silenced."""
     src = CASES["damaged/orbax-data-files-missing"][1](bases, tmp_path)
-    out, _ = run_cli_process([str(src), str(tmp_path / "out.npz"), "--quiet"], timeout=60)
+    out, _ = run_cli_process([str(src), str(tmp_path / "out.npz"), "--quiet"])
     assert out.rc == 2 and len(out.lines) == 1 and "Event loop" not in out.stderr, out.stderr
 
 
@@ -938,32 +938,54 @@ def test_bombs_are_refused_in_bounded_memory(case, bases, tmp_path):
 
 # ==== signals ==============================================================================================
 
-_SLOW_CONVERT = """
-import sys, time
+# A converter whose write is held at its third tensor (two already handed to the writer: well inside
+# the write) until the test creates GATE; it creates HELD once it waits there. The test acts on
+# that event, not after a delay, so a slow or loaded machine cannot let the write finish first.
+_HELD_CONVERT = """
+import os, sys, time
+from pathlib import Path
 from mixer_convert.load import LazyParams
-read = LazyParams.__getitem__
-LazyParams.__getitem__ = lambda self, k: (time.sleep(0.1), read(self, k))[1]  # a long write
+held, gate = Path(os.environ["MIXER_TEST_HELD"]), Path(os.environ["MIXER_TEST_GATE"])
+read, calls = LazyParams.__getitem__, []
+def held_at_the_third(self, k):
+    calls.append(k)
+    if len(calls) == 3:
+        held.touch()
+        deadline = time.monotonic() + 600  # a hang guard only: the test opens the gate
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return read(self, k)
+LazyParams.__getitem__ = held_at_the_third
 from mixer_convert.tools.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def _start_slow(src: Path, dst: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(src), str(dst), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+class _Held:
+    """A conversion ``src`` -> ``dst`` in its own process, held inside its write (``marks``: a new
+    folder for its two marker files, outside the folders the tests list)."""
+
+    def __init__(self, src: Path, dst: Path, marks: Path):
+        marks.mkdir()
+        self.held, self.gate = marks / "held", marks / "gate"
+        self.proc = subprocess.Popen([sys.executable, "-c", _HELD_CONVERT, str(src), str(dst), "--quiet"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=subprocess_env(MIXER_TEST_HELD=str(self.held),
+                                                        MIXER_TEST_GATE=str(self.gate)))
+
+    def wait_until_held(self) -> None:
+        deadline = time.monotonic() + 300  # a hang guard, not a phase: the event is HELD appearing
+        while not self.held.exists():
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert time.monotonic() < deadline, "the conversion never started writing"
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        self.gate.touch()
 
 
 def _temps(folder: Path, dst: Path) -> list[Path]:
     return sorted(folder.glob(f".{dst.name}.*.tmp")) if folder.exists() else []
-
-
-def _wait_for_temp(proc: subprocess.Popen, folder: Path, dst: Path, besides: tuple[Path, ...] = ()) -> None:
-    deadline = time.monotonic() + 60
-    while not set(_temps(folder, dst)) - set(besides):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "the conversion never started writing"
-        time.sleep(0.02)
-    time.sleep(0.3)  # well inside the write
 
 
 @pytest.mark.slow  # a converter process signalled mid-write; test_atomic.py's signal cases are fast
@@ -972,12 +994,14 @@ def _wait_for_temp(proc: subprocess.Popen, folder: Path, dst: Path, besides: tup
 def test_a_signal_mid_write_removes_the_temporary_and_says_so(bases, tmp_path, sig):
     work = fresh_dir(tmp_path, "work")
     dst = work / "new" / "out.safetensors"
-    proc = _start_slow(bases["npz"], dst)
-    _wait_for_temp(proc, dst.parent, dst)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    conversion = _Held(bases["npz"], dst, tmp_path / "marks")
+    conversion.wait_until_held()
+    assert _temps(dst.parent, dst), "held inside the write, yet no temporary"
+    conversion.proc.send_signal(sig)  # while the write cannot finish: it is held
+    conversion.release()  # the prefetching thread goes on, as a real read would, and sees the stop
+    _, err = conversion.proc.communicate(timeout=300)
     name = signal.Signals(sig).name
-    assert proc.returncode == 128 + sig and err.splitlines() == [
+    assert conversion.proc.returncode == 128 + sig and err.splitlines() == [
         f"{PROG_ERROR}interrupted by {name}; nothing was written"], err
     assert os.listdir(work) == []  # no temporary, no output, not even the folder made for it
 
@@ -985,24 +1009,26 @@ def test_a_signal_mid_write_removes_the_temporary_and_says_so(bases, tmp_path, s
 @pytest.mark.slow  # converter processes killed; stale temporaries are removed in test_atomic.py's fast tier
 @cases(1)
 def test_a_rerun_removes_what_a_killed_run_left_but_not_a_live_runs_temporary(bases, tmp_path):
-    dst = tmp_path / "out.safetensors"
-    killed = _start_slow(bases["npz"], dst)
-    _wait_for_temp(killed, tmp_path, dst)
-    killed.kill()
-    killed.communicate(timeout=60)
-    stale = _temps(tmp_path, dst)
+    work = fresh_dir(tmp_path, "work")
+    dst = work / "out.safetensors"
+    killed = _Held(bases["npz"], dst, tmp_path / "killed")
+    killed.wait_until_held()
+    killed.proc.kill()
+    killed.proc.communicate(timeout=300)
+    stale = _temps(work, dst)
     assert len(stale) == 1 and (stale[0] / dst.name).exists()  # SIGKILL cannot be cleaned up after
-    live = _start_slow(bases["npz"], dst)  # a second, live conversion to the same file
+    live = _Held(bases["npz"], dst, tmp_path / "live")  # a second, live conversion to the same file
     try:
-        _wait_for_temp(live, tmp_path, dst, besides=tuple(stale))
-        live_temp = [t for t in _temps(tmp_path, dst) if t != stale[0]]
+        live.wait_until_held()  # and held there until the end of the test: it cannot finish meanwhile
+        live_temp = [t for t in _temps(work, dst) if t != stale[0]]
         assert run_cli([str(bases["npz"]), str(dst), "--quiet"]).rc == 0
         assert not stale[0].exists()  # the dead run's temporary is gone
         assert live_temp and all(t.exists() for t in live_temp)  # the live one's is not touched
     finally:
-        live.terminate()
-        live.communicate(timeout=60)
-    assert sorted(os.listdir(tmp_path)) == [dst.name]
+        live.proc.terminate()
+        live.release()
+        live.proc.communicate(timeout=300)
+    assert sorted(os.listdir(work)) == [dst.name]
     from mixer_convert.load import read_params
     with read_params(dst) as params:
         assert same_weights({k: np.asarray(v) for k, v in params.items()}, FLAT)

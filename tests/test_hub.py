@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -35,7 +34,7 @@ class Bucket:
     """What the server serves and what it was asked. ``cut[path] = n``: the next full response
     for ``path`` stops after n body bytes; ``fail``: HTTP status for every request;
     ``fail_ranged``: HTTP status for Range requests; ``ignore_range``: answer Range requests with
-    the whole file (200); ``delay``: seconds per MiB sent."""
+    the whole file (200); ``hold``: an Event; each response stops after its first MiB until it is set."""
 
     def __init__(self):
         self.files: dict[str, Path] = {}
@@ -44,7 +43,7 @@ class Bucket:
         self.fail: int | None = None
         self.fail_ranged: int | None = None
         self.ignore_range = False
-        self.delay = 0.0
+        self.hold: threading.Event | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -73,7 +72,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = body[: b.cut.pop(self.path)]
         for i in range(0, len(body), 1 << 20):
             self.wfile.write(body[i:i + (1 << 20)])
-            time.sleep(b.delay)
+            if b.hold is not None:
+                b.hold.wait(600)  # a hang guard only: the test sets it
 
     def log_message(self, *args):
         pass
@@ -249,16 +249,35 @@ def test_a_file_put_in_the_cache_by_hand_is_verified_then_used(bucket, s32_file,
         hub.resolve("S/16-gsam")
 
 
-@pytest.mark.slow  # two interpreters and a deliberately slow server: ~4 s
+@pytest.mark.slow  # two interpreters
 def test_two_processes_download_the_same_file_once_without_any_framework(bucket, s32_file):
-    bucket.delay = 0.04  # about 3 s for the whole file, so the second process arrives mid-download
+    # The download is held after its first MiB until the other process says it waits for it: the
+    # second process arrives mid-download however slowly either interpreter starts.
+    bucket.hold = threading.Event()
     # downloading needs neither framework nor huggingface_hub (the standard library's urllib)
     code = import_blocker("torch", "jax", "jaxlib", "flax", "huggingface_hub", "requests") + \
-        "from mixer_convert.hub import resolve; print(resolve('S/32-gsam', progress=False))"
+        "import mixer_convert.hub as hub\nhub.TIMEOUT_S = 600.0  # held by the test, not a dead server\n" + \
+        "print(hub.resolve('S/32-gsam', progress=False))"
     env = subprocess_env(MIXER_CACHE=os.environ["MIXER_CACHE"], MIXER_CHECKPOINT_BASE_URL=bucket.url)
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    errs: list[list[str]] = [[], []]
+
+    def read_stderr(p, lines):
+        for line in p.stderr:
+            lines.append(line)
+            if "waiting for another process" in line:
+                bucket.hold.set()
+        bucket.hold.set()  # at its exit too: one that never waited fails the assertions below, not a hang guard
+
+    readers = [threading.Thread(target=read_stderr, args=pe, daemon=True) for pe in zip(procs, errs)]
+    for t in readers:
+        t.start()
+    for p in procs:
+        p.wait(timeout=600)
+    for t in readers:
+        t.join(600)
+    outs = [(p.stdout.read(), "".join(e)) for p, e in zip(procs, errs)]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     assert [o[0].strip() for o in outs] == [str(bucket.cached)] * 2
     assert gets(bucket) == [None]  # one download; the other process waited for it
@@ -269,14 +288,16 @@ def test_two_processes_download_the_same_file_once_without_any_framework(bucket,
 def test_an_unreachable_server_is_one_line_naming_the_url_and_the_manual_way(tmp_path, monkeypatch, capsys):
     import socket
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MIXER_CHECKPOINT_BASE_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("MIXER_CACHE", str(tmp_path / "cache"))
     from mixer_convert.tools.cli import main
 
-    assert main(["S/32-gsam", str(tmp_path / "out.safetensors")]) == 2  # progress on: still one line
+    # A port nobody listens on: bound and not listening for the whole call (connections are refused),
+    # so no other process (another worker's server binding port 0) can be handed it meanwhile.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        monkeypatch.setenv("MIXER_CHECKPOINT_BASE_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("MIXER_CACHE", str(tmp_path / "cache"))
+        assert main(["S/32-gsam", str(tmp_path / "out.safetensors")]) == 2  # progress on: still one line
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith(f"mixer-convert: error: cannot download http://127.0.0.1:{port}/gsam/Mixer-S_32: ")

@@ -83,7 +83,7 @@ def test_an_unreadable_file_is_refused_naming_it(tmp_path):
     os.chmod(path, 0)
     try:
         r = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(path)], capture_output=True, text=True,
-                           timeout=60, env=subprocess_env())
+                           timeout=300, env=subprocess_env())
     finally:
         os.chmod(path, 0o644)
     assert r.stdout.strip() == f"{path}: cannot read (permission denied)", r.stderr

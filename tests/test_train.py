@@ -2,6 +2,7 @@
 events, checkpoint/resume after SIGKILL, failure handling, init_from, fine-tuning and export; the
 NNX model (model.api=nnx) through the same loop, equal to the Linen run. (The
 pieces have their own tests: test_configs, test_steps, test_loop, test_checkpointing, test_metrics.)"""
+import contextlib
 import dataclasses
 import json
 import signal
@@ -197,23 +198,40 @@ def test_eight_devices_match_one_device_for_the_same_global_batch(reference_runs
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], abs=1e-5)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def _reserved_port():
+    """A port for JAX's coordinator, held for the test: bound (not listening) with SO_REUSEPORT, which
+    the coordinator's gRPC server also sets, so it binds the port beside this socket while nothing
+    else can take it. A port picked and then closed could be taken by another process (or handed
+    out for an outgoing connection) before the coordinator binds it, which crashes process 0."""
+    try:
+        s, anywhere = socket.socket(socket.AF_INET6), "::"  # the coordinator listens on [::]
+    except OSError:  # no IPv6: it listens on 0.0.0.0
+        s, anywhere = socket.socket(socket.AF_INET), "0.0.0.0"
+    with s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((anywhere, 0))
+        yield s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_processes_on_localhost_train_like_one(reference_run, tmp_path):
     (ref, ref_hist, _, _), _ = reference_run
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "w"), str(tmp_path / "o.npz"),
-                               "--devices", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                               "--process-id", str(i), "--set", "steps=12", "--set", "data.worker_type=process"],
-                              cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-4000:]
+    with _reserved_port() as port:
+        procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "w"), str(tmp_path / "o.npz"),
+                                   "--devices", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                   "--process-id", str(i), "--set", "steps=12", "--set", "data.worker_type=process"],
+                                  cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for i in range(2)]
+        try:
+            for p in procs:
+                _, err = p.communicate(timeout=600)
+                assert p.returncode == 0, err[-4000:]
+        finally:  # one failed: the other would wait for it until JAX's own timeout
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
     params, hist, _, devices = load_run(tmp_path / "o.npz")
     assert devices == 4
     assert len(list((tmp_path / "w").glob("events.out.tfevents.*"))) == 1  # process 0's only

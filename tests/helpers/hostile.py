@@ -315,7 +315,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_cli_process(argv: list[str], setup: str = "", timeout: float = 120) -> tuple[Outcome, int]:
+def run_cli_process(argv: list[str], setup: str = "", timeout: float = 300) -> tuple[Outcome, int]:
     """mixer-convert in a fresh interpreter, after running ``setup`` (Python) there: (outcome, peak
     RSS in bytes, 0 where /proc is missing). Limits are set by ``setup`` in the child, not by a
     preexec_fn: forking a multithreaded parent (JAX) and running Python before exec can deadlock."""
