@@ -23,9 +23,10 @@ from typing import Iterable
 
 from mixer_convert.tools.parity import BF16_REL, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL
 
-# (JSON key prefix, legend label, colour) of each framework pair, in drawing order.
-PAIRS = (("", "Linen vs PyTorch", "tab:blue"), ("nnx_", "NNX vs PyTorch", "tab:orange"),
-         ("nnx_linen_", "NNX vs Linen", "tab:green"))
+# (JSON key prefix, legend label, colour, line style, marker) of each framework pair, in drawing
+# order; Linen and NNX compute the same bits, so NNX's line is dashed over Linen's solid one.
+PAIRS = (("", "Linen vs PyTorch", "tab:blue", "-", "o"), ("nnx_", "NNX vs PyTorch", "tab:orange", "--", "x"),
+         ("nnx_linen_", "NNX vs Linen", "tab:green", ":", "s"))
 # (JSON key without prefix, panel title, bound on the relative error).
 PANELS = (("forward_fp32", "forward fp32", FP32_REL), ("forward_bf16", "forward bf16", BF16_REL),
           ("grads_fp32", "gradients fp32", GRAD_RTOL))
@@ -60,7 +61,7 @@ def gradient_errors(rows: Iterable[dict]) -> dict[str, float]:
 def series(report: dict, panel: str) -> dict[str, dict[str, float]]:
     """{pair label: {output name: relative error}} of one panel, for the pairs the report has."""
     out = {}
-    for prefix, label, _ in PAIRS:
+    for prefix, label, *_ in PAIRS:
         rows = report.get(prefix + panel)
         if rows:
             out[label] = gradient_errors(rows) if panel == "grads_fp32" else {r["name"]: r["rel"] for r in rows}
@@ -84,18 +85,20 @@ def _draw_panel(ax, report: dict, panel: str, title: str, bound: float) -> None:
     names = list(next(iter(data.values()))) if data else []
     values = [v for pair in data.values() for v in pair.values() if v > 0]
     floor = min(values + [bound]) / 10
-    colours = {label: colour for _, label, colour in PAIRS}
+    style = {label: rest for _, label, *rest in PAIRS}
     for label, errors in data.items():
+        colour, line, marker = style[label]
         ys = [errors.get(n, 0.0) for n in names]
-        ax.plot(range(len(names)), [max(y, floor) for y in ys], "-", color=colours[label], lw=1.2,
+        ax.plot(range(len(names)), [max(y, floor) for y in ys], line, color=colour, lw=1.3,
                 label=label + (" (bit-identical)" if not any(ys) else ""))
-        ax.scatter([i for i, y in enumerate(ys) if y > 0], [y for y in ys if y > 0], s=12, color=colours[label])
+        ax.scatter([i for i, y in enumerate(ys) if y > 0], [y for y in ys if y > 0], s=14, color=colour, marker=marker)
         ax.scatter([i for i, y in enumerate(ys) if y == 0], [floor] * ys.count(0.0), s=16,
-                   facecolors="none", edgecolors=colours[label])
+                   facecolors="none", edgecolors=colour)
     if any(v == 0 for pair in data.values() for v in pair.values()):
-        ax.scatter([], [], s=16, facecolors="none", edgecolors="grey", label="hollow: exactly 0, drawn at the floor")
+        ax.scatter([], [], s=16, facecolors="none", edgecolors="grey", label="hollow: exactly 0 (at the floor)")
     ax.axhline(bound, color="k", ls="--", lw=0.9, label=f"bound {bound:g}")
     ax.set_yscale("log")
+    ax.set_ylim(floor / 2, max(values + [bound]) * 300)  # room above the bound for the legend
     every = 1 if len(names) <= 20 else 4  # deep models: every 4th block named
     ticks = [i for i, n in enumerate(names) if not n.startswith("MixerBlock_") or model_order(n)[1] % every == 0]
     ax.set_xticks(ticks, [_short(names[i]) for i in ticks], rotation=90, fontsize=7)
@@ -103,7 +106,7 @@ def _draw_panel(ax, report: dict, panel: str, title: str, bound: float) -> None:
     extra = f"; logits max-abs <= {FP32_LOGITS_MAX_ABS:g}" if panel == "forward_fp32" else ""
     ax.set_title(f"{title}{extra}: {'ok' if _checked(report, panel) else 'FAIL'}", fontsize=9)
     ax.grid(alpha=0.3, which="both", axis="y")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
 
 
 def _short(name: str) -> str:
