@@ -48,7 +48,7 @@ def main(speed=RESULTS_DIR / "results_speed_cpu.json", conv=RESULTS_DIR / "resul
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
-    print(f"wrote {out}")
+    return Path(out)
 
 
 def _bars(ax, labels, values, colour="tab:blue", fmt="{:.2f}"):
@@ -151,4 +151,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--all"]:
         print("\n".join(f"wrote {p}" for p in draw_all(sys.argv[2] if len(sys.argv) > 2 else RESULTS_DIR)))
     else:
-        main(*sys.argv[1:])
+        print(f"wrote {main(*sys.argv[1:])}")
