@@ -11,6 +11,11 @@
 * ``text`` blocks are shown only; any other language, or none, is an error here;
 * ``mkdocs build --strict`` passes (broken links, anchors, API names fail it), and headless
   Chromium renders every page; it screenshots the home page and an API page.
+
+Sybil rather than pytest-markdown-docs: a page's blocks share one namespace and run in order, as a
+reader types them (pytest-markdown-docs runs each block alone unless marked as a continuation), its
+skip directive is an HTML comment that the site does not show, and its parser is a library this
+file calls, so ``pytest tests`` runs the pages without a collection flag or docs/ as a test path.
 """
 import contextlib
 import functools
