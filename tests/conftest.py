@@ -14,7 +14,8 @@ Where a test is (a newcomer finds a module's tests by its name):
 * Suites that cut across modules are named for what they check: ``test_models.py`` (the three models
   alike), ``test_hostile_inputs.py``, ``test_install_profiles.py``, ``test_import_layers.py``,
   ``test_torch_deployment.py``, ``test_timm_oracle.py`` (timm itself, through tools/timm_oracle.py),
-  ``test_packaging.py``; ``test_accelerator*.py`` test benchmarks/accelerator*.
+  ``test_packaging.py``, ``test_docs.py`` (README.md, docs/ and the site); ``test_accelerator*.py`` test
+  benchmarks/accelerator*.
 * Helpers (builders, oracles, the training worker) are in ``tests/helpers/``, never named ``test_*``;
   pytest collects only ``test_*.py``. Shared fixtures are here.
 """

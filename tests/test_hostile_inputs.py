@@ -38,11 +38,11 @@ SEED = 20_100  # issue #10
 FLAT = tiny_flat(0)
 GiB = 2**30
 requires_orbax = pytest.mark.skipif(not has_module("orbax"), reason="needs orbax (the train extra)")
-OTHER_CASES = 0  # cases of the tests below that are not in a table; the README reports the total
+OTHER_CASES = 0  # cases of the tests below that are not in a table; docs/converting.md reports the total
 
 
 def cases(n: int):
-    """Marks a test as trying ``n`` hostile cases (for the README's tally)."""
+    """Marks a test as trying ``n`` hostile cases (for the tally in docs/converting.md)."""
     def count(test):
         global OTHER_CASES
         OTHER_CASES += n
@@ -1034,16 +1034,16 @@ def test_a_rerun_removes_what_a_killed_run_left_but_not_a_live_runs_temporary(ba
         assert same_weights({k: np.asarray(v) for k, v in params.items()}, FLAT)
 
 
-# ==== the tally the README reports =========================================================================
+# ==== the tally docs/converting.md reports ("Hostile inputs") ================================================
 
 TOTAL_CASES = (MUTATION_CASES + ORBAX_MUTATIONS + SAFETENSORS_HEADER_MUTATIONS + TARGETED_CASES
                + len(LOADER_CASES) * len(LOADERS) + OTHER_CASES)
 
 
-def test_readme_reports_these_counts():
-    text = " ".join((ROOT / "README.md").read_text().split())
+def test_the_documentation_reports_these_counts():
+    text = " ".join((ROOT / "docs" / "converting.md").read_text().split())
     m = re.search(r"(\d[\d,]*) hostile cases", text.replace("**", ""))
-    assert m, "README: no 'N hostile cases' in the Hostile inputs section"
+    assert m, "docs/converting.md: no 'N hostile cases' in the Hostile inputs section"
     assert int(m.group(1).replace(",", "")) == TOTAL_CASES, (m.group(1), TOTAL_CASES)
     kinds = {k: sum(name.startswith(k + "/") for name in CASES) for k in ("damaged", "malicious", "semantic", "paths")}
     for part in (f"{MUTATION_CASES} seeded random mutations", f"{ORBAX_MUTATIONS} of orbax metadata",

@@ -58,9 +58,9 @@ def test_the_timm_oracle_lock_pins_what_its_input_asks_for():
             assert Version(lock[drift.canonical(req.name)]) in req.specifier, req
 
 
-def test_every_install_command_of_the_readme_and_ci_uses_the_lock():
-    readme = (ROOT / "README.md").read_text()
-    installs = re.findall(r"pip install [^\n`]*-e \"\.\[[^\n`]*", readme)
+def test_every_install_command_of_the_readme_the_docs_and_ci_uses_the_lock():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    installs = [cmd for page in pages for cmd in re.findall(r"pip install [^\n`]*-e \"\.\[[^\n`]*", page.read_text())]
     assert installs and all("-c .ci/locks/project.txt" in cmd for cmd in installs), installs
     run = (ROOT / ".ci" / "run").read_text()
     assert 'LOCK=.ci/locks/project.txt' in run and '-r "$LOCK"' in run and "timm-oracle.txt" in run

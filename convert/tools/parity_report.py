@@ -16,6 +16,9 @@ Bounds (documented in README), for Linen vs PyTorch and NNX vs PyTorch alike:
   are compiled separately and autotuning may pick other kernels, so there the bounds above apply
   (whether they were bit-identical is still recorded, ``nnx_linen_bitwise``).
 
+``--plot FILE.png`` draws every block's relative error against its bound (forward fp32 and bf16,
+gradients; each framework pair): :mod:`mixer_convert.tools.parity_plot`.
+
 JSON: Linen's results keep their keys (``forward_fp32``, ``grads_fp32``, ...); NNX's are the same
 keys prefixed ``nnx_``; NNX against Linen is under ``nnx_linen_``.
 """
@@ -34,6 +37,7 @@ import numpy as np
 from mixer_convert.spec import TIMM_NAMES, VARIANTS, MixerConfig, config_for, parse_variant, variant_name
 from mixer_convert.command import (Parser, add_device, add_image_size, add_json, add_quiet, command, positive_int,
                                    write_json)
+from mixer_convert.errors import MissingExtraError, importable
 from mixer_convert.extras import require
 from mixer_convert.tools.parity import (BF16_REL, Diff, FP32_LOGITS_MAX_ABS, FP32_REL, GRAD_ATOL_GLOBAL, GRAD_RTOL,
                                         compare, compare_params, first_divergence, flax_forward,
@@ -271,6 +275,8 @@ def build_parser() -> Parser:
                         "(default: both)")
     p.add_argument("--no-grads", action="store_true")
     p.add_argument("--no-timm", action="store_true")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw every block's relative error against its bound "
+                                                      "(forward fp32 and bf16, gradients; each framework pair)")
     add_json(p)
     add_quiet(p)
     return p
@@ -294,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = _variants(parser, args)
     require("jax", "torch")
+    if args.plot and not importable("matplotlib"):  # before minutes of comparisons, not after
+        raise MissingExtraError(["train"], "matplotlib", what="--plot")
     reports = []
     for i, v in enumerate(variants, 1):
         t0, tag = time.perf_counter(), f"[{i}/{len(variants)}] {v or args.weights}"
@@ -314,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(doc, indent=1))
     elif args.json is not None:  # the text reports were printed as each variant finished
         write_json(args.json, doc)
+    if args.plot:
+        from mixer_convert.tools.parity_plot import plot
+        path = plot(doc, args.plot)
+        if not args.quiet:
+            print(f"mixer-parity: wrote {path}", file=sys.stderr)
     return 0 if doc["pass"] else 1
 
 
