@@ -1,7 +1,9 @@
 """Which installed distributions differ from a lock: run it with the interpreter to inspect.
 
     python .ci/drift.py LOCK            # print the differences (bash .ci/run --latest: drift)
-    python .ci/drift.py LOCK --exact    # and exit 1 if there are any (bash .ci/run: the lock in use)
+    python .ci/drift.py LOCK --exact    # and exit 1 if anything installed is not as the lock pins it
+                                        # (bash .ci/run: the lock in use; a locked package that is
+                                        # not installed is an extra left out, not a difference)
 
 Standard library only, so it runs in any venv.
 """
@@ -41,9 +43,11 @@ def installed() -> dict[str, str]:
     return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
 
 
-def differences(lock: dict[str, str], have: dict[str, str]) -> list[tuple[str, str | None, str | None]]:
-    """(name, locked version or None, installed version or None) for each package that differs."""
-    names = sorted((set(lock) | set(have)) - NOT_LOCKED)
+def differences(lock: dict[str, str], have: dict[str, str], installed_only: bool = False
+                ) -> list[tuple[str, str | None, str | None]]:
+    """(name, locked version or None, installed version or None) for each package that differs;
+    ``installed_only``: only installed ones (not installed is not a difference)."""
+    names = sorted(((set() if installed_only else set(lock)) | set(have)) - NOT_LOCKED)
     return [(n, lock.get(n), have.get(n)) for n in names if lock.get(n) != have.get(n)]
 
 
@@ -59,10 +63,11 @@ def report(lock_name: str, rows: list[tuple[str, str | None, str | None]]) -> st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("lock", type=Path)
-    parser.add_argument("--exact", action="store_true", help="exit 1 if anything differs from the lock")
+    parser.add_argument("--exact", action="store_true",
+                        help="exit 1 if an installed package is not at the lock's version (or not in it)")
     args = parser.parse_args(argv)
     try:
-        rows = differences(read_lock(args.lock), installed())
+        rows = differences(read_lock(args.lock), installed(), installed_only=args.exact)
     except (OSError, ValueError) as e:
         print(f"drift: error: {e}", file=sys.stderr)
         return 2

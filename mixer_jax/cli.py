@@ -2,6 +2,7 @@
 mixer-train --config pretrain_i1k --compile-only v5e:4x4 [--set ...] [--json OUT]"""
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 
@@ -28,7 +29,8 @@ def build_parser() -> Parser:
                         "model, data...); without it such a resume is refused, listing the differences")
     p.add_argument("--compile-only", metavar="TOPOLOGY",
                    help="compile the run's train step for a TPU slice (e.g. v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:2x2, "
-                        "v3:2x2; needs the 'tpu' extra) or 'local' (this machine's devices), reading no data and "
+                        "v3:2x2; needs the 'tpu' extra), for H100s (h100, h100:8; the 'gpu-compile' extra) or "
+                        "'local' (this machine's devices), reading no data and "
                         "writing nothing: per-chip memory against HBM, FLOPs, the step-time lower bound; exit 1 "
                         "if it does not fit. The number of classes: --set data.num_classes=N")
     add_quiet(p)
@@ -47,15 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_only is None and args.workdir is None:
         raise ValueError("--workdir is required (except with --compile-only)")
     if args.compile_only not in (None, "local"):
-        require("tpu")
-        from mixer_jax.compile_only import quiet_libtpu
-        quiet_libtpu()  # before JAX loads libtpu
+        from mixer_jax.compile_only import is_gpu, deviceless_env
+        require("gpu-compile" if is_gpu(args.compile_only) else "tpu")
+        deviceless_env()  # before JAX loads libtpu (or the CUDA plugin)
     from mixer_jax.configs import get_config
     from mixer_jax.overrides import override
 
     cfg = override(get_config(args.config), args.overrides)
     if args.compile_only is not None:
-        return compile_only(cfg, args)
+        from mixer_jax.compile_only import is_gpu, without_cuda_noise
+
+        # before anything imports JAX, which loads the CUDA plugin
+        with without_cuda_noise() if is_gpu(args.compile_only) else contextlib.nullcontext():
+            return compile_only(cfg, args)
     import jax
 
     if args.coordinator:

@@ -1,7 +1,7 @@
-"""``mixer-train --compile-only TOPOLOGY``: the run's real train step compiled for a TPU slice (or
-this machine's devices), without the devices, without data: per-chip memory against the chip's
-HBM, whether it fits, FLOPs per step and the step time they need at least -- before anyone
-rents a pod.
+"""``mixer-train --compile-only TOPOLOGY``: the run's real train step compiled for a TPU slice, for
+NVIDIA H100s, or for this machine's devices, without the devices, without data: per-chip memory
+against the chip's HBM, whether it fits, FLOPs per step and the step time they need at least --
+before anyone rents a pod.
 
 XLA's TPU compiler lives in libtpu (the ``tpu`` extra) and runs on any machine:
 ``jax.experimental.topologies`` describes a slice, its devices make the mesh, and
@@ -9,15 +9,25 @@ XLA's TPU compiler lives in libtpu (the ``tpu`` extra) and runs on any machine:
 compile the slice itself would do. ``memory_analysis()`` gives the bytes per device; the HBM the
 compiler may use is asked of the compiler itself (an allocation it must refuse names it), so no
 table of memory sizes can go stale. The peak FLOP/s is the one published figure used.
+
+XLA's GPU compiler (the ``gpu-compile`` extra: JAX's CUDA plugin without the CUDA libraries)
+compiles the same way for GPUs described by a target config (``data/h100_sxm.txtpb``, XLA's own
+description of an H100): ``h100`` is one, ``h100:8`` eight. Without a GPU there is no
+autotuning, so kernels (and their scratch memory) may differ a little from a compile on the
+GPU; the memory a JAX process may use is its default share of the device
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import sys
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # bf16 dense peak per chip, FLOP/s (Google Cloud TPU documentation, "TPU versions"), by the
 # device_kind JAX reports; a v3 chip is two JAX devices (a v4 chip too without megacore).
@@ -25,25 +35,68 @@ PEAK_BF16_PER_CHIP = {"TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
                       "TPU v6 lite": 918e12}
 # How JAX runs each generation on real hardware: a v4 chip's two cores as one device (megacore).
 CHIP_CONFIG = {"v4": "megacore"}
+# GPUs described by XLA's target configs (mixer_jax/data/): bf16 dense peak FLOP/s per GPU (NVIDIA
+# H100 SXM datasheet: 989 TFLOP/s without sparsity).
+GPUS = {"h100": ("h100_sxm.txtpb", 989e12)}
+GPU_MEM_FRACTION = 0.75  # XLA_PYTHON_CLIENT_MEM_FRACTION's default: what a JAX process preallocates
 _OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
-def quiet_libtpu() -> None:
-    """libtpu looks for TPU hosts when it loads and prints what it did not find, and lets one
-    process at a time load it (a lock file); compiling needs neither. Set before JAX loads (a
-    user's own settings win)."""
-    for key, value in (("JAX_PLATFORMS", "cpu"), ("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+def deviceless_env() -> None:
+    """The environment for compiling without the devices, set before JAX loads (a user's own
+    settings win): JAX itself on the CPU (JAX's CUDA plugin then skips its CUDA checks); libtpu
+    neither looks for TPU hosts (and prints what it did not find) nor lets only one process at a
+    time load it (a lock file); XLA logs no INFO lines (the CUDA plugin's "no CUDA driver")."""
+    for key, value in (("JAX_PLATFORMS", "cpu"), ("TF_CPP_MIN_LOG_LEVEL", "1"), ("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
                        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
         os.environ.setdefault(key, value)
 
 
+def is_gpu(name: str) -> bool:
+    return name.partition(":")[0] in GPUS
+
+
+# What JAX's CUDA plugin prints at every JAX start without a CUDA driver (absl, below Python).
+_CUDA_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+                         r"STDERR|I\d{4} .*cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine.*)$")
+
+
+@contextlib.contextmanager
+def without_cuda_noise() -> Iterator[None]:
+    """Drop the CUDA plugin's "no CUDA driver" lines from this process's stderr (they come from
+    C++, below ``sys.stderr``, so the file descriptor itself goes through a filter) while the
+    block runs; every other line passes, in order."""
+    sys.stderr.flush()
+    saved, (read_end, write_end) = os.dup(2), os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe, os.fdopen(os.dup(saved), "wb", buffering=0) as out:
+            for line in pipe:
+                if not _CUDA_NOISE.match(line.decode(errors="replace").rstrip("\n")):
+                    out.write(line)
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closes: the thread reads to the end and stops
+        os.close(saved)
+        thread.join(10)
+
+
 def topology_devices(name: str) -> list:
-    """The devices of a TPU slice such as ``v5e:4x4`` (JAX's names), or ``local``: this machine's."""
+    """The devices of a TPU slice such as ``v5e:4x4`` (JAX's names), of GPUs (``h100``,
+    ``h100:8``), or ``local``: this machine's."""
     import jax
 
     if name == "local":
         return jax.devices()
+    if is_gpu(name):
+        return gpu_devices(name)
     gen, _, shape = name.partition(":")
     dims = [int(d) for d in shape.split("x")] if re.fullmatch(r"\d+(x\d+){1,2}", shape) else None
     if not gen or dims is None:
@@ -59,9 +112,38 @@ def topology_devices(name: str) -> list:
     return list(topo.devices)
 
 
+def gpu_devices(name: str) -> list:
+    """``h100`` or ``h100:N``: N GPUs on one host, from XLA's description of the GPU."""
+    from importlib import resources
+
+    from jax.experimental import topologies
+
+    kind, _, count = name.partition(":")
+    if (count and not count.isdigit()) or count == "0":
+        raise ValueError(f"--compile-only {name!r}: GPUs are {kind} or {kind}:N (N GPUs on one host)")
+    target = resources.files("mixer_jax").joinpath("data", GPUS[kind][0]).read_text()
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{int(count or 1)}", target_config=target)
+    except Exception as e:  # the plugin's own types
+        raise ValueError(f"--compile-only {name!r}: JAX's CUDA plugin cannot describe it "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    return list(topo.devices)
+
+
+def _gpu_memory(kind: str) -> int:
+    from importlib import resources
+
+    text = resources.files("mixer_jax").joinpath("data", GPUS[kind][0]).read_text()
+    return int(int(re.search(r"device_memory_size:\s*(\d+)", text).group(1)) * GPU_MEM_FRACTION)
+
+
 def available_hbm(devices: list) -> int | None:
     """Bytes per device the compiler may use: a TPU compiler is asked (an allocation it must
-    refuse names the limit); a local device says its own limit; None where nobody says (CPU)."""
+    refuse names the limit); a described GPU's memory is in its target config; a local device
+    says its own limit; None where nobody says (CPU)."""
+    kind = _gpu_kind(devices)
+    if kind is not None:
+        return _gpu_memory(kind)
     if devices[0].platform != "tpu" or not hasattr(devices[0], "core_on_chip"):
         stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
         return (stats or {}).get("bytes_limit")
@@ -89,8 +171,18 @@ def parse_oom(message: str) -> tuple[int, int] | None:
     return (int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)]))
 
 
+def _gpu_kind(devices: list) -> str | None:
+    """The GPUS key of described GPUs (their device_kind names them, e.g. 'NVIDIA H100 80GB HBM3')."""
+    if devices[0].platform not in ("cuda", "gpu"):
+        return None
+    return next((k for k in GPUS if k in devices[0].device_kind.lower()), None)
+
+
 def peak_flops(devices: list) -> float | None:
     """bf16 peak FLOP/s of one device (a chip's figure over its devices), None if unknown."""
+    kind = _gpu_kind(devices)
+    if kind is not None:
+        return GPUS[kind][1]
     chip = PEAK_BF16_PER_CHIP.get(devices[0].device_kind)
     if chip is None:
         return None
@@ -220,5 +312,5 @@ def summary(out: dict) -> str:
     bound = out.get("step_seconds_lower_bound")
     lines.append(f"  {out['flops_per_step']:.3g} FLOPs per step ({out['flops_per_step'] / out['chips']:.3g} per chip, "
                  "the model's matmuls forward and backward)"
-                 + (f": at least {bound * 1e3:.1f} ms per step at the chip's bf16 peak" if bound else ""))
+                 + (f": at least {bound * 1e3:.3g} ms per step at the chip's bf16 peak" if bound else ""))
     return "\n".join(lines)

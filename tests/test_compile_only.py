@@ -2,6 +2,7 @@
 (libtpu, the tpu extra) or this machine, reading no data and writing nothing; per-chip memory, fits,
 FLOPs; a step that does not fit is exit 1 with the compiler's numbers, never a traceback."""
 import json
+import os
 import subprocess
 import sys
 
@@ -36,7 +37,7 @@ def test_the_summary_says_fits_or_not_with_the_numbers():
                                "total": 3 * 2 ** 30}, "flops_per_step": 1.6e15, "step_seconds_lower_bound": 0.5}
     text = summary(fits)
     assert "v5e:4x4: 16 chips (mesh data=1 x fsdp=16), 32 images per chip" in text
-    assert "= 3.00 GiB of 15.75 GiB HBM: fits" in text and "at least 500.0 ms per step" in text
+    assert "= 3.00 GiB of 15.75 GiB HBM: fits" in text and "at least 500 ms per step" in text
     too_big = {**fits, "fits": False, "error": "RESOURCE_EXHAUSTED: ...",
                "bytes_per_chip": {**fits["bytes_per_chip"], "temporaries": 34 * 2 ** 30, "total": None}}
     assert "does NOT fit: 34.00 GiB of temporaries" in summary(too_big)
@@ -90,3 +91,27 @@ def test_a_step_that_does_not_fit_is_exit_1_with_the_compilers_numbers():
     out = json.loads(r.stdout)
     assert out["fits"] is False and out["bytes_per_chip"]["temporaries"] > out["hbm_bytes_per_chip"]
     assert "Traceback" not in r.stderr
+
+
+GPU_PYTHON = os.environ.get("MIXER_GPU_COMPILE_PYTHON")
+needs_gpu_compiler = pytest.mark.skipif(
+    not GPU_PYTHON, reason="needs an interpreter with the gpu-compile extra in MIXER_GPU_COMPILE_PYTHON (.ci/run "
+                           "makes one; JAX's CUDA plugin stays out of the main venv, where it would print at every "
+                           "JAX start)")
+
+
+@pytest.mark.slow
+@needs_gpu_compiler
+def test_h100s_described_by_xlas_target_config_compile_without_a_gpu_and_print_nothing_else():
+    r = subprocess.run([GPU_PYTHON, "-m", "mixer_jax.cli", "--config", "digits", "--compile-only", "h100:2", *TINY,
+                        "--set", "mesh.fsdp=-1", "--set", "model.scan=true", "--set", "model.remat=block", "--json", "-"],
+                       capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)
+    assert r.returncode == 0 and r.stderr == "mixer-train: compiling the train step for h100:2 (2 chips) ...\n", r.stderr
+    out = json.loads(r.stdout)
+    assert out["chips"] == 2 and out["mesh"] == {"data": 1, "fsdp": 2} and out["fits"]
+    assert out["hbm_bytes_per_chip"] == int(84942979072 * 0.75)  # the target config's memory, JAX's default share
+    assert out["step_seconds_lower_bound"] == pytest.approx(out["flops_per_step"] / 2 / 989e12)
+    bad = subprocess.run([GPU_PYTHON, "-m", "mixer_jax.cli", "--config", "digits", "--compile-only", "h100:0"],
+                         capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=300)
+    assert bad.returncode == 2 and bad.stderr == ("mixer-train: error: --compile-only 'h100:0': GPUs are h100 or "
+                                                  "h100:N (N GPUs on one host)\n"), bad.stderr

@@ -42,6 +42,8 @@ def test_differences_are_changed_missing_and_unlocked_packages_but_never_pip_or_
     assert text.splitlines()[0] == "drift: 3 package(s) differ from L (locked -> installed):"
     assert "(not locked) -> 3.0" in text and "1.0 -> (not installed)" in text and "2.4.6 -> 2.5.0" in text
     assert drift.report("L", []) == "drift: none, every package is as L pins it"
+    # the lock in use (.ci/run): a locked package that is not installed is an extra left out
+    assert drift.differences(lock, have, installed_only=True) == [("extra", None, "3.0"), ("numpy", "2.4.6", "2.5.0")]
 
 
 def _run(*args):
@@ -52,7 +54,8 @@ def _run(*args):
 def test_exact_passes_on_this_interpreters_own_pins_and_fails_naming_one_that_moved(tmp_path):
     have = drift.installed()
     lock = tmp_path / "lock.txt"
-    lock.write_text("".join(f"{n}=={v}\n" for n, v in have.items() if n not in drift.NOT_LOCKED))
+    lock.write_text("".join(f"{n}=={v}\n" for n, v in have.items() if n not in drift.NOT_LOCKED)
+                    + "some-extras-package==1.0\n")  # locked, not installed: fine for --exact
     ok = _run(lock, "--exact")
     assert ok.returncode == 0 and ok.stdout.startswith("drift: none"), ok.stdout + ok.stderr
     lock.write_text(lock.read_text().replace(f"numpy=={have['numpy']}", "numpy==0.0.1"))
