@@ -63,4 +63,5 @@ def test_every_install_command_of_the_readme_the_docs_and_ci_uses_the_lock():
     installs = [cmd for page in pages for cmd in re.findall(r"pip install [^\n`]*-e \"\.\[[^\n`]*", page.read_text())]
     assert installs and all("-c .ci/locks/project.txt" in cmd for cmd in installs), installs
     run = (ROOT / ".ci" / "run").read_text()
-    assert 'LOCK=.ci/locks/project.txt' in run and '-r "$LOCK"' in run and "timm-oracle.txt" in run
+    assert 'LOCK=.ci/locks/project.txt' in run and 'constraints="$LOCK"' in run and "timm-oracle.txt" in run
+    assert run.count('-c "$constraints"') == 2  # setuptools, then the project with its extras
