@@ -27,9 +27,13 @@ from mixer_jax.steps import TrainState, create_train_state, model_fns
 class Layout:
     """Where the state's arrays live and how they are laid out, in the run and on disk."""
 
-    shardings: Any  # a NamedSharding per leaf of the state as the model holds it
-    abstract: Any  # the state as jax.ShapeDtypeStructs carrying those shardings
+    abstract: Any  # the state as the model holds it: jax.ShapeDtypeStructs carrying their shardings
     scan: bool  # blocks stacked in the run
+
+    @functools.cached_property
+    def shardings(self) -> Any:
+        """A NamedSharding per leaf of the state."""
+        return jax.tree_util.tree_map(lambda a: a.sharding, self.abstract)
 
     @property
     def disk_abstract(self) -> Any:
@@ -51,7 +55,7 @@ class Layout:
         return jax.jit(stack_blocks, out_shardings=self.shardings)
 
 
-def placement(cfg: TrainConfig, mesh: Mesh) -> Placement | None:
+def placement(mesh: Mesh) -> Placement | None:
     """FSDP's per-block gathering, when the state is split (with all data parallel the weights
     are whole on every device and the model runs as it always has)."""
     return Placement(mesh) if mesh.shape["fsdp"] > 1 else None
@@ -61,7 +65,7 @@ def state_plan(cfg: TrainConfig, model_cfg: MixerConfig, mesh: Mesh) -> tuple[Ca
     """(``create(rng, official params or None) -> state``, the state's layout, the learning-rate
     schedule), nothing computed yet."""
     m = cfg.model
-    fns = model_fns(model_cfg, m.compute_dtype, m.api, scan=m.scan, remat=m.remat, placement=placement(cfg, mesh))
+    fns = model_fns(model_cfg, m.compute_dtype, m.api, scan=m.scan, remat=m.remat, placement=placement(mesh))
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
     make = partial(create_train_state, fns, tx)
 
@@ -80,7 +84,7 @@ def build_state(cfg: TrainConfig, model_cfg: MixerConfig, init_params, mesh: Mes
 
 
 def layout_of(abstract: Any, mesh: Mesh, cfg: TrainConfig) -> Layout:
+    """The layout of an abstract state: each leaf sharded by the FSDP rule over ``mesh``."""
     shardings = state_shardings(abstract, mesh, int(cfg.mesh.fsdp_min_mib * 2 ** 20))
-    with_shardings = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                            abstract, shardings)
-    return Layout(shardings, with_shardings, cfg.model.scan)
+    return Layout(jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                         abstract, shardings), cfg.model.scan)
