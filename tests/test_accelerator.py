@@ -48,7 +48,8 @@ def test_small_form_runs_every_stage_and_writes_its_figures_between_the_markers(
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
-    assert {k: v["status"] for k, v in stages.items()} == dict.fromkeys(("parity", "speed", "input", "eval", "scale"), "ok")
+    assert {k: v["status"] for k, v in stages.items()} == dict.fromkeys(
+        ("parity", "speed", "input", "eval", "scale"), "ok")
 
     parity = stages["parity"]["figures"]
     assert parity["pass"] and parity["variants"] == 1 and 0 < parity["fp32_logits_max_abs"] < 1e-4
