@@ -4,7 +4,7 @@
 # of benchmarks/RESULTS.md between the "accelerator.sh" markers and the raw outputs.
 #
 #   bash benchmarks/accelerator.sh            # GPU machine: 8 minutes at most, setup included
-#   bash benchmarks/accelerator.sh --small    # the same stages, tiny, on a CPU (2-4 minutes), no installs
+#   bash benchmarks/accelerator.sh --small    # the same stages, tiny, on a CPU (3-5 minutes), no installs
 #
 # Stages, each in its own time slice of what is left (a stage that fails or runs out of time is
 # reported, and the next one runs; one left with too little time is skipped and reported):
@@ -13,6 +13,10 @@
 #   speed   bench_speed.py: B/16 bf16 inference and training, % of the bf16 matmul peak of this run
 #   input   bench_input.py: B/16 training fed real JPEGs by the input pipeline vs synthetic batches
 #   eval    bench_eval.py: mixer-eval end-to-end and model img/s on generated JPEGs
+#   scale   bench_scale.py: the largest B/16 and L/16 batch per GPU with data parallel vs fsdp+remat
+#           (compiled for the GPU, its bytes against the memory JAX may use), and B/16 training
+#           step img/s with and without scan; last, so it gets what the others leave (its output
+#           is written as it goes: a slice that runs out still reports what was measured)
 # Setup: an interpreter that already has PyTorch and JAX ($PYTHON, else python3) is used, and
 # what it lacks is installed from the wheels in --wheels (a machine without a package registry;
 # --fetch-wheels downloads them on one with), else from the registry. A machine without PyTorch or
@@ -74,7 +78,7 @@ print(" ".join(pin(n) for n in ("grain", "array_record", "portpicker")))')
 if [ "$FETCH" = 1 ]; then fetch_wheels; exit $?; fi
 
 mkdir -p "$OUT_DIR"
-rm -f "$OUT_DIR"/{stages.tsv,summary.json,env.json,setup.log} "$OUT_DIR"/{parity,speed,input,eval}.{json,log}
+rm -f "$OUT_DIR"/{stages.tsv,summary.json,env.json,setup.log} "$OUT_DIR"/{parity,speed,input,eval,scale}.{json,log}
 # This checkout's code, also where the toolkit is not installed: its core's folder is convert/.
 LINK=$(mktemp -d /tmp/mixer-accelerator-path.XXXXXX)
 trap 'rm -rf "$LINK"' EXIT
@@ -179,17 +183,21 @@ if [ "$SMALL" = 1 ]; then
   INPUT=(--images 32 --batch 8 --steps 3 --workers 2 --repeat 1 --train-models tiny --train-batch 8 --train-steps 2
          --variant-steps 2)
   EVAL=(--variant tiny --image-size 64 --num-classes 10 --images 160 --batch 8 --device cpu --min-time 0.2)
+  SCALE=(--variants tiny --image-size 32 --max-batch 8 --step-variant tiny --step-batch 8 --steps 3 --warmup 1
+         --repeat 2)
 else
   PARITY=(--variant all --device gpu --no-timm)
   SPEED=(--variants B/16 --batches 64 256 --train-batch 256 --peak-shapes 4096x4096x4096 8192x8192x8192 3136x768x3072)
   INPUT=(--images 1024 --batch 256 --steps 8 --workers "$(nproc)" --repeat 2 --train-models B/16 --train-batch 256
          --variant-steps 8)
   EVAL=(--variant B/16 --images 1024 --batch 256 --device gpu)
+  SCALE=(--variants B/16 L/16 --max-batch 4096 --step-variant B/16 --step-batch 256 --steps 10 --warmup 2 --repeat 3)
 fi
-run_stage parity 35 100 "$PY" -m mixer_convert.tools.parity_report "${PARITY[@]}" --json "$O/parity.json"
-run_stage speed 25 65 "$PY" benchmarks/bench_speed.py "${SPEED[@]}" --dtype bfloat16 --no-timm --json "$O/speed.json"
-run_stage input 25 40 "$PY" benchmarks/bench_input.py "${INPUT[@]}" --train-dtype bfloat16 --json "$O/input.json"
-run_stage eval 15 15 "$PY" benchmarks/bench_eval.py "${EVAL[@]}" --json "$O/eval.json"
+run_stage parity 30 100 "$PY" -m mixer_convert.tools.parity_report "${PARITY[@]}" --json "$O/parity.json"
+run_stage speed 20 70 "$PY" benchmarks/bench_speed.py "${SPEED[@]}" --dtype bfloat16 --no-timm --json "$O/speed.json"
+run_stage input 20 50 "$PY" benchmarks/bench_input.py "${INPUT[@]}" --train-dtype bfloat16 --json "$O/input.json"
+run_stage eval 12 30 "$PY" benchmarks/bench_eval.py "${EVAL[@]}" --json "$O/eval.json"
+run_stage scale 18 18 "$PY" benchmarks/bench_scale.py "${SCALE[@]}" --json "$O/scale.json"
 
 command="bash benchmarks/accelerator.sh$([ "$SMALL" = 1 ] && echo " --small")"
 "$PY" benchmarks/accelerator_report.py --out "$OUT_DIR" --results "$RESULTS" --command "$command" \

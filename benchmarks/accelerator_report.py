@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("parity", "speed", "input", "eval")
+STAGES = ("parity", "speed", "input", "eval", "scale")
 BEGIN, END = "<!-- accelerator.sh: begin -->", "<!-- accelerator.sh: end -->"
 TRAIN_PEAK_TARGET = 0.40  # bf16 B/16 training, fraction of the card's bf16 peak (the project's target)
 
@@ -180,9 +180,70 @@ def eval_markdown(d: dict) -> list[str]:
     return lines
 
 
-FIGURES = {"parity": parity_figures, "speed": speed_figures, "input": input_figures, "eval": eval_figures}
-MARKDOWN = {"parity": parity_markdown, "speed": speed_markdown, "input": input_markdown, "eval": eval_markdown}
-TITLES = {"parity": "Parity", "speed": "Speed", "input": "Input pipeline", "eval": "mixer-eval"}
+# ---- scale ---------------------------------------------------------------------------------------
+
+MODE_NAMES = {"data": "data parallel", "fsdp+remat": "FSDP + remat"}
+
+
+def bytes_text(n: float | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def scale_figures(d: dict) -> dict:
+    s = d.get("steps")
+    dev = d["devices"]
+    return {"devices": f"{dev['count']} x {dev['kind']}", "device_bytes_limit": dev["bytes_limit"],
+            "complete": d["complete"], "max_batch": d["max_batch"],
+            "largest_batch": [{k: r[k] for k in ("variant", "mode", "batch_per_device", "capped", "bytes_per_device",
+                                                 "hbm_bytes_per_device", "fraction_of_memory")}
+                              for r in d.get("largest_batch", [])],
+            "steps": None if s is None else {
+                "variant": s["variant"], "batch_per_device": s["batch_per_device"], "mesh": s["mesh"],
+                "no_scan_img_s": s["no_scan"]["img_s"], "scan_img_s": s["scan"]["img_s"],
+                "scan_over_no_scan": s["scan_over_no_scan"], "no_scan_compile_s": s["no_scan"]["compile_s"],
+                "scan_compile_s": s["scan"]["compile_s"]}}
+
+
+def scale_markdown(d: dict) -> list[str]:
+    f, dev = scale_figures(d), d["devices"]
+    size = d["image_size"]
+    lines = [f"**Scale** (`bench_scale.py`: {d['config']}'s train step, Adam, mixup, bf16 compute, "
+             f"{d['num_classes']} classes, {size}×{size}; {dev['count']} × {dev['kind']}, memory JAX may use per "
+             f"device: {bytes_text(dev['bytes_limit']) if dev['bytes_limit'] else 'not stated'}). Largest batch: the "
+             f"largest power of two per device whose step, compiled for these devices, fits that memory (searched up "
+             f"to {d['max_batch']}; where no limit is stated everything fits and the cap ends the search).", "",
+             "| variant | mode | largest batch per device | bytes at it | device memory | share |",
+             "|---|---|---|---|---|---|"]
+    for r in f["largest_batch"]:
+        batch = f"≥ {r['batch_per_device']}" if r["capped"] else str(r["batch_per_device"] or "none fits")
+        share = "—" if r["fraction_of_memory"] is None else f"{r['fraction_of_memory']:.0%}"
+        memory = bytes_text(r["hbm_bytes_per_device"]) if r["hbm_bytes_per_device"] else "not stated"
+        lines.append(f"| {r['variant']} | {MODE_NAMES.get(r['mode'], r['mode'])} | {batch} "
+                     f"| {bytes_text(r['bytes_per_device'])} | {memory} | {share} |")
+    s = f["steps"]
+    if s is None:
+        lines += ["", "Step img/s: not measured."]
+    else:
+        mesh = " × ".join(f"{k} {v}" for k, v in s["mesh"].items())
+        lines += ["", f"Training steps, {s['variant']} at {s['batch_per_device']} per device (remat block, FSDP "
+                      f"over the local devices: mesh {mesh}; synthetic uint8 batches, median of "
+                      f"{d['steps']['repeat']} × {d['steps']['steps']} steps after warm-up):", "",
+                  "| model | img/s without scan | img/s with scan | with / without | compile s without / with scan |",
+                  "|---|---|---|---|---|",
+                  f"| {s['variant']} | {s['no_scan_img_s']:,.1f} | {s['scan_img_s']:,.1f} "
+                  f"| **{s['scan_over_no_scan']:.2f}** | {s['no_scan_compile_s']:.1f} / {s['scan_compile_s']:.1f} |"]
+    if not f["complete"]:
+        lines += ["", "Partial: the stage stopped before it had measured everything (see its status above)."]
+    return lines
+
+
+FIGURES = {"parity": parity_figures, "speed": speed_figures, "input": input_figures, "eval": eval_figures,
+           "scale": scale_figures}
+MARKDOWN = {"parity": parity_markdown, "speed": speed_markdown, "input": input_markdown, "eval": eval_markdown,
+            "scale": scale_markdown}
+TITLES = {"parity": "Parity", "speed": "Speed", "input": "Input pipeline", "eval": "mixer-eval", "scale": "Scale"}
 
 
 def machine_line(env: dict | None) -> str:

@@ -24,6 +24,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14", "S/8"]
@@ -73,31 +74,31 @@ def used_bytes(report: dict) -> float:
     return b["total"] if b["total"] is not None else b["arguments"] + b["temporaries"]
 
 
-def largest_batch(variant: str, topology: str, chips: int, mode: str, cache: Cache) -> dict:
-    """The largest power-of-two per-chip batch that fits, with the compiles that decided it."""
-    def run(exp: int) -> dict:
-        key = f"{variant}|{topology}|{mode}|{2 ** exp}"
-        return cache.get(key, lambda: compile_once(variant, topology, 2 ** exp, chips, MODES[mode]))
-
+def largest_batch(run_exp: Callable[[int], dict], max_exp: int, start_exp: int = 5) -> dict:
+    """The largest power-of-two per-chip batch that fits, with the compiles that decided it.
+    ``run_exp(e)``: the compile report (``fits``, ``bytes_per_chip``, ``hbm_bytes_per_chip``) of
+    a per-chip batch of 2**e; the search starts at 2**start_exp and never goes past 2**max_exp
+    (where nobody states the memory, everything fits and the cap ends it). Shared with
+    bench_scale.py (a local GPU)."""
     seen: dict[int, dict] = {}
-    exp = 5
+    exp = min(start_exp, max_exp)
     while True:
-        seen[exp] = run(exp)
+        seen[exp] = run_exp(exp)
         fit = [e for e in seen if seen[e]["fits"]]
         over = [e for e in seen if not seen[e]["fits"]]
         lo, hi = max(fit, default=None), min(over, default=None)
-        if (lo is not None and hi == lo + 1) or (lo is None and hi == 0) or (hi is None and lo == MAX_EXP):
+        if (lo is not None and hi == lo + 1) or (lo is None and hi == 0) or (hi is None and lo == max_exp):
             break
-        exp = _next_exp(seen, lo, hi)
+        exp = _next_exp(seen, lo, hi, max_exp)
     best = seen[lo] if lo is not None else None
     return {"batch": 2 ** lo if lo is not None else 0, "compiles": len(seen),
             "bytes_per_chip": best["bytes_per_chip"]["total"] if best else None,
             "hbm_bytes_per_chip": next(iter(seen.values()))["hbm_bytes_per_chip"]}
 
 
-def _next_exp(seen: dict[int, dict], lo: int | None, hi: int | None) -> int:
+def _next_exp(seen: dict[int, dict], lo: int | None, hi: int | None, max_exp: int) -> int:
     """The linear model's guess, kept strictly between what fits and what does not."""
-    floor, ceil = (lo + 1 if lo is not None else 0), (hi - 1 if hi is not None else MAX_EXP)
+    floor, ceil = (lo + 1 if lo is not None else 0), (hi - 1 if hi is not None else max_exp)
     points = sorted((2 ** e, used_bytes(r)) for e, r in seen.items())
     guess = None
     if len(points) >= 2:
@@ -110,6 +111,15 @@ def _next_exp(seen: dict[int, dict], lo: int | None, hi: int | None) -> int:
     if guess is None:
         guess = (lo + 1) if lo is not None else (hi - 1)
     return min(max(guess, floor), ceil)
+
+
+def mode_batch(variant: str, topology: str, chips: int, mode: str, cache: Cache) -> dict:
+    """The largest per-chip batch of one cell and mode, every compile through the cache."""
+    def run(exp: int) -> dict:
+        key = f"{variant}|{topology}|{mode}|{2 ** exp}"
+        return cache.get(key, lambda: compile_once(variant, topology, 2 ** exp, chips, MODES[mode]))
+
+    return largest_batch(run, MAX_EXP)
 
 
 def compile_times(variant: str, topology: str, chips: int, cache: Cache) -> dict:
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         v, t = vt
         row = {"variant": v, "slice": t, "topology": names[t], "chips": chips[t]}
         for mode in MODES:
-            row[mode] = largest_batch(v, names[t], chips[t], mode, cache)
+            row[mode] = mode_batch(v, names[t], chips[t], mode, cache)
         row["compile_seconds"] = compile_times(v, names[t], chips[t], cache)
         print(f"{v} {t}: " + ", ".join(f"{m} {row[m]['batch']}" for m in MODES)
               + f"; compile {row['compile_seconds']['no_scan']:.0f} s -> {row['compile_seconds']['scan']:.0f} s "

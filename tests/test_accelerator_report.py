@@ -60,3 +60,65 @@ def test_main_writes_summary_and_results_atomically(tmp_path):
     text = results.read_text()
     assert "old" not in text and text.count(report.BEGIN) == 1 and "7 s of a 480 s budget" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["RESULTS.md", "stages.tsv", "summary.json"]
+
+
+def scale_output(complete=True, steps=True) -> dict:
+    """bench_scale.py's JSON, shortened: one GPU, B/16 found, L/16 capped, steps with and without scan."""
+    gib = 2 ** 30
+    rows = [{"variant": "B/16", "mode": "data", "batch_per_device": 512, "capped": False,
+             "bytes_per_device": 41.5 * gib, "hbm_bytes_per_device": 60 * gib, "fraction_of_memory": 41.5 / 60},
+            {"variant": "B/16", "mode": "fsdp+remat", "batch_per_device": 4096, "capped": True,
+             "bytes_per_device": 30 * gib, "hbm_bytes_per_device": 60 * gib, "fraction_of_memory": 0.5},
+            {"variant": "L/16", "mode": "data", "batch_per_device": 0, "capped": False,
+             "bytes_per_device": None, "hbm_bytes_per_device": 60 * gib, "fraction_of_memory": None}]
+    d = {"config": "pretrain_i1k", "num_classes": 1000, "image_size": 224, "max_batch": 4096, "complete": complete,
+         "devices": {"count": 1, "platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "bytes_limit": 60 * gib},
+         "largest_batch": rows if complete else rows[:1]}
+    if steps:
+        d["steps"] = {"variant": "B/16", "batch_per_device": 256, "mesh": {"data": 1, "fsdp": 1}, "steps": 10,
+                      "repeat": 3, "no_scan": {"img_s": 2000.0, "compile_s": 30.4},
+                      "scan": {"img_s": 1900.0, "compile_s": 8.5}, "scan_over_no_scan": 0.95}
+    return d
+
+
+def test_scale_stage_is_a_table_of_batches_and_one_of_step_rates(tmp_path):
+    write_stages(tmp_path, ("scale", "ok", 0, 200, 220))
+    (tmp_path / "scale.json").write_text(json.dumps(scale_output()))
+    text, summary = report.build(tmp_path, "cmd", 480, 400)
+    assert "| scale | ok | 200 | 220 |" in text
+    assert "1 × NVIDIA H100 80GB HBM3, memory JAX may use per device: 60.00 GiB" in text
+    assert "| B/16 | data parallel | 512 | 41.50 GiB | 60.00 GiB | 69% |" in text
+    assert "| B/16 | FSDP + remat | ≥ 4096 | 30.00 GiB | 60.00 GiB | 50% |" in text
+    assert "| L/16 | data parallel | none fits | — | 60.00 GiB | — |" in text
+    assert "mesh data 1 × fsdp 1" in text and "median of 3 × 10 steps" in text
+    assert "| B/16 | 2,000.0 | 1,900.0 | **0.95** | 30.4 / 8.5 |" in text
+    assert "Partial" not in text
+    fig = summary["stages"]["scale"]["figures"]
+    assert fig["devices"] == "1 x NVIDIA H100 80GB HBM3" and fig["complete"]
+    assert [r["batch_per_device"] for r in fig["largest_batch"]] == [512, 4096, 0]
+    assert fig["steps"]["scan_over_no_scan"] == 0.95 and fig["steps"]["no_scan_img_s"] == 2000.0
+
+
+def test_a_scale_stage_cut_short_reports_what_it_measured_as_partial(tmp_path):
+    write_stages(tmp_path, ("scale", "timed out after 90s", 124, 90, 90))
+    (tmp_path / "scale.json").write_text(json.dumps(scale_output(complete=False, steps=False)))
+    text, summary = report.build(tmp_path, "cmd", 480, 400)
+    assert "| scale | timed out after 90s | 90 | 90 |" in text
+    assert "| B/16 | data parallel | 512 |" in text and "L/16" not in text
+    assert "Step img/s: not measured." in text and "Partial: the stage stopped" in text
+    entry = summary["stages"]["scale"]
+    assert entry["status"] == "timed out after 90s" and entry["figures"]["steps"] is None
+    assert not entry["figures"]["complete"]
+
+
+def test_a_cpu_scale_run_states_no_memory_and_capped_batches(tmp_path):
+    d = scale_output()
+    d["devices"] |= {"kind": "cpu", "platform": "cpu", "bytes_limit": None}
+    d["largest_batch"] = [{"variant": "tiny", "mode": "data", "batch_per_device": 8, "capped": True,
+                           "bytes_per_device": 25.4 * 2 ** 20, "hbm_bytes_per_device": None,
+                           "fraction_of_memory": None}]
+    write_stages(tmp_path, ("scale", "ok", 0, 60, 600))
+    (tmp_path / "scale.json").write_text(json.dumps(d))
+    text, _ = report.build(tmp_path, "cmd", 900, 300)
+    assert "memory JAX may use per device: not stated" in text
+    assert "| tiny | data parallel | ≥ 8 | 25.4 MiB | not stated | — |" in text
