@@ -138,15 +138,17 @@ def _gpu_memory(kind: str) -> int:
 
 
 def available_hbm(devices: list) -> int | None:
-    """Bytes per device the compiler may use: a TPU compiler is asked (an allocation it must
-    refuse names the limit); a described GPU's memory is in its target config; a local device
-    says its own limit; None where nobody says (CPU)."""
+    """Bytes per device the compiler may use: a device of this machine says its own limit; a
+    TPU compiler is asked (an allocation it must refuse names the limit); a described GPU's memory
+    is in its target config; None where nobody says (a CPU)."""
+    limit = _local_limit(devices[0])
+    if limit is not None:
+        return limit
     kind = _gpu_kind(devices)
     if kind is not None:
         return _gpu_memory(kind)
-    if devices[0].platform != "tpu" or not hasattr(devices[0], "core_on_chip"):
-        stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
-        return (stats or {}).get("bytes_limit")
+    if devices[0].platform != "tpu":
+        return None
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
@@ -161,6 +163,14 @@ def available_hbm(devices: list) -> int | None:
         if found:
             return found[1]
     return None
+
+
+def _local_limit(device) -> int | None:
+    """A real device's allocator limit (JAX's share of a local GPU); None for a described one."""
+    try:
+        return (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # a topology's devices have no allocator to ask
+        return None
 
 
 def parse_oom(message: str) -> tuple[int, int] | None:
