@@ -50,11 +50,16 @@ def compile_once(variant: str, topology: str, per_chip: int, chips: int, setting
     return out
 
 
-class Cache:
-    """Every compile's report, keyed by what was compiled; appended as it comes."""
+class NotCompiled(Exception):
+    """--cached-only: a compile the cache does not hold."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.rows = path, {}
+
+class Cache:
+    """Every compile's report, keyed by what was compiled; appended as it comes. ``cached_only``:
+    never compile, a missing report is :class:`NotCompiled`."""
+
+    def __init__(self, path: Path, cached_only: bool = False) -> None:
+        self.path, self.rows, self.cached_only = path, {}, cached_only
         if path.exists():
             for line in path.read_text().splitlines():
                 row = json.loads(line)
@@ -62,6 +67,8 @@ class Cache:
 
     def get(self, key: str, make) -> dict:
         if key not in self.rows:
+            if self.cached_only:
+                raise NotCompiled(key)
             report = make()
             self.rows[key] = report
             with open(self.path, "a") as f:
@@ -146,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=HERE / "results" / "compile_tpu.jsonl")
     p.add_argument("--json", type=Path, default=HERE / "results" / "compile_tpu.json")
     p.add_argument("--jobs", type=int, default=1, help="cells compiled at once (each compile is one process)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="compile nothing: the table of what the cache holds, a cell's missing parts 'not measured'")
     args = p.parse_args(argv)
     os.environ.update({"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
                        "TPU_ACCELERATOR_TYPE": "v5litepod-4", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
-    cache = Cache(args.cache)
+    cache = Cache(args.cache, args.cached_only)
     names = {t: TOPOLOGIES.get(t, t) for t in args.topologies}
     chips = {t: chips_of(topo) for t, topo in names.items()}
     cells = [(v, t) for v in args.variants for t in args.topologies]
@@ -158,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         v, t = vt
         row = {"variant": v, "slice": t, "topology": names[t], "chips": chips[t]}
         for mode in MODES:
-            row[mode] = mode_batch(v, names[t], chips[t], mode, cache)
-        row["compile_seconds"] = compile_times(v, names[t], chips[t], cache)
-        print(f"{v} {t}: " + ", ".join(f"{m} {row[m]['batch']}" for m in MODES)
-              + f"; compile {row['compile_seconds']['no_scan']:.0f} s -> {row['compile_seconds']['scan']:.0f} s "
-              "with scan", flush=True)
+            row[mode] = _or_none(lambda: mode_batch(v, names[t], chips[t], mode, cache))
+        row["compile_seconds"] = _or_none(lambda: compile_times(v, names[t], chips[t], cache))
+        if not args.cached_only:
+            c = row["compile_seconds"]
+            print(f"{v} {t}: " + ", ".join(f"{m} {row[m]['batch']}" for m in MODES)
+                  + f"; compile {c['no_scan']:.0f} s -> {c['scan']:.0f} s with scan", flush=True)
         return row
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -172,8 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _batch(b: int) -> str:
-    return "-" if not b else f">= {b}" if b == 2 ** MAX_EXP else str(b)
+def _or_none(measure: Callable[[], dict]) -> dict | None:
+    try:
+        return measure()
+    except NotCompiled:
+        return None
+
+
+def _batch(found: dict | None) -> str:
+    if found is None:
+        return "not measured"
+    b = found["batch"]
+    return "none" if not b else f">= {b}" if b == 2 ** MAX_EXP else str(b)
 
 
 def table(rows: list[dict]) -> str:
@@ -182,8 +202,9 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         c = r["compile_seconds"]
+        seconds = "not measured" if c is None else f"{c['no_scan']:.0f} / {c['scan']:.0f}"
         lines.append(f"| {r['variant']} | {r['slice']} ({r['chips']}) | " + " | ".join(
-            _batch(r[m]["batch"]) for m in MODES) + f" | {c['no_scan']:.0f} / {c['scan']:.0f} |")
+            _batch(r[m]) for m in MODES) + f" | {seconds} |")
     return "\n".join(lines)
 
 
