@@ -10,7 +10,9 @@ KeyboardInterrupt. The signal is also remembered: a library may swallow the exce
 ignores exceptions raised in a finaliser or a garbage-collector callback, which is where a
 signal can land while XLA or orbax work), so writers call :func:`check_interrupted` between
 pieces of work and :func:`atomic_path` calls it before the rename. An interrupted output is
-therefore never committed, whether or not the exception reached us.
+therefore never committed, whether or not the exception reached us. A signal that arrives while a
+module is being imported is only remembered (raising there can crash an extension module's
+initialisation), and raised by the next check.
 """
 from __future__ import annotations
 
@@ -41,6 +43,18 @@ class Interrupted(BaseException):
 _received: list[int] = []  # the first signal of the current interruptible() block
 
 
+def _importing(frame) -> bool:
+    """Whether ``frame`` runs inside an import. An exception raised there can unwind through a C
+    extension's initialisation (JAX's, tensorstore's), which then crashes the process (seen:
+    SIGSEGV, or nanobind's std::terminate) instead of unwinding; the signal waits, remembered,
+    for the next :func:`check_interrupted` after the import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def check_interrupted() -> None:
     """Raise :class:`Interrupted` if a signal arrived inside :func:`interruptible`, even one whose
     exception a library swallowed."""
@@ -59,7 +73,8 @@ def interruptible():
         if _received:
             return
         _received.append(signum)
-        raise Interrupted(signum)
+        if not _importing(frame):
+            raise Interrupted(signum)
 
     def unraisable(info) -> None:
         if not isinstance(info.exc_value, Interrupted):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import has_module, subprocess_env
-from mixer_convert.atomic import atomic_path, check_destination, interruptible, writing
+from mixer_convert.atomic import Interrupted, atomic_path, check_destination, check_interrupted, interruptible, writing
 from mixer_convert.errors import CheckpointError
 
 
@@ -126,3 +126,18 @@ def test_a_dead_runs_temporary_is_removed_and_a_live_runs_is_kept(tmp_path):
         tmp.write_bytes(b"whole")
     assert not dead.exists() and (live / "out.bin").read_bytes() == b"partial"
     assert (tmp_path / "out.bin").read_bytes() == b"whole"
+
+
+def test_a_signal_during_an_import_waits_for_the_import_then_stops_at_the_next_check(tmp_path, monkeypatch):
+    """Raised inside an import, the exception would unwind through whatever extension module is
+    initialising (JAX's, tensorstore's), which crashed the converter (SIGSEGV) in the stress runs."""
+    (tmp_path / "slow_extension.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nfinished = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imported = []
+    with pytest.raises(Interrupted):
+        with interruptible():
+            import slow_extension  # the signal lands in its body
+            imported.append(slow_extension.finished)  # the import ran to its end
+            check_interrupted()
+    assert imported == [True]
