@@ -112,18 +112,23 @@ def topology_devices(name: str) -> list:
     return list(topo.devices)
 
 
-def gpu_devices(name: str) -> list:
-    """``h100`` or ``h100:N``: N GPUs on one host, from XLA's description of the GPU."""
+def _target_config(kind: str) -> str:
+    """XLA's description of a GPU (mixer_jax/data/), a GpuTargetConfigProto in text form."""
     from importlib import resources
 
+    return resources.files("mixer_jax").joinpath("data", GPUS[kind][0]).read_text()
+
+
+def gpu_devices(name: str) -> list:
+    """``h100`` or ``h100:N``: N GPUs on one host, from XLA's description of the GPU."""
     from jax.experimental import topologies
 
     kind, _, count = name.partition(":")
     if (count and not count.isdigit()) or count == "0":
         raise ValueError(f"--compile-only {name!r}: GPUs are {kind} or {kind}:N (N GPUs on one host)")
-    target = resources.files("mixer_jax").joinpath("data", GPUS[kind][0]).read_text()
     try:
-        topo = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{int(count or 1)}", target_config=target)
+        topo = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{int(count or 1)}",
+                                            target_config=_target_config(kind))
     except Exception as e:  # the plugin's own types
         raise ValueError(f"--compile-only {name!r}: JAX's CUDA plugin cannot describe it "
                          f"({str(e).splitlines()[0][:200]})") from None
@@ -131,10 +136,8 @@ def gpu_devices(name: str) -> list:
 
 
 def _gpu_memory(kind: str) -> int:
-    from importlib import resources
-
-    text = resources.files("mixer_jax").joinpath("data", GPUS[kind][0]).read_text()
-    return int(int(re.search(r"device_memory_size:\s*(\d+)", text).group(1)) * GPU_MEM_FRACTION)
+    found = re.search(r"device_memory_size:\s*(\d+)", _target_config(kind))
+    return int(int(found.group(1)) * GPU_MEM_FRACTION)
 
 
 def available_hbm(devices: list) -> int | None:
