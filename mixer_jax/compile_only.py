@@ -47,7 +47,11 @@ def deviceless_env() -> None:
     """The environment for compiling without the devices, set before JAX loads (a user's own
     settings win): JAX itself on the CPU (JAX's CUDA plugin then skips its CUDA checks); libtpu
     neither looks for TPU hosts (and prints what it did not find) nor lets only one process at a
-    time load it (a lock file); XLA logs no INFO lines (the CUDA plugin's "no CUDA driver")."""
+    time load it (a lock file); XLA logs no INFO lines (the CUDA plugin's "no CUDA driver").
+    JAX's persistent compilation cache is off, whatever the user set: an entry compiled for
+    described devices cannot be loaded back (there is no client to load it into, so JAX warns on
+    every later run), and nothing compiled here ever runs, so there is nothing worth keeping."""
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     for key, value in (("JAX_PLATFORMS", "cpu"), ("TF_CPP_MIN_LOG_LEVEL", "1"), ("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
                        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
         os.environ.setdefault(key, value)

@@ -84,6 +84,18 @@ def test_a_tpu_slice_compiles_silently_and_fsdp_shrinks_the_state_per_chip(tmp_p
 
 @pytest.mark.slow
 @needs_libtpu
+def test_a_users_persistent_compilation_cache_neither_breaks_nor_fills_with_tpu_programs(tmp_path):
+    # an entry compiled for described chips cannot be loaded back: JAX warned on every later run
+    env = {**subprocess_env(), "JAX_COMPILATION_CACHE_DIR": str(tmp_path),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    for _ in range(2):
+        r = _train("--config", "digits", "--compile-only", "v5e:2x2", *TINY, "--json", "-", env=env)
+        assert r.returncode == 0 and r.stderr == "mixer-train: compiling the train step for v5e:2x2 (4 chips) ...\n", r.stderr
+    assert not any(p.name.startswith("jit_train_step") for p in tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@needs_libtpu
 def test_a_step_that_does_not_fit_is_exit_1_with_the_compilers_numbers():
     big = [a if a != "batch_size=16" else "batch_size=65536" for a in TINY]
     big = [a if a != "data.image_size=16" else "data.image_size=512" for a in big]
