@@ -11,11 +11,13 @@ ignores exceptions raised in a finaliser or a garbage-collector callback, which 
 signal can land while XLA or orbax work), so writers call :func:`check_interrupted` between
 pieces of work and :func:`atomic_path` calls it before the rename. An interrupted output is
 therefore never committed, whether or not the exception reached us. A signal that arrives while a
-module is being imported is only remembered (raising there can crash an extension module's
-initialisation), and raised by the next check.
+module is being imported is held back (raising there can crash an extension module's
+initialisation) and delivered again as soon as the import is over, to whichever handler is then in
+place (training's own, if it took over meanwhile).
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import re
@@ -24,6 +26,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from mixer_convert.errors import CheckpointError
@@ -41,18 +44,46 @@ class Interrupted(BaseException):
 
 
 _received: list[int] = []  # the first signal of the current interruptible() block
+_deferred: list[int] = []  # that signal, while it waits for an import to finish
+_sent = threading.Event()  # the held-back signal was sent again; its handler has not run yet
+_watchers: list[threading.Thread] = []  # the _redeliver thread of the current block, if any
 
 
 def _importing(frame) -> bool:
     """Whether ``frame`` runs inside an import. An exception raised there can unwind through a C
     extension's initialisation (JAX's, tensorstore's), which then crashes the process (seen:
     SIGSEGV, or nanobind's std::terminate) instead of unwinding; the signal waits, remembered,
-    for the next :func:`check_interrupted` after the import."""
+    to be delivered again once the import is over (:func:`_redeliver`)."""
     while frame is not None:
         if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
             return True
         frame = frame.f_back
     return False
+
+
+def _redeliver(signum: int, ours) -> None:
+    """In a thread of its own: wait until the main thread has left every import, then raise the
+    held-back signal there again (``_thread.interrupt_main`` calls whatever handler is installed
+    then). Held back and never delivered, a Ctrl-C during the imports at a command's start would
+    be seen only when the command had finished its work. If the handler is no longer ``ours``
+    (training installed its own stop request meanwhile), the signal is that handler's to act on,
+    not this block's to raise again at its end."""
+    main = threading.main_thread().ident
+    while _deferred:  # until the handler raises it, or the block ends
+        frame = sys._current_frames().get(main)
+        if frame is None:  # the main thread is gone
+            return
+        importing = _importing(frame)
+        del frame
+        if not importing and signal.getsignal(signum) is not ours:
+            _deferred.clear()
+            _received.clear()
+            _thread.interrupt_main(signum)
+            return
+        if not importing and not _sent.is_set():  # sent once; again only if it landed in a new import
+            _sent.set()
+            _thread.interrupt_main(signum)
+        time.sleep(0.005)
 
 
 def check_interrupted() -> None:
@@ -70,11 +101,21 @@ def interruptible():
     ..." and carry on: that report is dropped, the signal is remembered, and the next
     :func:`check_interrupted` (between tensors, before the commit) raises it."""
     def handler(signum, frame):
-        if _received:
+        held = bool(_deferred)
+        _sent.clear()
+        if _received and not held:  # a second signal
             return
-        _received.append(signum)
-        if not _importing(frame):
-            raise Interrupted(signum)
+        if not _received:
+            _received.append(signum)
+        if _importing(frame):  # held back until the import is over (again, if another began)
+            if not held:
+                _deferred.append(signum)
+                _watchers.append(threading.Thread(target=_redeliver, args=(signum, handler), daemon=True,
+                                                  name="mixer-signal-after-import"))
+                _watchers[-1].start()
+            return
+        _deferred.clear()
+        raise Interrupted(_received[0])
 
     def unraisable(info) -> None:
         if not isinstance(info.exc_value, Interrupted):
@@ -90,6 +131,9 @@ def interruptible():
         yield
         check_interrupted()  # a signal whose exception was swallowed still counts
     finally:
+        _deferred.clear()  # a held-back signal is not sent after the block, to a handler not ours
+        while _watchers:
+            _watchers.pop().join()
         for s, h in previous.items():
             signal.signal(s, h)
         if sys.unraisablehook is unraisable:  # not if a library chained its own hook on top meanwhile
