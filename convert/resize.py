@@ -66,10 +66,16 @@ def resize_token_mixing(flat: Mapping[str, np.ndarray], cfg: MixerConfig, scale:
         out[f"{p}/Dense_0/bias"] = np.tile(flat[f"{p}/Dense_0/bias"], n)
         out[f"{p}/Dense_1/kernel"] = _block_diag(flat[f"{p}/Dense_1/kernel"], n)[:, raster_to_grouped]
         out[f"{p}/Dense_1/bias"] = np.tile(flat[f"{p}/Dense_1/bias"], n)[raster_to_grouped]
-    h, w = cfg.image_size
-    new_cfg = cfg.replace(image_size=(h * scale, w * scale), tokens_mlp_dim=cfg.tokens_mlp_dim * n)
+    new_cfg = resized_config(cfg, scale)
     check_params(out, new_cfg, what="resized params")
     return out, new_cfg
+
+
+def resized_config(cfg: MixerConfig, scale: int) -> MixerConfig:
+    """The architecture :func:`resize_token_mixing` makes of ``cfg``: images ``scale`` x larger
+    each way, token-mixing ``scale``² x wider (one copy of the MLP per sub-image)."""
+    h, w = cfg.image_size
+    return cfg.replace(image_size=(h * scale, w * scale), tokens_mlp_dim=cfg.tokens_mlp_dim * scale * scale)
 
 
 def tile_images(images: np.ndarray, scale: int) -> np.ndarray:

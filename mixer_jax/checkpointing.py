@@ -23,10 +23,12 @@ from mixer_convert.trees import flatten
 
 # Config keys a resumed run may change without changing what it computes (init_allow_nonfinite: the
 # checkpoint's weights replace init_from's; the mesh, remat and scan: how the same function is
-# computed, checkpoints being in the official layout on any mesh).
+# computed, checkpoints being in the official layout on any mesh; data.num_classes: only ever checked
+# against the data, which decides the head, and absent from configs saved before it existed).
 RESUMABLE_KEYS = frozenset({"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "export_torch",
                             "eval_batch_size", "data.workers", "data.worker_type", "init_allow_nonfinite",
-                            "mesh.data", "mesh.fsdp", "mesh.fsdp_min_mib", "model.remat", "model.scan"})
+                            "mesh.data", "mesh.fsdp", "mesh.fsdp_min_mib", "model.remat", "model.scan",
+                            "data.num_classes"})
 
 
 class ResumeConfigError(ValueError):

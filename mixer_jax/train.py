@@ -88,17 +88,25 @@ def num_classes_without_data(cfg: TrainConfig) -> int:
 
 
 def architecture_of(cfg: TrainConfig, num_classes: int) -> MixerConfig:
-    """The architecture to train without reading any weights: ``init_from``'s from its header
-    (a published name is downloaded first), resized by ``resize_scale``, with ``num_classes``."""
+    """The architecture to train without reading any weights (what ``--compile-only`` compiles):
+    ``init_from``'s — a published name's from the catalogue, nothing downloaded; a file's from its
+    header (another hub's name is fetched into the cache first) — resized by ``resize_scale`` as
+    loading resizes it, with ``num_classes``."""
     if not cfg.init_from:
         return architecture(cfg, num_classes)
+    from mixer_convert.catalogue import lookup
     from mixer_convert.load import open_checkpoint
+    from mixer_convert.resize import resized_config
+    from mixer_convert.spec import config_for
 
-    params, ck = open_checkpoint(cfg.init_from)
-    params.close()
-    h, w = ck.image_size
-    return architecture(cfg, num_classes, checkpoint=ck.replace(
-        image_size=(h * cfg.resize_scale, w * cfg.resize_scale), num_classes=num_classes))
+    entry = None if os.path.exists(cfg.init_from) else lookup(str(cfg.init_from))
+    if entry is not None:
+        ck = config_for(entry.variant, num_classes=entry.num_classes)
+    else:
+        params, ck = open_checkpoint(cfg.init_from)
+        params.close()
+    return architecture(cfg, num_classes,
+                        checkpoint=resized_config(ck, cfg.resize_scale).replace(num_classes=num_classes))
 
 
 def model_for(cfg: TrainConfig, num_classes: int) -> tuple[MixerConfig, dict | None]:

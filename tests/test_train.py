@@ -439,3 +439,23 @@ def test_resuming_with_other_steps_is_refused_then_allowed_with_the_flag(tmp_pat
     # TensorBoard: each step once, and the config again at the step the changed run resumed from
     assert [s for s, _ in scalars(tmp_path / "w")["train/loss"]] == [1, 2, 3, 4]
     assert [(s, json.loads(t)["steps"]) for s, t in texts(tmp_path / "w")["config/text_summary"]] == [(0, 2), (2, 4)]
+
+
+def test_the_architecture_compile_only_compiles_is_the_one_loading_makes(tmp_path, monkeypatch):
+    """--compile-only reads no weights: ``init_from`` resized as loading resizes it (token mixing 4x
+    wider at twice the resolution), and a published name from the catalogue, nothing downloaded."""
+    from mixer_convert import config_for, random_params
+    from mixer_jax.train import architecture_of, load_init_params
+
+    base = config_for("S/16", patch_size=4, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=64,
+                      image_size=8, num_classes=21)
+    np.savez(tmp_path / "m.npz", **random_params(base, 0))
+    cfg = tiny(init_from=str(tmp_path / "m.npz"), resize_scale=2)
+    assert architecture_of(cfg, 10) == load_init_params(cfg, 10)[1]
+    assert architecture_of(cfg, 10).tokens_mlp_dim == 64 and architecture_of(cfg, 10).image_size == (16, 16)
+    monkeypatch.setenv("MIXER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MIXER_CHECKPOINT_BASE_URL", "http://127.0.0.1:9")  # nothing listens: no download
+    published = tiny(init_from="L/16-i1k", resize_scale=2, data=dataclasses.replace(tiny().data, image_size=448))
+    assert architecture_of(published, 10) == config_for("L/16", image_size=448, tokens_mlp_dim=4 * 512,
+                                                        num_classes=10)
+    assert not (tmp_path / "cache").exists()
