@@ -2,12 +2,17 @@
 mixer-train --config pretrain_i1k --compile-only v5e:4x4 [--set ...] [--json OUT]"""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from mixer_convert.command import Parser, add_json, add_quiet, command, emit
 from mixer_convert.extras import require
+
+if TYPE_CHECKING:
+    from mixer_jax.configs import TrainConfig
 
 PROG = "mixer-train"
 
@@ -48,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.compile_only is None and args.workdir is None:
         raise ValueError("--workdir is required (except with --compile-only)")
+    multi_host = [flag for flag, value in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
+                                           ("--process-id", args.process_id)) if value is not None]
+    if args.compile_only is not None and multi_host:  # (a --workdir is allowed: it is not written to)
+        raise ValueError(f"--compile-only compiles for every host of the topology in one process: drop "
+                         f"{', '.join(multi_host)}")
     if args.compile_only not in (None, "local"):
         from mixer_jax.compile_only import is_gpu, deviceless_env
         require("gpu-compile" if is_gpu(args.compile_only) else "tpu")
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compile_only(cfg, args) -> int:
+def compile_only(cfg: TrainConfig, args: argparse.Namespace) -> int:
     """--compile-only: the report, exit 1 when the step does not fit."""
     from mixer_jax.compile_only import compile_train_step, summary
     from mixer_jax.train import num_classes_without_data

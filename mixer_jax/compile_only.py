@@ -27,7 +27,7 @@ import re
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 # bf16 dense peak per chip, FLOP/s (Google Cloud TPU documentation, "TPU versions"), by the
 # device_kind JAX reports; a v3 chip is two JAX devices (a v4 chip too without megacore).
@@ -39,7 +39,10 @@ CHIP_CONFIG = {"v4": "megacore"}
 # H100 SXM datasheet: 989 TFLOP/s without sparsity).
 GPUS = {"h100": ("h100_sxm.txtpb", 989e12)}
 GPU_MEM_FRACTION = 0.75  # XLA_PYTHON_CLIENT_MEM_FRACTION's default: what a JAX process preallocates
-_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+# libtpu words a step that does not fit in two ways: the temporaries alone, or everything in all.
+_OOM = {"temporaries": re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available "
+                                  r"HBM \(([\d.]+)([KMGT]?)\)"),
+        "total": re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")}
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
@@ -168,7 +171,7 @@ def available_hbm(devices: list) -> int | None:
     except Exception as e:
         found = parse_oom(str(e))
         if found:
-            return found[1]
+            return found.hbm
     return None
 
 
@@ -180,12 +183,23 @@ def _local_limit(device) -> int | None:
         return None
 
 
-def parse_oom(message: str) -> tuple[int, int] | None:
-    """(temporaries, available HBM) bytes from XLA's out-of-memory error, or None."""
-    m = _OOM.search(message)
-    if m is None:
-        return None
-    return (int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)]))
+class OutOfMemory(NamedTuple):
+    """What XLA's out-of-memory error says: ``needed`` bytes of ``what`` ('temporaries', or
+    'total': everything the step holds) against ``hbm`` bytes available."""
+
+    needed: int
+    hbm: int
+    what: str
+
+
+def parse_oom(message: str) -> OutOfMemory | None:
+    """XLA's out-of-memory error, in either of libtpu's wordings, or None for any other error."""
+    for what, pattern in _OOM.items():
+        m = pattern.search(message)
+        if m is not None:
+            return OutOfMemory(int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)]),
+                               what)
+    return None
 
 
 def _gpu_kind(devices: list) -> str | None:
@@ -270,9 +284,9 @@ def compile_step(jitted, args: tuple, topology: str, devices: list, mesh, per_ch
         oom = parse_oom(str(e))
         if oom is None:
             raise
-        used = {"arguments": argument_bytes(args), "temporaries": oom[0], "outputs": None, "aliased": None,
-                "total": None}
-        return Report(**common, hbm_bytes_per_chip=hbm or oom[1], bytes_per_chip=used, fits=False,
+        used = {"arguments": argument_bytes(args), "temporaries": None, "outputs": None, "aliased": None,
+                "total": None, oom.what: oom.needed}
+        return Report(**common, hbm_bytes_per_chip=hbm or oom.hbm, bytes_per_chip=used, fits=False,
                       compile_seconds=time.perf_counter() - start, error=str(e).splitlines()[0][:300])
     seconds = time.perf_counter() - start
     used = memory(compiled)
@@ -322,8 +336,9 @@ def summary(out: dict) -> str:
             f"compiled in {out['compile_seconds']:.1f} s")
     hbm = _gib(out["hbm_bytes_per_chip"])
     if not out["fits"]:
-        return (f"{head}\n  does NOT fit: {_gib(b['temporaries'])} of temporaries and {_gib(b['arguments'])} of "
-                f"arguments per chip, {hbm} of HBM ({out.get('error') or 'over the HBM'})")
+        needs = (f"{_gib(b['total'])} in all" if b["temporaries"] is None else
+                 f"{_gib(b['temporaries'])} of temporaries and {_gib(b['arguments'])} of arguments")
+        return f"{head}\n  does NOT fit: {needs} per chip, {hbm} of HBM ({out.get('error') or 'over the HBM'})"
     lines = [head, f"  per chip: arguments {_gib(b['arguments'])} + temporaries {_gib(b['temporaries'])} + outputs "
                    f"{_gib(b['outputs'])} - aliased {_gib(b['aliased'])} = {_gib(b['total'])} of {hbm} HBM: fits"]
     bound = out.get("step_seconds_lower_bound")

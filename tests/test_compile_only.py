@@ -26,7 +26,11 @@ def _train(*args, env=None):
 def test_the_compilers_out_of_memory_message_gives_temporaries_and_the_hbm():
     msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (34.00G) "
            "exceeds available HBM (15.75G).")
-    assert parse_oom(msg) == (int(34 * 2 ** 30), int(15.75 * 2 ** 30))
+    assert parse_oom(msg) == (int(34 * 2 ** 30), int(15.75 * 2 ** 30), "temporaries")
+    # libtpu's other wording gives everything the step holds
+    other = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+             "Used 21.95G of 15.48G hbm. Exceeded hbm capacity by 6.47G.")
+    assert parse_oom(other) == (int(21.95 * 2 ** 30), int(15.48 * 2 ** 30), "total")
     assert parse_oom("some other failure") is None
 
 
@@ -41,6 +45,8 @@ def test_the_summary_says_fits_or_not_with_the_numbers():
     too_big = {**fits, "fits": False, "error": "RESOURCE_EXHAUSTED: ...",
                "bytes_per_chip": {**fits["bytes_per_chip"], "temporaries": 34 * 2 ** 30, "total": None}}
     assert "does NOT fit: 34.00 GiB of temporaries" in summary(too_big)
+    in_all = {**too_big, "bytes_per_chip": {**fits["bytes_per_chip"], "temporaries": None, "total": 22 * 2 ** 30}}
+    assert "does NOT fit: 22.00 GiB in all per chip, 15.75 GiB of HBM" in summary(in_all)
 
 
 def test_local_compile_of_the_digits_run_reads_no_data_and_needs_no_workdir(tmp_path):
@@ -60,6 +66,8 @@ def test_local_compile_of_the_digits_run_reads_no_data_and_needs_no_workdir(tmp_
     (["--config", "finetune", "--compile-only", "local"], "--set data.num_classes=N"),
     (["--config", "digits", "--compile-only", "v5e"], "a TPU slice is GENERATION:SHAPE"),
     (["--config", "digits"], "--workdir is required (except with --compile-only)"),
+    (["--config", "digits", "--compile-only", "local", "--workdir", "w", "--coordinator", "h:1", "--process-id", "0"],
+     "--compile-only compiles for every host of the topology in one process: drop --coordinator, --process-id"),
 ])
 def test_what_compile_only_cannot_know_or_parse_is_one_line(args, message):
     r = _train(*args)

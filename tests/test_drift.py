@@ -46,6 +46,14 @@ def test_differences_are_changed_missing_and_unlocked_packages_but_never_pip_or_
     assert drift.differences(lock, have, installed_only=True) == [("extra", None, "3.0"), ("numpy", "2.4.6", "2.5.0")]
 
 
+def test_a_pin_without_a_build_label_is_met_by_any_build_of_that_version():
+    assert drift.differences({"torch": "2.13.0"}, {"torch": "2.13.0+cpu"}) == []
+    assert drift.differences({"torch": "2.13.0+cpu"}, {"torch": "2.13.0+cu128"}) == [
+        ("torch", "2.13.0+cpu", "2.13.0+cu128")]
+    assert drift.differences({"torch": "2.13.0"}, {"torch": "2.13.1+cpu"}) == [("torch", "2.13.0", "2.13.1+cpu")]
+    assert drift.differences({"torch": "2.13.0"}, {"torch": "2.13.0.post1"}) == [("torch", "2.13.0", "2.13.0.post1")]
+
+
 def _run(*args):
     return subprocess.run([sys.executable, str(ROOT / ".ci" / "drift.py"), *map(str, args)], capture_output=True,
                           text=True, timeout=120)
@@ -62,7 +70,16 @@ def test_exact_passes_on_this_interpreters_own_pins_and_fails_naming_one_that_mo
     moved = _run(lock, "--exact")
     assert moved.returncode == 1, moved.stdout
     assert [line.split() for line in moved.stdout.splitlines()[1:]] == [["numpy", "0.0.1", "->", have["numpy"]]]
-    assert _run(lock).returncode == 0  # without --exact it only reports
+    reported = _run(lock)
+    assert reported.returncode == 0  # without --exact it only reports, and names what is not installed
+    assert reported.stdout.splitlines()[1:] == [moved.stdout.splitlines()[1],
+                                                "locked, not installed here (1): some-extras-package"]
+
+
+def test_the_locked_packages_not_installed_are_one_line_not_drift():
+    assert drift.not_installed({"a": "1", "b": "2"}, {"a": "1", "b": "2"}) is None
+    lock = {f"nvidia-{i:02d}": "1" for i in range(10)} | {"pip": "1"}
+    assert drift.not_installed(lock, {}, shown=2) == "locked, not installed here (10): nvidia-00, nvidia-01, and 8 more"
 
 
 def test_a_missing_or_malformed_lock_is_one_line_and_exit_2(tmp_path):
