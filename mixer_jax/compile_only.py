@@ -27,7 +27,13 @@ import re
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+
+if TYPE_CHECKING:  # JAX is imported late: deviceless_env() must run before it loads
+    import jax
+    from jax.sharding import Mesh
+
+    from mixer_jax.configs import TrainConfig
 
 # bf16 dense peak per chip, FLOP/s (Google Cloud TPU documentation, "TPU versions"), by the
 # device_kind JAX reports; a v3 chip is two JAX devices (a v4 chip too without megacore).
@@ -240,7 +246,7 @@ class Report:
         return dataclasses.asdict(self)
 
 
-def memory(compiled) -> dict[str, int]:
+def memory(compiled: jax.stages.Compiled) -> dict[str, int]:
     m = compiled.memory_analysis()
     out = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
            "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes}
@@ -248,14 +254,14 @@ def memory(compiled) -> dict[str, int]:
     return out
 
 
-def flops(compiled) -> float | None:
+def flops(compiled: jax.stages.Compiled) -> float | None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     value = (cost or {}).get("flops")
     return float(value) if value is not None and value >= 0 else None
 
 
-def argument_bytes(args) -> int:
+def argument_bytes(args: tuple) -> int:
     """Bytes of one device's shards of the abstract arguments (what a refused compile cannot say)."""
     import jax
     import numpy as np
@@ -267,8 +273,8 @@ def argument_bytes(args) -> int:
     return total
 
 
-def compile_step(jitted, args: tuple, topology: str, devices: list, mesh, per_chip_batch: int,
-                 model_flops: float) -> Report:
+def compile_step(jitted: jax.stages.Wrapped, args: tuple, topology: str, devices: list, mesh: Mesh,
+                 per_chip_batch: int, model_flops: float) -> Report:
     """Compile ``jitted`` for ``args`` and report; a step the chips cannot hold is a report with
     ``fits`` False and the compiler's numbers, not an exception. ``model_flops``: what the step
     computes at least (XLA's own count misses all but one trip of a scanned loop)."""
@@ -294,7 +300,7 @@ def compile_step(jitted, args: tuple, topology: str, devices: list, mesh, per_ch
                   compile_seconds=seconds, compiler_flops_per_chip=flops(compiled))
 
 
-def compile_train_step(cfg, topology: str, num_classes: int, progress: Callable[[str], None] = lambda _: None
+def compile_train_step(cfg: TrainConfig, topology: str, num_classes: int, progress: Callable[[str], None] = lambda _: None
                        ) -> Report:
     """The run ``cfg`` describes, its train step compiled for ``topology``: the state made
     abstract (nothing initialised), the batch a ``jax.ShapeDtypeStruct`` of ``cfg.batch_size``

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mixer_jax.configs import mesh_shape
+from mixer_jax.stacking import STACKED
 
 AXES = ("data", "fsdp")
 BATCH = P(AXES)  # the batch dimension split over every device
@@ -46,7 +47,7 @@ def fsdp_spec(shape: tuple[int, ...], itemsize: int, fsdp: int, min_bytes: int, 
     return P(*(["fsdp" if i == axis else None for i in range(len(shape))]))
 
 
-def state_shardings(abstract: Any, mesh: Mesh, min_bytes: int, stacked_paths: tuple[str, ...] = ("MixerBlock",)) -> Any:
+def state_shardings(abstract: Any, mesh: Mesh, min_bytes: int, stacked_paths: tuple[str, ...] = (STACKED,)) -> Any:
     """A NamedSharding for every leaf of an abstract state (params and optimizer state alike:
     Adam's moments get their parameter's sharding, scalars are replicated)."""
     fsdp = mesh.shape["fsdp"]

@@ -75,7 +75,7 @@ def state_plan(cfg: TrainConfig, model_cfg: MixerConfig, mesh: Mesh) -> tuple[Ca
     return create, layout, schedule
 
 
-def build_state(cfg: TrainConfig, model_cfg: MixerConfig, init_params, mesh: Mesh
+def build_state(cfg: TrainConfig, model_cfg: MixerConfig, init_params: dict | None, mesh: Mesh
                 ) -> tuple[TrainState, Layout, Callable]:
     """The train state, sharded (fresh, or ``init_params`` in the official layout), its layout,
     and the learning-rate schedule."""

@@ -31,7 +31,7 @@ from mixer_jax.configs import TrainConfig, architecture, current_layout, expand_
 from mixer_jax.input_pipeline import make_source, make_train_iterator
 from mixer_jax.loop import Compiled, Loop, Sinks, evaluate, finish, train_loop
 from mixer_jax.metrics import Console, MetricsLog, NonFiniteLossError, TensorBoardLog
-from mixer_jax.sharding import AXES, make_mesh
+from mixer_jax.sharding import AXES, BATCH, make_mesh
 from mixer_jax.state import Layout, build_state
 from mixer_jax.steps import TrainState, eval_step, train_step
 
@@ -69,7 +69,7 @@ def load_init_params(cfg: TrainConfig, num_classes: int) -> tuple[dict, MixerCon
     return params_from_flat(flat, model_cfg), model_cfg
 
 
-def num_classes_of(cfg: TrainConfig, source) -> int:
+def num_classes_of(cfg: TrainConfig, source: Any) -> int:
     """The data's number of classes; ``data.num_classes``, if given, must agree with it."""
     n = source.num_classes
     if cfg.data.num_classes and cfg.data.num_classes != n:
@@ -124,7 +124,7 @@ def compile_steps(cfg: TrainConfig, num_classes: int, schedule: Callable, mesh: 
     """The jitted steps, the state split as ``layout`` says, every batch over the whole mesh."""
     repl = NamedSharding(mesh, P())
     batch_sh = NamedSharding(mesh, P(None, AXES))  # (accum, micro, ...) split on micro
-    eval_sh = NamedSharding(mesh, P(AXES))
+    eval_sh = NamedSharding(mesh, BATCH)
     fsdp = mesh.shape["fsdp"] > 1
     step = partial(train_step, num_classes=num_classes, label_smoothing=cfg.label_smoothing,
                    mixup_alpha=cfg.mixup_alpha, schedule=schedule,

@@ -40,13 +40,20 @@ def test_the_largest_divisible_dimension_is_split_and_small_or_indivisible_array
 
 def test_a_state_gets_one_sharding_per_leaf_and_adams_moments_their_parameters():
     import optax
+    from jax.sharding import AbstractMesh
 
-    mesh = make_mesh(-1, 1, jax.devices()[:1])
-    params = {"MixerBlock": {"w": jnp.zeros((4, 64, 32))}, "head": {"kernel": jnp.zeros((32, 10))}}
-    state = jax.eval_shape(lambda p: (p, optax.adam(1.0).init(p)), params)
-    shardings = state_shardings(state, mesh, 0)
-    assert jax.tree_util.tree_structure(shardings) == jax.tree_util.tree_structure(state)
-    assert all(s.mesh is mesh for s in jax.tree_util.tree_leaves(shardings))
+    mesh = AbstractMesh((1, 8), ("data", "fsdp"))  # 8 devices, described: the specs, not the arrays
+    params = {"MixerBlock": {"w": jnp.zeros((4, 64, 32))}, "head": {"kernel": jnp.zeros((32, 10)),
+                                                                   "bias": jnp.zeros((10,))}}
+    params_, adam = jax.eval_shape(lambda p: (p, optax.adam(1.0).init(p)), params)
+    shardings = state_shardings((params_, adam), mesh, 0)
+    assert jax.tree_util.tree_structure(shardings) == jax.tree_util.tree_structure((params_, adam))
+    specs = jax.tree_util.tree_map(lambda s: s.spec, shardings)
+    expected = {"MixerBlock": {"w": P(None, "fsdp", None)},  # 64 over 8, never the block axis
+                "head": {"kernel": P("fsdp", None), "bias": P()}}  # 32 over 8; 10 does not divide
+    assert specs[0] == expected
+    assert specs[1][0].mu == expected and specs[1][0].nu == expected  # Adam's moments: their parameter's
+    assert specs[1][0].count == P()
 
 
 def test_placement_keeps_values_and_runs_under_jit_on_one_device():
