@@ -61,7 +61,10 @@ def test_small_form_runs_every_stage_and_writes_its_figures_between_the_markers(
     assert data["model"] == "tiny" and data["dtype"] == "bfloat16"
     assert min(data["synthetic_img_s"], data["real_img_s"], data["old_loop_img_s"]) > 0
     for fw in ("torch", "flax"):
-        assert stages["eval"]["figures"][fw]["end_to_end_img_s"] > 0 and stages["eval"]["figures"][fw]["model_img_s"] > 0
+        # end to end: 160 tiny images less one batch, a time difference that load on a 2-core machine can
+        # swamp, when bench_eval says so (None, "n/a" in the report) rather than print a negative rate
+        end_to_end = stages["eval"]["figures"][fw]["end_to_end_img_s"]
+        assert (end_to_end is None or end_to_end > 0) and stages["eval"]["figures"][fw]["model_img_s"] > 0
     scale = stages["scale"]["figures"]
     assert scale["complete"] and scale["devices"] == "1 x cpu" and scale["device_bytes_limit"] is None
     assert [(r["variant"], r["mode"]) for r in scale["largest_batch"]] == [("tiny", "data"), ("tiny", "fsdp+remat")]
