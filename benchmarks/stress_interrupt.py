@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
@@ -49,8 +50,10 @@ def make_source(variant: str, folder: Path) -> Path:
 
 
 def start(src: Path, out_dir: Path, fmt: str) -> tuple[subprocess.Popen, Path]:
-    """A conversion to ``fmt``, returned once its temporary output exists (writing has begun)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """A conversion to ``fmt`` in an empty ``out_dir``, returned once its temporary output exists
+    (writing has begun)."""
+    shutil.rmtree(out_dir, ignore_errors=True)  # nothing of an earlier run, which would count as left behind
+    out_dir.mkdir(parents=True)
     dst = out_dir / ("out" if fmt == "orbax" else f"out.{fmt}")
     proc = subprocess.Popen(CONVERT + [str(src), str(dst), "--to", fmt, "--quiet"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=out_dir)
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     load = subprocess.Popen(["bash", "-c", f"while :; do {' '.join(map(repr, CONVERT))} {src} "
                              f"{args.dir / 'load.safetensors'} --force --quiet || exit; done"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results: dict[str, dict] = {}
     try:
         for fmt in args.formats:
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 problem = trial(src, args.dir / f"{fmt}-{i}", fmt, delay)
                 if problem is None:
                     r["passed"] += 1
+                    shutil.rmtree(args.dir / f"{fmt}-{i}")  # a failed trial's folder stays, to look at
                 elif problem == "finished":
                     r["finished_first"] += 1
                 else:
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                       end="\r", file=sys.stderr)
             print(file=sys.stderr)
     finally:
-        load.terminate()
+        os.killpg(load.pid, signal.SIGTERM)  # the loop and the conversion it is running
         load.wait()
     for fmt, r in results.items():
         print(f"{fmt}: {r['passed']} of {args.trials} interrupted with one line, {len(r['failed'])} failed, "

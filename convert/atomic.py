@@ -88,8 +88,10 @@ def _redeliver(signum: int, ours) -> None:
 
 def check_interrupted() -> None:
     """Raise :class:`Interrupted` if a signal arrived inside :func:`interruptible`, even one whose
-    exception a library swallowed."""
+    exception a library swallowed. A signal held back during an import is raised here, then, and
+    not sent again (sent again, it would cut the clean-up short: a temporary left behind)."""
     if _received:
+        _deferred.clear()
         raise Interrupted(_received[0])
 
 

@@ -145,6 +145,24 @@ def test_a_signal_during_an_import_waits_for_the_import_then_stops_the_work_afte
     assert imported == [True] and len(worked) < 100
 
 
+def test_a_held_back_signal_raised_by_a_check_is_not_sent_again_into_the_clean_up(tmp_path, monkeypatch):
+    """Seen in the stress run: the check raised it, then the thread waiting for the import to end sent
+    it again, cutting the temporary's removal short (exit 130, one line, a temporary left behind)."""
+    (tmp_path / "signal_then_check.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cleaned = []
+    with pytest.raises(Interrupted):
+        with interruptible():
+            try:
+                import signal_then_check  # noqa: F401
+                check_interrupted()  # right after the import, before the signal is sent again
+            finally:
+                for _ in range(20):  # a clean-up that takes a while
+                    time.sleep(0.01)
+                cleaned.append(True)
+    assert cleaned == [True]
+
+
 def test_a_signal_held_back_during_an_import_goes_to_the_handler_that_took_over_after_it(tmp_path, monkeypatch):
     """Training installs its own stop request after its imports: a Ctrl-C during those imports is
     its to act on (save and stop), not a second interruption at the end."""
