@@ -61,28 +61,38 @@ def _importing(frame) -> bool:
     return False
 
 
+def _send(thread_id: int, signum: int) -> None:
+    """``signum`` to one thread, as the kernel would deliver it: it wakes a blocking call and goes
+    to whatever handler is installed then (the default action included)."""
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(thread_id, signum)
+    else:  # Windows: calls the Python handler only
+        _thread.interrupt_main(signum)
+
+
 def _redeliver(signum: int, ours) -> None:
-    """In a thread of its own: wait until the main thread has left every import, then raise the
-    held-back signal there again (``_thread.interrupt_main`` calls whatever handler is installed
-    then). Held back and never delivered, a Ctrl-C during the imports at a command's start would
-    be seen only when the command had finished its work. If the handler is no longer ``ours``
-    (training installed its own stop request meanwhile), the signal is that handler's to act on,
-    not this block's to raise again at its end."""
+    """In a thread of its own: wait until the main thread has left every import, then send it the
+    held-back signal again. Held back and never delivered, a Ctrl-C during the imports at a
+    command's start would be seen only when the command had finished its work. If the handler is
+    no longer ``ours`` (training installed its own stop request meanwhile), the signal is that
+    handler's to act on, once, and not this block's to raise again at its end."""
     main = threading.main_thread().ident
-    while _deferred:  # until the handler raises it, or the block ends
+    while _deferred:  # until the handler raises it, a check takes it, or the block ends
         frame = sys._current_frames().get(main)
         if frame is None:  # the main thread is gone
             return
         importing = _importing(frame)
         del frame
         if not importing and signal.getsignal(signum) is not ours:
+            sent = _sent.is_set()  # and our handler never ran (it clears the flag): theirs got it
             _deferred.clear()
             _received.clear()
-            _thread.interrupt_main(signum)
+            if not sent:
+                _send(main, signum)
             return
         if not importing and not _sent.is_set():  # sent once; again only if it landed in a new import
             _sent.set()
-            _thread.interrupt_main(signum)
+            _send(main, signum)
         time.sleep(0.005)
 
 
@@ -90,9 +100,10 @@ def check_interrupted() -> None:
     """Raise :class:`Interrupted` if a signal arrived inside :func:`interruptible`, even one whose
     exception a library swallowed. A signal held back during an import is raised here, then, and
     not sent again (sent again, it would cut the clean-up short: a temporary left behind)."""
-    if _received:
+    first = _received[:1]  # one read: the waiting thread may clear the list meanwhile
+    if first:
         _deferred.clear()
-        raise Interrupted(_received[0])
+        raise Interrupted(first[0])
 
 
 @contextlib.contextmanager
@@ -101,14 +112,23 @@ def interruptible():
     (the clean-up runs to its end) but never resets the first. Where Python cannot raise the
     exception (a finaliser or a gc callback, e.g. XLA's), it would print "Exception ignored in
     ..." and carry on: that report is dropped, the signal is remembered, and the next
-    :func:`check_interrupted` (between tensors, before the commit) raises it."""
+    :func:`check_interrupted` (between tensors, before the commit) raises it. Not reentrant: the
+    state of a held-back signal is the module's."""
+    closing: list[bool] = []
+
     def handler(signum, frame):
         held = bool(_deferred)
         _sent.clear()
-        if _received and not held:  # a second signal
+        first = _received[:1]
+        if closing:  # the block is ending: remembered, raised once the previous handlers are back
+            if not first:
+                _received.append(signum)
             return
-        if not _received:
+        if first and not held:  # a second signal
+            return
+        if not first:
             _received.append(signum)
+            first = [signum]
         if _importing(frame):  # held back until the import is over (again, if another began)
             if not held:
                 _deferred.append(signum)
@@ -117,7 +137,7 @@ def interruptible():
                 _watchers[-1].start()
             return
         _deferred.clear()
-        raise Interrupted(_received[0])
+        raise Interrupted(first[0])
 
     def unraisable(info) -> None:
         if not isinstance(info.exc_value, Interrupted):
@@ -133,6 +153,9 @@ def interruptible():
         yield
         check_interrupted()  # a signal whose exception was swallowed still counts
     finally:
+        # From here a signal is only remembered: raised, it would cut the restoring short (signal.signal
+        # runs pending handlers first) and leave this block's handler installed.
+        closing.append(True)
         _deferred.clear()  # a held-back signal is not sent after the block, to a handler not ours
         while _watchers:
             _watchers.pop().join()
@@ -140,7 +163,10 @@ def interruptible():
             signal.signal(s, h)
         if sys.unraisablehook is unraisable:  # not if a library chained its own hook on top meanwhile
             sys.unraisablehook = previous_hook
+        late = _received[:1]
         _received.clear()
+    if late:  # arrived while the block, done, was restoring: it still counts
+        raise Interrupted(late[0])
 
 
 # ---- destinations and temporaries --------------------------------------------------------------

@@ -163,6 +163,33 @@ def test_a_held_back_signal_raised_by_a_check_is_not_sent_again_into_the_clean_u
     assert cleaned == [True]
 
 
+def test_a_sigterm_during_an_import_stops_the_work_after_it_too(tmp_path, monkeypatch):
+    (tmp_path / "term_in_import.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        with interruptible():
+            import term_in_import  # noqa: F401
+            time.sleep(5)  # a real signal wakes the sleep: no need to wait it out
+
+
+def test_a_held_back_signal_sent_once_and_taken_by_another_handler_is_not_sent_twice(monkeypatch):
+    """The waiting thread sent the signal while ours was installed, then the program installed its
+    own (training's stop request) before ours ran: theirs got it; a second one would stop training
+    at once instead of at the next step."""
+    from mixer_convert import atomic
+
+    sent = []
+    monkeypatch.setattr(atomic, "_send", lambda thread, signum: sent.append(signum))
+    monkeypatch.setattr(atomic.signal, "getsignal", lambda signum: "theirs")
+    for already_sent, expected in ((True, []), (False, [signal.SIGINT])):
+        atomic._deferred[:], atomic._received[:] = [signal.SIGINT], [signal.SIGINT]
+        atomic._sent.set() if already_sent else atomic._sent.clear()
+        atomic._redeliver(signal.SIGINT, "ours")  # returns at once: the main thread is not importing
+        assert sent == expected and atomic._deferred == [] and atomic._received == []
+        sent.clear()
+    atomic._sent.clear()
+
+
 def test_a_signal_held_back_during_an_import_goes_to_the_handler_that_took_over_after_it(tmp_path, monkeypatch):
     """Training installs its own stop request after its imports: a Ctrl-C during those imports is
     its to act on (save and stop), not a second interruption at the end."""
