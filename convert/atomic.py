@@ -147,6 +147,7 @@ def interruptible():
         yield
         return
     _received.clear()
+    _sent.clear()  # an earlier block's, sent as it ended
     previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
