@@ -35,12 +35,19 @@ COMPILE_BATCH = 32  # per chip, for the compile-time columns (FSDP + remat, with
 MAX_EXP = 9  # 512 images per chip: where a slice holds more, the table says ">= 512"
 
 
-def compile_once(variant: str, topology: str, per_chip: int, chips: int, settings: list[str]) -> dict:
+def compile_command(variant: str, topology: str, per_chip: int, chips: int, settings: list[str],
+                    json_to: str = "-") -> list[str]:
+    """The `mixer-train --compile-only` command of one compile (also compile_scan_pair.py's)."""
     cmd = [sys.executable, "-m", "mixer_jax.cli", "--config", "pretrain_i1k", "--compile-only", topology, "--quiet",
-           "--json", "-", "--set", f"model.variant={variant}", "--set", "model.compute_dtype=bfloat16",
+           "--json", json_to, "--set", f"model.variant={variant}", "--set", "model.compute_dtype=bfloat16",
            "--set", "data.num_classes=1000", "--set", f"batch_size={per_chip * chips}"]
     for s in settings:
         cmd += ["--set", s]
+    return cmd
+
+
+def compile_once(variant: str, topology: str, per_chip: int, chips: int, settings: list[str]) -> dict:
+    cmd = compile_command(variant, topology, per_chip, chips, settings)
     start = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode not in (0, 1):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_compile import chips_of  # noqa: E402
+from bench_compile import chips_of, compile_command  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,16 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-chip", type=int, default=32)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    batch = args.per_chip * chips_of(args.topology)
-    base = [sys.executable, "-m", "mixer_jax.cli", "--config", "pretrain_i1k", "--compile-only", args.topology,
-            "--quiet", "--set", f"model.variant={args.variant}", "--set", "model.compute_dtype=bfloat16",
-            "--set", "data.num_classes=1000", "--set", f"batch_size={batch}", "--set", "mesh.fsdp=-1",
-            "--set", "model.remat=block"]
+    chips = chips_of(args.topology)
     tmp = Path(tempfile.mkdtemp())
     running = {}
     for scan in (False, True):
         out = tmp / f"scan_{scan}.json"
-        proc = subprocess.Popen(base + ["--set", f"model.scan={str(scan).lower()}", "--json", str(out)],
+        settings = ["mesh.fsdp=-1", "model.remat=block", f"model.scan={str(scan).lower()}"]
+        proc = subprocess.Popen(compile_command(args.variant, args.topology, args.per_chip, chips, settings, str(out)),
                                 stdout=subprocess.DEVNULL)
         running[proc.pid] = (scan, time.monotonic(), out)
     sides = {}
